@@ -1,0 +1,12 @@
+"""bayesnoise: Bayesian weight noise for JAX and Flax.
+
+Multiplicative noise on a layer's inputs is, with a Gaussian prior on the weights, a Gaussian
+scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise as bn``.
+"""
+
+from bayesnoise import gsm as gsm
+from bayesnoise import moments as moments
+from bayesnoise import noise as noise
+from bayesnoise import penalties as penalties
+
+__version__ = "0.1.0"

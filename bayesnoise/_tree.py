@@ -1,0 +1,116 @@
+"""Private pytree helpers: leaf paths as strings, and which axis of a leaf indexes input rows."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Union
+
+import jax
+
+PyTree = Any
+# `where` chooses the noised leaves. None: the default rule (kernels). A string: a regular
+# expression searched in the leaf's path ("Dense_0/kernel"). A callable (path, leaf) returning
+# True (use the default axis), False/None (not noised), or an int (that axis indexes the rows).
+Where = Union[None, str, Callable[[str, Any], bool | int | None]]
+
+
+def path_str(path: tuple) -> str:
+    """A readable path such as ``params/Dense_0/kernel`` (an NNX trailing ``.value`` dropped)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name == "value":
+                continue
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def rows_of(path: str, leaf: Any) -> int | None:
+    """The axis of ``leaf`` that indexes input units, or None when the leaf is not noised.
+
+    A Dense kernel (in, out) has its rows on axis 0; a Conv kernel (..., in, out) on axis -2.
+    Biases, scales of normalisation layers and embeddings are not noised.
+    """
+    name = path.rsplit("/", 1)[-1]
+    if name == "kernel" and getattr(leaf, "ndim", 0) >= 2:
+        return leaf.ndim - 2
+    return None
+
+
+def row_axes(params: PyTree, where: Where = None) -> list[tuple[str, int | None]]:
+    """(path, row axis or None) for every leaf of ``params``, in flattening order."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    out = []
+    for p, leaf in leaves:
+        name = path_str(p)
+        out.append((name, _choose(name, leaf, where)))
+    return out
+
+
+def _choose(name: str, leaf: Any, where: Where) -> int | None:
+    if where is None:
+        return rows_of(name, leaf)
+    if isinstance(where, str):
+        if re.search(where, name) is None:
+            return None
+        axis = rows_of(name, leaf)
+        if axis is None:
+            axis = _fallback_axis(name, leaf)
+        return axis
+    if not callable(where):
+        raise TypeError(
+            f"where must be None, a regular expression string, or a callable (path, leaf) -> "
+            f"bool | int | None; got {type(where).__name__}: {where!r}."
+        )
+    choice = where(name, leaf)
+    if choice is None or choice is False:
+        return None
+    if choice is True:
+        axis = rows_of(name, leaf)
+        return _fallback_axis(name, leaf) if axis is None else axis
+    if isinstance(choice, int):
+        ndim = getattr(leaf, "ndim", 0)
+        if not -ndim <= choice < ndim:
+            raise ValueError(
+                f"where chose axis {choice} for leaf {name!r} of shape {tuple(leaf.shape)}; "
+                f"allowed axes are {-ndim}..{ndim - 1}."
+            )
+        return choice % ndim
+    raise TypeError(
+        f"where({name!r}, leaf) returned {choice!r}; it must return True, False, None or an "
+        f"axis (int)."
+    )
+
+
+def _fallback_axis(name: str, leaf: Any) -> int:
+    ndim = getattr(leaf, "ndim", 0)
+    if ndim >= 2:
+        return ndim - 2
+    if ndim == 1:
+        return 0
+    raise ValueError(
+        f"leaf {name!r} is a scalar and has no input rows to noise; select it with an explicit "
+        f"axis or leave it out of `where`."
+    )
+
+
+def broadcast_rows(vec: jax.Array, leaf_ndim: int, axis: int) -> jax.Array:
+    """Reshapes a per-row vector so it broadcasts against a leaf along ``axis``."""
+    shape = [1] * leaf_ndim
+    shape[axis] = -1
+    return vec.reshape(shape)
+
+
+def sum_except(x: jax.Array, axis: int) -> jax.Array:
+    """Sums ``x`` over all axes but ``axis``: one value per row."""
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    return x.sum(axis=axes)

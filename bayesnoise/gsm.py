@@ -1,0 +1,238 @@
+"""Multiplicative noise as a Gaussian scale mixture (GSM) prior over a parameter pytree.
+
+Layer l computes h_l = f(h_{l-1} Λ_l W_l), Λ_l = diag(λ_l). With w ~ N(0, σ0²), the product
+v = λw has v | λ ~ N(0, σ0² λ²): a GSM whose mixing variable is the noise. The "unidentifiable"
+form keeps (λ, w); the "identifiable", hierarchical form keeps (λ, v). All weights of one input
+row share one λ, so a noised leaf gets one scale per input row: axis 0 of a Dense kernel
+(in, out), the in-channel axis -2 of a Conv kernel (..., in, out), any axis chosen by ``where``.
+
+Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, bayesnoise as bn
+    >>> params = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 5)))
+    >>> h = bn.gsm.hierarchy(params, sigma0=1.0)
+    >>> h.scales["params"]["kernel"].shape, h.scales["params"]["bias"]
+    ((5,), None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from bayesnoise import _tree
+from bayesnoise._tree import PyTree, Where
+from bayesnoise.noise import Noise
+
+__all__ = [
+    "Hierarchy",
+    "hierarchy",
+    "to_identifiable",
+    "from_identifiable",
+    "log_prior",
+    "sample_prior",
+    "row_sizes",
+    "row_sums",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hierarchy:
+    """A GSM hierarchy over a parameter pytree.
+
+    Attributes:
+        scales: same tree structure as the params; a vector λ (one entry per input row) for each
+            noised leaf, ``None`` for the others.
+        sigma0: standard deviation σ0 of the Gaussian prior on the unscaled weights w.
+        axes: static; for every leaf of the params in flattening order, its path and the axis
+            that indexes its rows (None when the leaf is not noised).
+    """
+
+    scales: PyTree
+    sigma0: Any
+    axes: tuple[tuple[str, int | None], ...] = ()
+
+    def replace(self, **kwargs) -> Hierarchy:
+        return dataclasses.replace(self, **kwargs)
+
+
+jax.tree_util.register_dataclass(Hierarchy, data_fields=["scales", "sigma0"], meta_fields=["axes"])
+
+
+def _check_sigma0(sigma0: Any) -> None:
+    if not isinstance(sigma0, jax.core.Tracer) and not np.all(np.asarray(sigma0) > 0):
+        raise ValueError(
+            f"sigma0 (the prior standard deviation of the weights) must be > 0, got {sigma0!r}."
+        )
+
+
+def hierarchy(params: PyTree, sigma0: ArrayLike = 1.0, where: Where = None) -> Hierarchy:
+    """Builds the GSM hierarchy of a parameter pytree, all scales one.
+
+    Args:
+        params: any pytree of arrays: a Flax linen variables dict, an NNX ``State``, a plain dict.
+        sigma0: prior standard deviation of the weights, > 0.
+        where: which leaves are noised. ``None``: every ``kernel`` leaf with at least two axes
+            (rows on axis -2). A string: a regular expression searched in the leaf path
+            (``"Dense_0/kernel"``). A callable ``(path, leaf) -> True | False | None | int``;
+            an int names the row axis (use it for layouts other than Dense and Conv).
+
+    Returns:
+        A :class:`Hierarchy` with ``scales`` of the same tree structure as ``params``.
+
+    Raises:
+        ValueError: if ``sigma0 <= 0`` or no leaf is noised.
+    """
+    _check_sigma0(sigma0)
+    axes = tuple(_tree.row_axes(params, where))
+    if all(a is None for _, a in axes):
+        paths = ", ".join(p for p, _ in axes[:8]) or "(no leaves)"
+        raise ValueError(
+            f"no leaf of the params tree is noised (leaves: {paths}). By default only 'kernel' "
+            f"leaves with at least two axes are; pass `where` to choose leaves by path."
+        )
+    leaves, treedef = jax.tree.flatten(params)
+    scale_leaves = [
+        None if a is None else jnp.ones((leaf.shape[a],), jnp.result_type(float))
+        for leaf, (_, a) in zip(leaves, axes)
+    ]
+    scales = jax.tree.unflatten(treedef, scale_leaves)
+    return Hierarchy(scales=scales, sigma0=sigma0, axes=axes)
+
+
+def _triples(params: PyTree, scales: PyTree | Hierarchy):
+    """(path, leaf, scale, axis) for every leaf, checking that scales fit their leaves."""
+    if isinstance(scales, Hierarchy):
+        axes = scales.axes
+        scales = scales.scales
+    else:
+        axes = None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    scale_leaves, scale_def = jax.tree.flatten(scales, is_leaf=lambda x: x is None)
+    if len(scale_leaves) != len(flat):
+        raise ValueError(
+            f"the scales tree does not match the params tree: {len(scale_leaves)} scale entries "
+            f"for {len(flat)} params leaves. Scales need the params' structure, with None for "
+            f"leaves that are not noised (see bn.gsm.hierarchy)."
+        )
+    out = []
+    for i, ((p, leaf), s) in enumerate(zip(flat, scale_leaves)):
+        name = _tree.path_str(p)
+        if s is None:
+            out.append((name, leaf, None, None))
+            continue
+        if axes is not None:
+            axis = axes[i][1]
+        else:
+            axis = _tree.rows_of(name, leaf)
+            if axis is None:
+                axis = _tree._fallback_axis(name, leaf)
+        s = jnp.asarray(s)
+        if axis is None or s.ndim != 1 or s.shape[0] != leaf.shape[axis]:
+            rows = "none" if axis is None else f"{leaf.shape[axis]} (axis {axis})"
+            raise ValueError(
+                f"scales for leaf {name!r} have shape {tuple(s.shape)}, but that leaf has shape "
+                f"{tuple(leaf.shape)} and its input rows number {rows}: a noised leaf needs a "
+                f"vector with one scale per input row."
+            )
+        out.append((name, leaf, s, axis))
+    return out, treedef
+
+
+def _map_rows(fn, params: PyTree, scales: PyTree | Hierarchy) -> PyTree:
+    triples, treedef = _triples(params, scales)
+    new = [
+        leaf if s is None else fn(leaf, _tree.broadcast_rows(s, leaf.ndim, a))
+        for _, leaf, s, a in triples
+    ]
+    return jax.tree.unflatten(treedef, new)
+
+
+def to_identifiable(w_params: PyTree, scales: PyTree | Hierarchy) -> PyTree:
+    """v = λ_rows ⊙ w: every noised row multiplied by its scale; other leaves unchanged.
+
+    Args:
+        w_params: the unidentifiable weights w.
+        scales: a scales tree (``hierarchy.scales``) or the :class:`Hierarchy` itself (which also
+            carries row axes chosen by ``where``).
+    """
+    return _map_rows(lambda w, s: w * s, w_params, scales)
+
+
+def from_identifiable(v_params: PyTree, scales: PyTree | Hierarchy) -> PyTree:
+    """w = v / λ_rows, the inverse of :func:`to_identifiable` (rows with λ = 0 map to w = 0)."""
+
+    def divide(v, s):
+        safe = jnp.where(s == 0, 1.0, s)
+        return jnp.where(s == 0, 0.0, v / safe)
+
+    return _map_rows(divide, v_params, scales)
+
+
+def log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
+    """Σ over noised leaves of log N(v; 0, σ0² λ_row²).
+
+    Per weight: −½ log(2π σ0² λ²) − v² / (2 σ0² λ²).
+    """
+    triples, _ = _triples(v_params, hierarchy)
+    sigma0 = jnp.asarray(hierarchy.sigma0)
+    total = jnp.zeros((), jnp.result_type(float))
+    for _, v, s, a in triples:
+        if s is None:
+            continue
+        var = (sigma0 * _tree.broadcast_rows(s, v.ndim, a)) ** 2
+        total = total + jnp.sum(-0.5 * jnp.log(2 * math.pi * var) - v**2 / (2 * var))
+    return total
+
+
+def row_sizes(params: PyTree, hierarchy: Hierarchy) -> PyTree:
+    """d: the number of weights in each row, a tree like ``hierarchy.scales`` (int leaves)."""
+    triples, treedef = _triples(params, hierarchy)
+    return jax.tree.unflatten(
+        treedef, [None if s is None else leaf.size // leaf.shape[a] for _, leaf, s, a in triples]
+    )
+
+
+def row_sums(values: PyTree, hierarchy: Hierarchy) -> PyTree:
+    """Σ_k values_{jk}: the sum of a per-weight tree over each row, a tree like the scales."""
+    triples, treedef = _triples(values, hierarchy)
+    return jax.tree.unflatten(
+        treedef, [None if s is None else _tree.sum_except(x, a) for _, x, s, a in triples]
+    )
+
+
+def sample_prior(
+    key: jax.Array, params: PyTree, noise: Noise, sigma0: ArrayLike = 1.0, where: Where = None
+) -> tuple[PyTree, PyTree]:
+    """Draws from the marginal prior: λ from the noise per row, w ~ N(0, σ0²), v = λw.
+
+    Args:
+        key: a PRNG key.
+        params: a tree giving the shapes (its values are ignored).
+        noise: the distribution of λ.
+        sigma0: prior standard deviation of w.
+        where: which leaves are noised (see :func:`hierarchy`); other leaves are drawn from
+            N(0, σ0²) without a scale.
+
+    Returns:
+        ``(v_params, lambdas)``: the draw of v and the scales tree of λ that produced it.
+    """
+    h = hierarchy(params, sigma0, where)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, 2 * len(leaves))
+    lam, v = [], []
+    for i, (leaf, (_, axis)) in enumerate(zip(leaves, h.axes)):
+        w = sigma0 * jax.random.normal(keys[2 * i], leaf.shape)
+        if axis is None:
+            lam.append(None)
+            v.append(w)
+            continue
+        l_row = noise.sample(keys[2 * i + 1], (leaf.shape[axis],))
+        lam.append(l_row)
+        v.append(w * _tree.broadcast_rows(l_row, leaf.ndim, axis))
+    return jax.tree.unflatten(treedef, v), jax.tree.unflatten(treedef, lam)

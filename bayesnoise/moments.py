@@ -1,0 +1,143 @@
+"""Running posterior moments over pytrees (Welford), mergeable across chains.
+
+Samples are never stored: the state holds a count, the running mean and the running sum of
+squared deviations M2 per weight, so memory is O(params) per chain.
+
+Update (Welford, 1962), for a new sample x after n − 1 samples:
+    n ← n + 1,  δ = x − m,  m ← m + δ / n,  M2 ← M2 + δ (x − m),
+applied to x − c with c the first sample (shifted data; the mean is c + m).
+Merge (Chan, Golub & LeVeque, 1979) of (n_a, m_a, M2_a) and (n_b, m_b, M2_b):
+    n = n_a + n_b,  δ = m_b − m_a,  m = m_a + δ n_b / n,  M2 = M2_a + M2_b + δ² n_a n_b / n.
+
+Example:
+    >>> import jax.numpy as jnp, bayesnoise as bn
+    >>> state = bn.moments.init({"w": jnp.zeros(2)})
+    >>> for x in (1.0, 2.0, 3.0):
+    ...     state = bn.moments.update(state, {"w": jnp.full(2, x)})
+    >>> bn.moments.mean(state)["w"], bn.moments.variance(state)["w"]
+    (Array([2., 2.], dtype=float32), Array([0.6666667, 0.6666667], dtype=float32))
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bayesnoise._tree import PyTree
+
+__all__ = [
+    "MomentsState",
+    "init",
+    "update",
+    "merge",
+    "merge_chains",
+    "mean",
+    "variance",
+    "std",
+    "second_moment",
+]
+
+
+class MomentsState(NamedTuple):
+    count: jax.Array  # shape (), float32: the number of samples seen
+    shift: PyTree  # the first sample, shaped like the params: moments are kept relative to it
+    mean_dev: PyTree  # running mean of (sample − shift) per leaf
+    m2: PyTree  # running sum of squared deviations from the mean per leaf
+
+
+def init(params: PyTree) -> MomentsState:
+    """An empty state shaped like ``params`` (whose values are ignored)."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _float_dtype(x)), params)
+    return MomentsState(jnp.zeros((), jnp.float32), zeros, zeros, zeros)
+
+
+def _float_dtype(x):
+    dtype = jnp.result_type(x)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+
+
+def update(state: MomentsState, sample: PyTree) -> MomentsState:
+    """Adds one sample (a tree shaped like the params) to the running moments.
+
+    The first sample becomes the shift; later ones enter as x − shift, which float arithmetic
+    computes exactly when x is near the shift, so a stream with a large mean and a small spread
+    keeps its variance in float32.
+    """
+    first = state.count == 0
+    count = state.count + 1
+    shift = jax.tree.map(lambda s, x: jnp.where(first, x.astype(s.dtype), s), state.shift, sample)
+    dev = jax.tree.map(lambda x, s: x - s, sample, shift)
+    delta = jax.tree.map(jnp.subtract, dev, state.mean_dev)
+    new_mean = jax.tree.map(lambda m, d: m + d / count.astype(m.dtype), state.mean_dev, delta)
+    m2 = jax.tree.map(lambda a, d, x, m: a + d * (x - m), state.m2, delta, dev, new_mean)
+    return MomentsState(count, shift, new_mean, m2)
+
+
+def merge(a: MomentsState, b: MomentsState) -> MomentsState:
+    """Combines the moments of two disjoint streams, as if one had seen both."""
+    n = a.count + b.count
+    safe = jnp.maximum(n, 1.0)
+    wb = b.count / safe
+    cross = a.count * b.count / safe
+    shift = jax.tree.map(lambda sa, sb: jnp.where(a.count > 0, sa, sb), a.shift, b.shift)
+    ma = jax.tree.map(lambda m, s, s0: m + (s - s0), a.mean_dev, a.shift, shift)
+    mb = jax.tree.map(lambda m, s, s0: m + (s - s0), b.mean_dev, b.shift, shift)
+
+    def mean_fn(xa, xb):
+        return xa + (xb - xa) * wb.astype(xa.dtype)
+
+    def m2_fn(qa, qb, xa, xb):
+        d = xb - xa
+        return qa + qb + d * d * cross.astype(d.dtype)
+
+    return MomentsState(
+        n, shift, jax.tree.map(mean_fn, ma, mb), jax.tree.map(m2_fn, a.m2, b.m2, ma, mb)
+    )
+
+
+def merge_chains(state: MomentsState) -> MomentsState:
+    """Merges states stacked along a leading chain axis (the output of a vmapped run).
+
+    The many-way form of :func:`merge`: the count-weighted grand mean, and M2 as the sum of the
+    chains' M2 plus Σ_c n_c (m_c − m)², the between-chain part.
+    """
+    count = jnp.asarray(state.count)
+    if count.ndim == 0:
+        return state
+    n = count.sum()
+    safe = jnp.maximum(n, 1.0)
+
+    def col(x, m):
+        return x.reshape((-1,) + (1,) * (m.ndim - 1)).astype(m.dtype)
+
+    shift = jax.tree.map(lambda s: s[0], state.shift)
+    rel = jax.tree.map(lambda m, s, s0: m + (s - s0), state.mean_dev, state.shift, shift)
+    grand = jax.tree.map(lambda m: jnp.sum(col(count / safe, m) * m, axis=0), rel)
+
+    def m2_fn(q, m, g):
+        return jnp.sum(q, axis=0) + jnp.sum(col(count, m) * (m - g) ** 2, axis=0)
+
+    return MomentsState(n, shift, grand, jax.tree.map(m2_fn, state.m2, rel, grand))
+
+
+def mean(state: MomentsState) -> PyTree:
+    """The running mean."""
+    return jax.tree.map(jnp.add, state.shift, state.mean_dev)
+
+
+def variance(state: MomentsState, ddof: int = 0) -> PyTree:
+    """M2 / (n − ddof): the population variance by default (ddof=0), unbiased with ddof=1."""
+    denom = jnp.maximum(state.count - ddof, 1.0)
+    return jax.tree.map(lambda x: x / denom.astype(x.dtype), state.m2)
+
+
+def std(state: MomentsState, ddof: int = 0) -> PyTree:
+    """The square root of :func:`variance`."""
+    return jax.tree.map(jnp.sqrt, variance(state, ddof))
+
+
+def second_moment(state: MomentsState) -> PyTree:
+    """E[x²] = mean² + variance per weight, the input of the EM M-step."""
+    return jax.tree.map(lambda m, v: m * m + v, mean(state), variance(state))
