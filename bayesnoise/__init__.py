@@ -4,9 +4,13 @@ Multiplicative noise on a layer's inputs is, with a Gaussian prior on the weight
 scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise as bn``.
 """
 
+from bayesnoise import data as data
 from bayesnoise import gsm as gsm
+from bayesnoise import inference as inference
 from bayesnoise import moments as moments
+from bayesnoise import nn as nn
 from bayesnoise import noise as noise
 from bayesnoise import penalties as penalties
+from bayesnoise import train as train
 
 __version__ = "0.1.0"

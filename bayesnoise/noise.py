@@ -9,6 +9,7 @@ hashable (so it can be a Flax module attribute or a static argument of ``jax.jit
 
 * ``sample(key, shape)``: i.i.d. draws of λ, float32;
 * ``mean`` = E[λ], ``variance`` = Var[λ], ``second_moment`` = E[λ²];
+* ``rsample(key, shape)``: reparameterised draws (continuous noises only);
 * ``log_prob(x)``: log density (continuous) or log mass (Bernoulli) of λ;
 * ``continuous``: whether λ has a density;
 * ``scale_factor``: the factor the weight-scaling inference rule folds into a noised row (E[λ]).
@@ -43,6 +44,7 @@ __all__ = [
     "Gamma",
     "LogNormal",
     "InverseGammaScale",
+    "require_continuous",
 ]
 
 
@@ -53,6 +55,15 @@ def _is_concrete(x: Any) -> bool:
 def _check_positive(cls: str, name: str, value: Any) -> None:
     if _is_concrete(value) and not np.all(np.asarray(value) > 0):
         raise ValueError(f"{cls}: {name} must be > 0, got {name}={value!r}.")
+
+
+def require_continuous(noise: Noise, what: str) -> None:
+    """Raises a ValueError unless ``noise`` has a density (is continuous)."""
+    if not getattr(noise, "continuous", False):
+        raise ValueError(
+            f"{what} needs a continuous noise (Gaussian, Beta, Gamma, LogNormal or "
+            f"InverseGammaScale), got {noise!r}, which is discrete."
+        )
 
 
 class Noise:
@@ -68,6 +79,17 @@ class Noise:
     def sample(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
         """Draws λ of the given shape, i.i.d., as float32."""
         return jnp.asarray(self.dist.sample(key, tuple(shape)), jnp.float32)
+
+    def rsample(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
+        """A reparameterised draw of λ: differentiable in the noise's parameters.
+
+        Use it to learn a noise level by gradient (e.g. Gaussian α, as in variational dropout).
+
+        Raises:
+            ValueError: the noise is not continuous (Bernoulli draws have no such gradient).
+        """
+        require_continuous(self, "a reparameterised draw (rsample)")
+        return jnp.asarray(self.dist.rsample(key, tuple(shape)), jnp.float32)
 
     def log_prob(self, x: ArrayLike) -> jax.Array:
         """Log density (or log mass, for a discrete noise) of λ at ``x``."""

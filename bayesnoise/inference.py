@@ -1,0 +1,88 @@
+"""The three dropout inference rules: weight scaling, Monte Carlo, geometric mean.
+
+* Weight scaling: replace λ by E[λ], i.e. multiply every noised row by E[λ] and run the plain
+  model once (:func:`weight_scale`).
+* Monte Carlo: the arithmetic mean of the predictive distribution over S noise draws,
+  p(y|x) ≈ (1/S) Σ_s softmax(f(x; λ_s)) (:func:`mc_predict`).
+* Geometric mean: the renormalised geometric mean of the same S predictives,
+  p(y|x) ∝ exp((1/S) Σ_s log softmax(f(x; λ_s))_y) (:func:`geometric_predict`).
+
+For softmax regression the weight-scaled model equals the renormalised geometric mean over all
+masks weighted by their probabilities, exactly (Srivastava et al., 2014; Baldi & Sadowski, 2013).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bayesnoise import _tree, gsm
+from bayesnoise.nn import _resolve
+from bayesnoise.noise import Noise
+
+__all__ = ["weight_scale", "mc_predict", "geometric_predict", "mc_logits"]
+
+
+def weight_scale(params: Any, noise: Noise | Mapping[str, Noise], where: _tree.Where = None) -> Any:
+    """Params with every noised row multiplied by E[λ] (biases untouched).
+
+    The plain model with these params applies the weight-scaling rule: for a Dense layer,
+    (h ⊙ E[λ]) W = h (diag(E[λ]) W).
+
+    Args:
+        params: any params tree (linen variables, NNX state).
+        noise: the noise the model was trained with; its ``scale_factor`` (E[λ]) is folded in.
+            Or a mapping {regex on the kernel path: noise}, as given to
+            :func:`bayesnoise.nn.noisy_apply`: the first pattern found in a path wins, and
+            leaves no pattern covers are left as they are.
+        where: the noised leaves, as in :func:`bayesnoise.gsm.hierarchy`.
+    """
+    h = gsm.hierarchy(params, where=where)
+    leaves, treedef = jax.tree.flatten(h.scales, is_leaf=lambda x: x is None)
+    factors = []
+    for (path, _), s in zip(h.axes, leaves):
+        layer_noise = None if s is None else _resolve(noise, path)
+        factors.append(None if layer_noise is None else s * layer_noise.scale_factor)
+    return gsm.to_identifiable(params, h.replace(scales=jax.tree.unflatten(treedef, factors)))
+
+
+def mc_logits(
+    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    key: jax.Array,
+    num_samples: int,
+) -> jax.Array:
+    """``apply_fn(key, x)`` for S keys at once (vmapped, one compile): shape (S, ...)."""
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    keys = jax.random.split(key, num_samples)
+    return jax.vmap(lambda k: apply_fn(k, x))(keys)
+
+
+def mc_predict(
+    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    key: jax.Array,
+    num_samples: int = 32,
+) -> jax.Array:
+    """Monte Carlo rule: (1/S) Σ_s softmax(f(x; λ_s)). ``apply_fn(key, x)`` returns noisy logits.
+
+    Returns:
+        class probabilities, shape (..., classes).
+    """
+    logits = mc_logits(apply_fn, x, key, num_samples)
+    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+
+
+def geometric_predict(
+    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    key: jax.Array,
+    num_samples: int = 32,
+) -> jax.Array:
+    """Geometric-mean rule: softmax((1/S) Σ_s log softmax(f(x; λ_s))), renormalised."""
+    logits = mc_logits(apply_fn, x, key, num_samples)
+    return jax.nn.softmax(jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=0), axis=-1)

@@ -1,0 +1,369 @@
+import itertools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bayesnoise as bn
+
+NOISES = [bn.noise.Bernoulli(0.7), bn.noise.Gaussian(0.5), bn.noise.Beta(2.0, 3.0)]
+
+
+class Identity(nn.Module):
+    """One Dense whose kernel is set to the identity: its output is the noisy input."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.width, use_bias=False)(x)
+
+
+def identity_params(width):
+    return {"params": {"Dense_0": {"kernel": jnp.eye(width)}}}
+
+
+# ---------------------------------------------------------------- geometric mean, enumerated
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.7, 0.25])
+def test_weight_scaling_is_the_geometric_mean_over_all_masks(keep):
+    n, classes, batch = 8, 4, 5
+    kw, kb, kx = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "kernel": jax.random.normal(kw, (n, classes)),
+        "bias": jax.random.normal(kb, (classes,)),
+    }
+    x = jax.random.normal(kx, (batch, n))
+    scaled = bn.inference.weight_scale(params, bn.noise.Bernoulli(keep))
+    got = np.asarray(jax.nn.softmax(x @ scaled["kernel"] + scaled["bias"]), np.float64)
+    # independent: enumerate the 2^n masks in float64 with numpy
+    W, b, X = (np.asarray(a, np.float64) for a in (params["kernel"], params["bias"], x))
+    log_geo = np.zeros((batch, classes))
+    total = 0.0
+    for bits in itertools.product([0, 1], repeat=n):
+        m = np.array(bits, np.float64)
+        prob = keep ** m.sum() * (1 - keep) ** (n - m.sum())
+        z = (X * m) @ W + b
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        log_geo += prob * logp
+        total += prob
+    assert total == pytest.approx(1.0)
+    geo = np.exp(log_geo)
+    geo /= geo.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, geo, atol=1e-5)
+    # and it differs from the arithmetic (Monte Carlo) mean: the check has teeth
+    assert (
+        np.abs(got - np.asarray(jax.nn.softmax(x @ params["kernel"] + params["bias"]))).max() > 1e-3
+    )
+
+
+def test_weight_scale_leaves_biases_and_scales_rows():
+    model = bn.nn.MLP((6, 3))
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    scaled = bn.inference.weight_scale(params, bn.noise.Bernoulli(0.8))
+    p, s = params["params"], scaled["params"]
+    np.testing.assert_allclose(s["Dense_0"]["kernel"], 0.8 * p["Dense_0"]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(s["Dense_1"]["bias"], p["Dense_1"]["bias"])
+    # the plain model with scaled params equals the noisy model's deterministic pass
+    apply = bn.nn.noisy_apply(model, bn.noise.Bernoulli(0.8))
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    np.testing.assert_allclose(
+        model.apply(scaled, x), apply(params, x, deterministic=True), rtol=1e-5, atol=1e-6
+    )
+
+
+# ---------------------------------------------------------------- the injected noise
+
+
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: type(n).__name__)
+def test_transform_noise_moments_and_independence(noise):
+    width, n = 6, 20_000
+    apply = bn.nn.noisy_apply(Identity(width), noise)
+    x = jnp.ones((n, width))
+    lam1 = np.asarray(
+        jax.jit(lambda k: apply(identity_params(width), x, rngs={"noise": k}))(jax.random.key(0)),
+        np.float64,
+    )
+    lam2 = np.asarray(
+        apply(identity_params(width), x, rngs={"noise": jax.random.key(1)}), np.float64
+    )
+    se = math.sqrt(noise.variance / n)
+    assert np.all(np.abs(lam1.mean(0) - noise.mean) < 5 * se)
+    assert np.all(np.abs(lam1.var(0) / noise.variance - 1) < 5 * math.sqrt(2.5 / n))
+    tol = 5 / math.sqrt(n)
+    corr_units = np.corrcoef(lam1.T)[np.triu_indices(width, 1)]
+    corr_examples = np.corrcoef(lam1[:-1, 0], lam1[1:, 0])[0, 1]
+    corr_steps = np.corrcoef(lam1[:, 0], lam2[:, 0])[0, 1]
+    assert np.all(np.abs(corr_units) < tol)
+    assert abs(corr_examples) < tol and abs(corr_steps) < tol
+
+
+def test_conv_noise_is_per_channel_and_shared_over_positions():
+    class C(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(3, (1, 1), use_bias=False)(x)
+
+    params = {"params": {"Conv_0": {"kernel": jnp.eye(3).reshape(1, 1, 3, 3)}}}
+    out = bn.nn.noisy_apply(C(), bn.noise.Gaussian(1.0))(
+        params, jnp.ones((4, 5, 5, 3)), rngs={"noise": jax.random.key(0)}
+    )
+    out = np.asarray(out)
+    assert np.allclose(out, out[:, :1, :1, :])  # one λ per example and channel
+    assert np.unique(out[:, 0, 0, :]).size == 12
+
+
+def test_transform_matches_the_hand_written_module_statistically_and_when_switched_off():
+    class Hand(nn.Module):
+        @nn.compact
+        def __call__(self, x, deterministic=False):
+            x = bn.nn.MultiplicativeNoise(bn.noise.Beta(2.0, 3.0))(x, deterministic)
+            return nn.Dense(4, use_bias=False)(x)
+
+    hand = Hand()
+    params = hand.init(jax.random.key(0), jnp.ones((1, 4)), deterministic=True)
+    params = {"params": {"Dense_0": {"kernel": jnp.eye(4)}}}
+    x = jnp.ones((20_000, 4))
+    a = np.asarray(hand.apply(params, x, rngs={"noise": jax.random.key(3)}))
+    b = np.asarray(
+        bn.nn.noisy_apply(Identity(4), bn.noise.Beta(2.0, 3.0))(
+            params, x, rngs={"noise": jax.random.key(3)}
+        )
+    )
+    for z in (a, b):
+        assert abs(z.mean() - 0.4) < 5 * math.sqrt(0.04 / z.size)
+    det_hand = hand.apply(params, x[:3], deterministic=True)
+    det_tr = bn.nn.noisy_apply(Identity(4), bn.noise.Beta(2.0, 3.0))(
+        params, x[:3], deterministic=True
+    )
+    np.testing.assert_allclose(det_hand, det_tr)
+    np.testing.assert_allclose(det_hand, 0.4 * np.ones((3, 4)), rtol=1e-6)
+
+
+def test_nnx_transform_equals_hand_written_module_for_the_same_key():
+    noise = bn.noise.Gaussian(0.7)
+
+    class Hand(nnx.Module):
+        def __init__(self, rngs):
+            self.n0 = bn.nn.NNXMultiplicativeNoise(noise, rngs=rngs)
+            self.l0 = nnx.Linear(5, 8, rngs=nnx.Rngs(0))
+            self.n1 = bn.nn.NNXMultiplicativeNoise(noise, rngs=rngs)
+            self.l1 = nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.l1(self.n1(nnx.relu(self.l0(self.n0(x)))))
+
+    class Plain(nnx.Module):
+        def __init__(self):
+            self.l0 = nnx.Linear(5, 8, rngs=nnx.Rngs(0))
+            self.l1 = nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.l1(nnx.relu(self.l0(x)))
+
+    x = jax.random.normal(jax.random.key(9), (7, 5))
+    hand = Hand(nnx.Rngs(noise=42))
+    plain = bn.nn.add_input_noise(Plain(), noise, nnx.Rngs(noise=42))
+    for _ in range(2):  # same draws on consecutive calls too
+        np.testing.assert_allclose(hand(x), plain(x), rtol=1e-6)
+    clean = Plain()(x)
+    assert np.abs(np.asarray(plain(x) - clean)).max() > 1e-3
+    bn.nn.set_deterministic(plain)
+    np.testing.assert_allclose(plain(x), clean, rtol=1e-6)  # E[λ] = 1
+    # parameter paths are unchanged, so the GSM hierarchy sees the same tree
+    h = bn.gsm.hierarchy(nnx.state(plain, nnx.Param))
+    assert sorted(s.shape for s in jax.tree.leaves(h.scales)) == [(5,), (8,)]
+
+
+def test_nnx_transform_under_jit_draws_fresh_noise():
+    model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+    bn.nn.add_input_noise(model, bn.noise.Bernoulli(0.5), nnx.Rngs(noise=0))
+    f = nnx.jit(lambda m, x: m(x))
+    a, b = f(model, jnp.ones((3, 4))), f(model, jnp.ones((3, 4)))
+    assert not np.allclose(a, b)
+
+
+def test_noise_mapping_by_path():
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(3, use_bias=False)(x)
+            return nn.Dense(3, use_bias=False)(x)
+
+    params = {"params": {"Dense_0": {"kernel": jnp.eye(3)}, "Dense_1": {"kernel": jnp.eye(3)}}}
+    spec = {"Dense_0/": bn.noise.Bernoulli(1.0), "Dense_1/": bn.noise.Gaussian(0.5)}
+    apply = bn.nn.noisy_apply(Two(), spec)
+    det = apply(params, jnp.ones((2, 3)), deterministic=True)
+    np.testing.assert_allclose(det, np.ones((2, 3)))
+    only_first = bn.nn.noisy_apply(Two(), bn.noise.Bernoulli(0.5), where="Dense_0/")
+    out = np.asarray(only_first(params, jnp.ones((500, 3)), rngs={"noise": jax.random.key(0)}))
+    assert set(np.unique(out)) == {0.0, 1.0}
+
+
+def test_dropconnect_per_weight():
+    params = {"kernel": jnp.ones((300, 200)), "bias": jnp.ones(200)}
+    out = bn.nn.dropconnect(params, jax.random.key(0), bn.noise.Bernoulli(0.6))
+    k = np.asarray(out["kernel"])
+    assert abs(k.mean() - 0.6) < 5 * math.sqrt(0.24 / k.size)
+    assert np.abs(np.corrcoef(k[:, 0], k[:, 1])[0, 1]) < 5 / math.sqrt(300)  # not per row
+    np.testing.assert_array_equal(out["bias"], params["bias"])
+
+
+# ---------------------------------------------------------------- inference rules
+
+
+def test_mc_predict_is_vmapped_loop_and_geometric_is_renormalised():
+    model = bn.nn.MLP((16, 5))
+    params = model.init(jax.random.key(0), jnp.ones((1, 6)))
+    apply = bn.nn.noisy_apply(model, bn.noise.Bernoulli(0.7))
+    noisy = lambda k, x: apply(params, x, rngs={"noise": k})
+    x = jax.random.normal(jax.random.key(1), (9, 6))
+    key, s = jax.random.key(2), 12
+    mc = bn.inference.mc_predict(noisy, x, key, s)
+    geo = bn.inference.geometric_predict(noisy, x, key, s)
+    keys = jax.random.split(key, s)
+    probs = np.stack([np.asarray(jax.nn.softmax(noisy(k, x))) for k in keys])
+    np.testing.assert_allclose(mc, probs.mean(0), rtol=1e-5, atol=1e-6)
+    g = np.exp(np.log(probs).mean(0))
+    np.testing.assert_allclose(geo, g / g.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(geo).sum(-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+        bn.inference.mc_predict(noisy, x, key, 0)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_fit_on_digits_learns_under_noise():
+    ds = bn.data.load_digits()
+    model = bn.nn.MLP((64, 10))
+    params = model.init(jax.random.key(0), jnp.ones((1, 64)))
+    noise = bn.noise.Bernoulli(0.8)
+    apply = bn.nn.noisy_apply(model, noise)
+    loss_fn = bn.train.classification_loss(lambda p, x, k: apply(p, x, rngs={"noise": k}))
+    xte, yte = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+
+    def eval_fn(p):
+        logits = model.apply(bn.inference.weight_scale(p, noise), xte)
+        return {"test_error": jnp.mean(jnp.argmax(logits, -1) != yte)}
+
+    res = bn.train.fit(
+        jax.random.key(1),
+        params,
+        loss_fn,
+        optax.adam(3e-3),
+        jnp.asarray(ds.x_train),
+        jnp.asarray(ds.y_train),
+        epochs=15,
+        batch_size=64,
+        eval_fn=eval_fn,
+    )
+    h = res.history
+    assert h["loss"].shape == (15,) and h["test_error"].shape == (15,)
+    assert float(h["loss"][-1]) < 0.5 * float(h["loss"][0])
+    assert float(h["test_error"][-1]) < 0.06
+
+
+def test_fit_rejects_bad_sizes():
+    x, y = jnp.ones((10, 2)), jnp.zeros(10, jnp.int32)
+    loss_fn = bn.train.classification_loss(lambda p, x, k: x @ p)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 10\].*got 20"):
+        bn.train.fit(
+            jax.random.key(0),
+            jnp.ones((2, 2)),
+            loss_fn,
+            optax.sgd(0.1),
+            x,
+            y,
+            epochs=1,
+            batch_size=20,
+        )
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        bn.train.fit(
+            jax.random.key(0),
+            jnp.ones((2, 2)),
+            loss_fn,
+            optax.sgd(0.1),
+            x,
+            y,
+            epochs=0,
+            batch_size=2,
+        )
+
+
+# ---------------------------------------------------------------- reparameterised noise
+
+
+def test_reparameterized_noise_gradient():
+    # d/dα E[(x λ)²] = x² d/dα (1 + α) = x² for λ ~ N(1, α)
+    def f(alpha):
+        layer = bn.nn.MultiplicativeNoise(bn.noise.Gaussian(alpha), reparameterized=True)
+        y = layer.apply({}, 2.0 * jnp.ones((50_000,)), rngs={"noise": jax.random.key(0)})
+        return jnp.mean(y**2)
+
+    assert float(jax.grad(f)(0.5)) == pytest.approx(4.0, rel=0.05)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_noise_on_a_missing_path():
+    model = bn.nn.MLP((4, 2))
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    apply = bn.nn.noisy_apply(model, bn.noise.Bernoulli(0.5), where="Dense_7/")
+    with pytest.raises(ValueError, match=r"selects no layer: where='Dense_7/'.*Dense_0/kernel"):
+        apply(params, jnp.ones((2, 3)), rngs={"noise": jax.random.key(0)})
+    plain = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"selects no layer.*layers/0"):
+        bn.nn.add_input_noise(plain, bn.noise.Bernoulli(0.5), nnx.Rngs(noise=0), where="nope")
+
+
+def test_noisy_apply_without_rng():
+    model = bn.nn.MLP((4, 2))
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    apply = bn.nn.noisy_apply(model, bn.noise.Bernoulli(0.5))
+    with pytest.raises(ValueError, match="needs an rng for 'noise'"):
+        apply(params, jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="needs an rng stream 'noise'"):
+        bn.nn.MultiplicativeNoise(bn.noise.Gaussian(1.0)).apply({}, jnp.ones(3))
+    with pytest.raises(ValueError, match="needs rngs with a 'noise' stream"):
+        bn.nn.NNXMultiplicativeNoise(bn.noise.Gaussian(1.0))(jnp.ones(3))
+
+
+def test_discrete_noise_where_continuous_is_required():
+    with pytest.raises(ValueError, match=r"needs a continuous noise.*Bernoulli\(keep=0.5\)"):
+        bn.noise.Bernoulli(0.5).rsample(jax.random.key(0), (3,))
+    layer = bn.nn.MultiplicativeNoise(bn.noise.Bernoulli(0.5), reparameterized=True)
+    with pytest.raises(ValueError, match="reparameterized=True.*continuous"):
+        layer.apply({}, jnp.ones(3), rngs={"noise": jax.random.key(0)})
+
+
+def test_not_a_noise():
+    with pytest.raises(TypeError, match="must be a bayesnoise.noise distribution.*float"):
+        bn.nn.noisy_apply(bn.nn.MLP((2,)), 0.5)
+
+
+def test_weight_scale_with_a_noise_per_layer():
+    model = bn.nn.MLP((6, 3))
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    spec = {"Dense_0/": bn.noise.Bernoulli(0.8), "": bn.noise.Beta(1.0, 3.0)}
+    scaled = bn.inference.weight_scale(params, spec)["params"]
+    p = params["params"]
+    np.testing.assert_allclose(scaled["Dense_0"]["kernel"], 0.8 * p["Dense_0"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(
+        scaled["Dense_1"]["kernel"], 0.25 * p["Dense_1"]["kernel"], rtol=1e-6
+    )
+    apply = bn.nn.noisy_apply(model, spec)
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    np.testing.assert_allclose(
+        model.apply({"params": scaled}, x),
+        apply(params, x, deterministic=True),
+        rtol=1e-5,
+        atol=1e-6,
+    )
