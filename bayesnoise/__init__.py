@@ -4,7 +4,9 @@ Multiplicative noise on a layer's inputs is, with a Gaussian prior on the weight
 scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise as bn``.
 """
 
+from bayesnoise import config as config
 from bayesnoise import data as data
+from bayesnoise import em as em
 from bayesnoise import gsm as gsm
 from bayesnoise import inference as inference
 from bayesnoise import moments as moments

@@ -19,7 +19,7 @@ __all__ = ["MNIST_NOISES", "mnist_noise_run"]
 MNIST_NOISES = {
     "bernoulli": {"Dense_0/": bnoise.Bernoulli(0.8), "": bnoise.Bernoulli(0.5)},
     "gaussian": {"Dense_0/": bnoise.Gaussian(0.25), "": bnoise.Gaussian(1.0)},
-    "beta": {"Dense_0/": bnoise.Beta(8.0, 2.0), "": bnoise.Beta(1.0, 1.0)},
+    "beta": {"Dense_0/": bnoise.Beta(4.0, 1.0), "": bnoise.Beta(1.0, 1.0)},
 }
 
 

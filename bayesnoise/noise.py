@@ -204,6 +204,18 @@ class Beta(Noise):
     def dist(self):
         return dist.Beta(self.a, self.b)
 
+    def sample(self, key, shape=()):
+        # Exact inverse-CDF draws when one concentration is 1 (far cheaper than gamma draws):
+        # Beta(a, 1) has CDF x^a, Beta(1, b) has CDF 1 − (1 − x)^b.
+        if _is_concrete(self.a) and _is_concrete(self.b):
+            if float(self.b) == 1.0:
+                u = jax.random.uniform(key, tuple(shape), jnp.float32)
+                return u ** (1.0 / self.a)
+            if float(self.a) == 1.0:
+                u = jax.random.uniform(key, tuple(shape), jnp.float32)
+                return 1.0 - u ** (1.0 / self.b)
+        return super().sample(key, shape)
+
     def log_prob(self, x):
         # numpyro clips x into the support; be exact at and outside the boundary instead.
         x = jnp.asarray(x, jnp.float32)

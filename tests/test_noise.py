@@ -14,6 +14,8 @@ CASES = [
     (bn.noise.Bernoulli(keep=0.3), stats.bernoulli(0.3)),
     (bn.noise.Gaussian(alpha=0.25), stats.norm(1.0, 0.5)),
     (bn.noise.Beta(2.0, 3.0), stats.beta(2.0, 3.0)),
+    (bn.noise.Beta(4.0, 1.0), stats.beta(4.0, 1.0)),
+    (bn.noise.Beta(1.0, 2.5), stats.beta(1.0, 2.5)),
     (bn.noise.Gamma(4.0, 2.0), stats.gamma(4.0, scale=0.5)),
     (bn.noise.LogNormal(-0.08, 0.4), stats.lognorm(0.4, scale=math.exp(-0.08))),
 ]

@@ -1,0 +1,183 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+import bayesnoise as bn
+
+
+def second_moments_tree(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    # rows of very different energy, including a nearly empty one
+    a = jax.random.gamma(k1, 2.0, (5, 4)) * jnp.array([1e-4, 0.01, 1.0, 10.0, 100.0])[:, None]
+    b = jax.random.gamma(k2, 2.0, (3, 2)) * 0.3
+    return {"a": {"kernel": a, "bias": jax.random.uniform(k3, (4,))}, "b": {"kernel": b}}
+
+
+HYPERPRIORS = [
+    None,
+    bn.noise.InverseGammaScale(2.0, 0.5),
+    bn.noise.Gamma(3.0, 2.0),
+    bn.noise.LogNormal(-0.5, 0.8),
+    bn.noise.Beta(2.0, 1.5),
+]
+
+
+def _scipy_neg_log_hyper(hp, lam):
+    """−log p(λ) (or −log p(s), s = λ², for the inverse gamma), from scipy."""
+    if hp is None:
+        return 0.0
+    if isinstance(hp, bn.noise.InverseGammaScale):
+        return -stats.invgamma(hp.a, scale=hp.b).logpdf(lam**2)
+    if isinstance(hp, bn.noise.Gamma):
+        return -stats.gamma(hp.concentration, scale=1 / hp.rate).logpdf(lam)
+    if isinstance(hp, bn.noise.LogNormal):
+        return -stats.lognorm(hp.scale, scale=math.exp(hp.loc)).logpdf(lam)
+    return -stats.beta(hp.a, hp.b).logpdf(lam)
+
+
+@pytest.mark.parametrize("sigma0", [0.5, 2.0])
+@pytest.mark.parametrize("hp", HYPERPRIORS, ids=lambda h: type(h).__name__)
+def test_m_step_is_the_argmin_of_q(hp, sigma0):
+    sm = second_moments_tree(jax.random.key(0))
+    h = bn.gsm.hierarchy(sm, sigma0=sigma0)
+    got = jax.jit(lambda sm, h: bn.em.m_step(sm, h, hp))(sm, h)
+    for name in ("a", "b"):
+        rows = np.asarray(sm[name]["kernel"], np.float64)
+        d = rows.shape[1]
+        for j, S in enumerate(rows.sum(1)):
+
+            def q(u):
+                lam = np.exp(u)
+                return S / (2 * sigma0**2 * lam**2) + d * u + _scipy_neg_log_hyper(hp, lam)
+
+            hi = math.log(1 - 1e-9) if isinstance(hp, bn.noise.Beta) else 10.0
+            grid = np.linspace(-15, hi, 4000)
+            u0 = grid[np.argmin(q(grid))]
+            res = optimize.minimize_scalar(
+                q,
+                bounds=(max(u0 - 0.02, -15), min(u0 + 0.02, hi)),
+                method="bounded",
+                options={"xatol": 1e-12},
+            )
+            want = math.exp(res.x)
+            lam = float(got[name]["kernel"][j])
+            assert lam == pytest.approx(want, rel=1e-4), (name, j, S)
+            assert q(math.log(lam)) <= res.fun + 1e-6 * abs(res.fun) + 1e-9
+    assert got["a"]["bias"] is None
+
+
+def test_closed_forms():
+    sm = second_moments_tree(jax.random.key(1))
+    h = bn.gsm.hierarchy(sm, sigma0=1.5)
+    S = np.asarray(sm["a"]["kernel"], np.float64).sum(1)
+    plain = bn.em.m_step(sm, h)
+    np.testing.assert_allclose(plain["a"]["kernel"], np.sqrt(S / (1.5**2 * 4)), rtol=1e-5)
+    ig = bn.em.m_step(sm, h, bn.noise.InverseGammaScale(3.0, 0.2))
+    s = (S / (2 * 1.5**2) + 0.2) / (4 / 2 + 3.0 + 1)
+    np.testing.assert_allclose(ig["a"]["kernel"], np.sqrt(s), rtol=1e-5)
+
+
+def test_q_value_decreases_at_the_m_step():
+    sm = second_moments_tree(jax.random.key(2))
+    h = bn.gsm.hierarchy(sm)
+    for hp in HYPERPRIORS:
+        new = bn.em.m_step(sm, h, hp)
+        start = (
+            h.scales
+            if not isinstance(hp, bn.noise.Beta)
+            else jax.tree.map(lambda s: 0.5 * s, h.scales)
+        )
+        assert float(bn.em.q_value(sm, h, hp, new)) < float(bn.em.q_value(sm, h, hp, start))
+
+
+def test_em_state_from_a_user_loop():
+    params = {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}
+    state = bn.em.init(params, sigma0=1.0)
+    samples = [
+        jax.tree.map(
+            lambda x, i=i: (
+                x + i * jnp.arange(12.0).reshape(3, 4)[: x.shape[0]] if x.ndim == 2 else x
+            ),
+            params,
+        )
+        for i in range(5)
+    ]
+    for v in samples:
+        state = bn.em.accumulate(state, v)
+    new = bn.em.em_step(state)
+    stack = np.stack([np.asarray(v["kernel"]) for v in samples])
+    want = np.sqrt((stack**2).mean(0).sum(1) / 4)
+    np.testing.assert_allclose(new.hierarchy.scales["kernel"], want, rtol=1e-5)
+    assert int(new.iteration) == 1 and float(new.moments.count) == 0
+    with pytest.raises(ValueError, match="needs posterior samples"):
+        bn.em.em_step(new)
+
+
+def test_linear_em_matches_ard_regression():
+    from sklearn.linear_model import ARDRegression
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 10
+    x = rng.normal(size=(n, d))
+    w = np.zeros(d)
+    w[[0, 3, 7]] = [2.0, -1.5, 0.8]
+    y = x @ w + 0.5 * rng.normal(size=n)
+    ard = ARDRegression(fit_intercept=False, max_iter=3000, tol=1e-8, threshold_lambda=1e8)
+    ard.fit(x, y)
+    res = bn.em.linear_em(x, y, iterations=1000)
+    lam = np.asarray(res.scales, np.float64)
+    precision = 1.0 / lam**2
+    relevant = np.array([0, 3, 7])
+    irrelevant = np.setdiff1d(np.arange(d), relevant)
+    # same relevance pattern: irrelevant scales go to zero, relevant ones stay
+    assert np.all(lam[relevant] > 0.5)
+    assert np.all(lam[irrelevant] < 0.1)
+    assert np.all(ard.lambda_[irrelevant] > 50)
+    # precisions agree within 10% where finite (relevant features)
+    np.testing.assert_allclose(precision[relevant], ard.lambda_[relevant], rtol=0.10)
+    assert float(res.noise_var) == pytest.approx(1.0 / ard.alpha_, rel=0.10)
+    np.testing.assert_allclose(res.mean[relevant], ard.coef_[relevant], rtol=0.02)
+    # EM never decreases the evidence
+    ev = np.asarray(res.history["log_evidence"])
+    assert np.all(np.diff(ev) > -1e-4 * np.abs(ev[:-1]))
+    # the evidence formula agrees with a direct n x n computation at the learned values
+    cov_y = float(res.noise_var) * np.eye(n) + (x * lam**2) @ x.T
+    direct = stats.multivariate_normal(np.zeros(n), cov_y).logpdf(y)
+    assert direct == pytest.approx(float(ev[-1]), rel=1e-3)
+
+
+def test_linear_posterior_matches_numpy():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    pv = np.array([0.5, 2.0, 1.0])
+    mean, cov = bn.em.linear_posterior(x, y, pv, 0.3)
+    prec = x.T @ x / 0.3 + np.diag(1 / pv)
+    np.testing.assert_allclose(cov, np.linalg.inv(prec), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(mean, np.linalg.solve(prec, x.T @ y / 0.3), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_negative_variances_are_rejected():
+    sm = {"kernel": jnp.array([[1.0, -0.5], [1.0, 1.0]])}
+    with pytest.raises(ValueError, match=r"leaf 'kernel' has minimum -0.5"):
+        bn.em.m_step(sm, bn.gsm.hierarchy(sm))
+
+
+def test_structure_mismatch_is_rejected():
+    h = bn.gsm.hierarchy({"kernel": jnp.ones((2, 2))})
+    with pytest.raises(ValueError, match="does not match the params tree"):
+        bn.em.m_step({"kernel": jnp.ones((2, 2)), "extra": jnp.ones(3)}, h)
+    with pytest.raises(ValueError, match=r"'kernel' have shape \(2,\)"):
+        bn.em.m_step({"kernel": jnp.ones((3, 2))}, h)
+
+
+def test_unsupported_hyperprior():
+    h = bn.gsm.hierarchy({"kernel": jnp.ones((2, 2))})
+    with pytest.raises(ValueError, match=r"cannot handle the hyperprior Bernoulli.*allowed"):
+        bn.em.m_step({"kernel": jnp.ones((2, 2))}, h, bn.noise.Bernoulli(0.5))
