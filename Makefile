@@ -22,7 +22,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/bayesnoise demo --out runs/demo
+	$(VENV)/bin/bayesnoise run configs/digits.yaml --out runs/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bayesnoise tests

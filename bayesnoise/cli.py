@@ -6,10 +6,15 @@ import argparse
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from bayesnoise import demo
+def _run(args: argparse.Namespace) -> int:
+    from bayesnoise import config, pipeline
 
-    demo.main(out=args.out, epochs=args.epochs, seed=args.seed)
+    try:
+        cfg = config.load_config(args.config, args.set or ())
+    except (config.ConfigError, FileNotFoundError) as e:
+        print(f"bayesnoise run: {e}", file=sys.stderr)
+        return 2
+    pipeline.run(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
     return 0
 
 
@@ -18,15 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bayesnoise", description="Bayesian weight noise for JAX and Flax."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a small end-to-end run on scikit-learn's bundled digits")
-    demo.add_argument(
-        "--out", default="runs/demo", help="folder for the results (default: %(default)s)"
+    run = sub.add_parser(
+        "run",
+        help="the whole pipeline from a YAML config: train under noise, SGLD moments (and EM), "
+        "pruning curves, plots and results.json",
     )
-    demo.add_argument(
-        "--epochs", type=int, default=30, help="training epochs (default: %(default)s)"
+    run.add_argument("config", help="a YAML config, e.g. configs/digits.yaml")
+    run.add_argument(
+        "--out", default=None, help="output folder (default: the config's, or runs/NAME)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
-    demo.set_defaults(func=_demo)
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.epochs=5 (repeatable)",
+    )
+    run.add_argument("--no-resume", action="store_true", help="ignore finished stages' checkpoints")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
     return parser
 
 

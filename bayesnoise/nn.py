@@ -468,9 +468,11 @@ class MLP(nn.Module):
 
     Attributes:
         features: widths of the hidden layers and the output, e.g. (400, 400, 10).
+        activation: the hidden layers' nonlinearity.
     """
 
     features: tuple[int, ...] = (400, 400, 10)
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -478,5 +480,5 @@ class MLP(nn.Module):
         for i, width in enumerate(self.features):
             x = nn.Dense(width)(x)
             if i < len(self.features) - 1:
-                x = nn.relu(x)
+                x = self.activation(x)
         return x

@@ -50,7 +50,7 @@ def test_m_step_is_the_argmin_of_q(hp, sigma0):
         d = rows.shape[1]
         for j, S in enumerate(rows.sum(1)):
 
-            def q(u):
+            def q(u, S=S, d=d):
                 lam = np.exp(u)
                 return S / (2 * sigma0**2 * lam**2) + d * u + _scipy_neg_log_hyper(hp, lam)
 
