@@ -9,6 +9,7 @@ epoch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -87,6 +88,9 @@ def fit(
 ) -> FitResult:
     """Trains for ``epochs`` passes over (x, y) in one compiled ``lax.scan``.
 
+    The compiled run is cached on its functions and sizes: calling ``fit`` again with the same
+    ``loss_fn``, ``optimizer`` and ``eval_fn`` objects and the same shapes does not recompile.
+
     Args:
         key: PRNG key; split into a shuffle key and one noise key per step.
         params: initial params.
@@ -111,11 +115,33 @@ def fit(
         )
     if y.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {y.shape[0]}.")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if progress:
+        _open_bar(epochs)
+    try:
+        params, opt_state, history = _fit(
+            key, params, opt_state, x, y, loss_fn=loss_fn,
+            optimizer=optimizer, eval_fn=eval_fn, epochs=int(epochs),
+            batch_size=int(batch_size), progress=bool(progress),
+        )
+    finally:
+        if progress:
+            _BAR.pop().close()
+    return FitResult(params, opt_state, history)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "optimizer", "eval_fn", "epochs", "batch_size", "progress"),
+)
+def _fit(key, params, opt_state, x, y, *, loss_fn, optimizer, eval_fn, epochs,
+         batch_size, progress):
+    """The whole run, compiled once per (functions, sizes): later calls reuse it."""
+    n = x.shape[0]
     steps = n // batch_size
     step = make_step(loss_fn, optimizer)
     if opt_state is None:
         opt_state = optimizer.init(params)
-    bar = _ProgressBar(epochs) if progress else None
 
     def epoch_body(carry, epoch_key):
         params, opt_state = carry
@@ -134,26 +160,27 @@ def fit(
         record = jax.tree.map(jnp.mean, metrics)
         if eval_fn is not None:
             record.update(eval_fn(params))
-        if bar is not None:
-            jax.debug.callback(bar.update, record)
+        if progress:
+            jax.debug.callback(_tick, record)
         return (params, opt_state), record
 
-    run = jax.jit(lambda c, ks: jax.lax.scan(epoch_body, c, ks))
-    (params, opt_state), history = run((params, opt_state), jax.random.split(key, epochs))
-    if bar is not None:
-        bar.close()
-    return FitResult(params, opt_state, history)
+    (params, opt_state), history = jax.lax.scan(
+        epoch_body, (params, opt_state), jax.random.split(key, epochs)
+    )
+    return params, opt_state, history
 
 
-class _ProgressBar:
-    def __init__(self, total: int):
-        from tqdm.auto import tqdm
+# The open progress bar (a host-side object the compiled loop reports to once per epoch).
+_BAR: list[Any] = []
 
-        self._bar = tqdm(total=total, desc="train", unit="epoch")
 
-    def update(self, record):
-        self._bar.set_postfix({k: f"{float(v):.4f}" for k, v in record.items()})
-        self._bar.update(1)
+def _open_bar(total: int) -> None:
+    from tqdm.auto import tqdm
 
-    def close(self):
-        self._bar.close()
+    _BAR.append(tqdm(total=total, desc="train", unit="epoch"))
+
+
+def _tick(record) -> None:
+    if _BAR:
+        _BAR[-1].set_postfix({k: f"{float(v):.4f}" for k, v in record.items()})
+        _BAR[-1].update(1)
