@@ -109,15 +109,18 @@ def merge_chains(state: MomentsState) -> MomentsState:
     n = count.sum()
     safe = jnp.maximum(n, 1.0)
 
-    def col(x, m):
-        return x.reshape((-1,) + (1,) * (m.ndim - 1)).astype(m.dtype)
+    def wsum(weights, x):
+        # Σ_c weights_c x_c over the leading chain axis, as a contraction: XLA:CPU runs a
+        # reduction over the major axis of a large array far slower than the same dot.
+        return jnp.tensordot(weights.astype(x.dtype), x, axes=1)
 
     shift = jax.tree.map(lambda s: s[0], state.shift)
     rel = jax.tree.map(lambda m, s, s0: m + (s - s0), state.mean_dev, state.shift, shift)
-    grand = jax.tree.map(lambda m: jnp.sum(col(count / safe, m) * m, axis=0), rel)
+    grand = jax.tree.map(lambda m: wsum(count / safe, m), rel)
+    ones = jnp.ones_like(count)
 
     def m2_fn(q, m, g):
-        return jnp.sum(q, axis=0) + jnp.sum(col(count, m) * (m - g) ** 2, axis=0)
+        return wsum(ones, q) + wsum(count, (m - g) ** 2)
 
     return MomentsState(n, shift, grand, jax.tree.map(m2_fn, state.m2, rel, grand))
 

@@ -1,0 +1,397 @@
+"""Stochastic gradient Langevin dynamics as optax gradient transformations.
+
+Given g = ∇U(θ), U the minibatch estimate of the negative log posterior of the whole data set,
+
+    U(θ) = −log p(θ) − (N / n) Σ_{i ∈ batch} log p(x_i | θ),
+
+the SGLD update (Welling & Teh, 2011) at step t is
+
+    θ ← θ − η_t g + ξ,    ξ ~ N(0, 2 η_t T),
+
+with η_t the step size and T the temperature (T = 1 samples the posterior, T → 0 is SGD).
+In Welling & Teh's notation ε_t = 2 η_t: their θ ← θ + (ε_t / 2) ∇log p + N(0, ε_t).
+
+The transforms return the update; apply it with ``optax.apply_updates``. A PRNG key is kept in
+the state and split on every update, so the noise differs from step to step and the transform is
+a pure function of its state. The noise of a leaf is exactly ``jax.random.normal`` of its
+subkey; for float32 it is computed by Threefry written out in array operations, which XLA fuses
+with the update (JAX lowers its own Threefry to a rolled loop on CPU, where drawing the noise
+then costs as much as the gradient of a small MLP).
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, bayesnoise as bn
+    >>> opt = bn.sgld(1e-3, temperature=1.0, seed=0)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: 0.5 * jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(state.count)
+    1
+
+References:
+    Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin dynamics.
+    ICML.
+    Li, C., Chen, C., Carlson, D. & Carin, L. (2016). Preconditioned stochastic gradient Langevin
+    dynamics for deep neural networks. AAAI.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from bayesnoise._tree import PyTree
+
+__all__ = [
+    "SGLDState",
+    "PSGLDState",
+    "sgld",
+    "psgld",
+    "polynomial_schedule",
+    "step_size",
+]
+
+
+class SGLDState(NamedTuple):
+    count: jax.Array  # shape (), int32: the number of updates made so far
+    key: jax.Array  # shape (), a typed PRNG key, split on every update
+
+
+class PSGLDState(NamedTuple):
+    count: jax.Array  # shape (), int32: the number of updates made so far
+    key: jax.Array  # shape (), a typed PRNG key, split on every update
+    nu: PyTree  # running average V of g ⊙ g, shaped like the params
+
+
+def _as_key(seed: int | jax.Array) -> jax.Array:
+    """A typed PRNG key from an int seed, a typed key or a raw uint32 key."""
+    if isinstance(seed, numbers.Integral):
+        return jax.random.key(int(seed))
+    try:
+        seed = jnp.asarray(seed)
+    except TypeError:
+        raise ValueError(
+            f"seed must be an int or a PRNG key (jax.random.key), got {seed!r}."
+        ) from None
+    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        if seed.shape != ():
+            raise ValueError(
+                f"seed must be a single PRNG key, got a key array of shape {seed.shape}."
+            )
+        return seed
+    if seed.dtype == jnp.uint32 and seed.shape == (2,):
+        return jax.random.wrap_key_data(seed)
+    raise ValueError(
+        f"seed must be an int or a PRNG key (jax.random.key), got {seed.dtype} of shape "
+        f"{seed.shape}."
+    )
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_learning_rate(learning_rate: float | optax.Schedule) -> None:
+    if callable(learning_rate):
+        return
+    if _is_concrete(learning_rate) and not float(learning_rate) > 0:
+        raise ValueError(
+            f"learning_rate (the step size η = ε/2) must be > 0 or a schedule, got "
+            f"{learning_rate!r}."
+        )
+
+
+def _check_temperature(temperature: float) -> None:
+    if _is_concrete(temperature) and not float(temperature) >= 0:
+        raise ValueError(
+            f"temperature must be >= 0 (1 samples the posterior, 0 is plain gradient descent), "
+            f"got {temperature!r}."
+        )
+
+
+def step_size(learning_rate: float | optax.Schedule, count: ArrayLike) -> jax.Array:
+    """η_t: ``learning_rate(count)`` for a schedule, else the constant ``learning_rate``."""
+    if callable(learning_rate):
+        return jnp.asarray(learning_rate(count))
+    return jnp.asarray(learning_rate)
+
+
+# Threefry-2x32 with 20 rounds (Salmon et al., 2011), as JAX defines it: rotation constants of the
+# even and odd groups of four rounds, and the key-schedule parity constant.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
+    """The Threefry-2x32 block function, unrolled into plain integer array operations.
+
+    JAX's own primitive lowers, on CPU, to a rolled loop of five passes over memory; written out
+    like this, XLA fuses all twenty rounds with whatever consumes the bits (the Gaussian
+    transform and the SGLD update) into one loop, so no random array is ever stored.
+    """
+    ks = (k1, k2, k1 ^ k2 ^ _PARITY)
+    x1 = x1 + ks[0]
+    x2 = x2 + ks[1]
+    for group in range(5):
+        for r in _ROTATIONS[group % 2]:
+            x1 = x1 + x2
+            x2 = (x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))
+            x2 = x1 ^ x2
+        x1 = x1 + ks[(group + 1) % 3]
+        x2 = x2 + ks[(group + 2) % 3] + np.uint32(group + 1)
+    return x1, x2
+
+
+def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint32 bits equal to ``jax.random.bits(key, shape)`` for a threefry key.
+
+    Element i (flat index) is t1 ^ t2 with (t1, t2) = Threefry(key, (i >> 32, i mod 2^32)),
+    JAX's default ("partitionable") threefry layout.
+    """
+    data = jax.random.key_data(key)
+    k1, k2 = data[..., 0], data[..., 1]
+    full = shape if shape else (1,)
+    lo = jnp.zeros(full, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(full))):
+        lo = lo + jax.lax.broadcasted_iota(jnp.uint32, full, axis) * np.uint32(stride)
+        stride *= full[axis]
+    t1, t2 = _threefry2x32(k1, k2, jnp.zeros(full, jnp.uint32), lo)
+    return (t1 ^ t2).reshape(shape)
+
+
+_LO32 = np.nextafter(np.float32(-1.0), np.float32(0.0))
+_WIDTH32 = np.float32(1.0) - _LO32
+_SQRT2_32 = np.float32(np.sqrt(2.0))
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Standard normals: the numbers of ``jax.random.normal(key, shape, dtype)``, computed fused.
+
+    For float32 and a threefry key, the bits come from :func:`_random_bits` and go through
+    JAX's own transform (23 mantissa bits to a uniform u in (−1, 1), then sqrt(2) erfinv(u));
+    other dtypes and key implementations use ``jax.random.normal`` itself.
+    """
+    size = math.prod(shape)
+    if (
+        jnp.dtype(dtype) != jnp.float32
+        or str(jax.random.key_impl(key)) != "threefry2x32"
+        or size >= 2**32
+    ):
+        return jax.random.normal(key, shape, dtype)
+    bits = _random_bits(key, shape)
+    mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)
+    unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+    u = jnp.maximum(_LO32, unit * _WIDTH32 + _LO32)
+    return _SQRT2_32 * jax.lax.erf_inv(u)
+
+
+def _normal_like(key: jax.Array, tree: PyTree) -> PyTree:
+    """Independent standard normals shaped and typed like every leaf of ``tree``.
+
+    Leaf i gets ``jax.random.normal(jax.random.split(key, n)[i], leaf.shape, leaf.dtype)``.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noise = [_normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def sgld(
+    learning_rate: float | optax.Schedule,
+    temperature: float = 1.0,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformation:
+    """Stochastic gradient Langevin dynamics (Welling & Teh, 2011).
+
+    Given g = ∇U, U the minibatch estimate of the negative log posterior of the whole data set
+    (the log-likelihood sum scaled by N/n), the update at step t is
+
+        u_t = −η_t g + sqrt(2 η_t T) ξ_t,    ξ_t ~ N(0, I),
+
+    so ``optax.apply_updates(params, u_t)`` is one Euler–Maruyama step of the Langevin diffusion
+    whose stationary law is ∝ exp(−U / T). η_t is ``learning_rate`` or, for a schedule,
+    ``learning_rate(t)`` with t = 0, 1, ... the number of earlier updates. Welling & Teh's step
+    ε_t is 2 η_t (see :func:`polynomial_schedule`).
+
+    Args:
+        learning_rate: the step size η > 0, or an optax schedule t -> η_t.
+        temperature: T >= 0; 1 samples the posterior, smaller values sharpen it (a "cold"
+            posterior), 0 is gradient descent.
+        seed: an int or a PRNG key; the key is kept in the state and split on every update.
+
+    Returns:
+        An ``optax.GradientTransformation`` whose state is :class:`SGLDState`.
+
+    Raises:
+        ValueError: if a constant ``learning_rate`` is not > 0 or ``temperature`` is < 0.
+
+    Example:
+        >>> import jax.numpy as jnp, bayesnoise as bn
+        >>> opt = bn.sgld(bn.polynomial_schedule(a=1e-2, b=1.0, gamma=0.55), temperature=1.0)
+        >>> state = opt.init({"w": jnp.zeros(2)})
+        >>> updates, state = opt.update({"w": jnp.ones(2)}, state)
+        >>> updates["w"].shape
+        (2,)
+
+    References:
+        Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin
+        dynamics. ICML.
+    """
+    _check_learning_rate(learning_rate)
+    _check_temperature(temperature)
+    key0 = _as_key(seed)
+
+    def init_fn(params: PyTree) -> SGLDState:
+        del params
+        return SGLDState(count=jnp.zeros((), jnp.int32), key=key0)
+
+    def update_fn(updates: PyTree, state: SGLDState, params: PyTree | None = None):
+        del params
+        eta = step_size(learning_rate, state.count)
+        key, sub = jax.random.split(state.key)
+        noise = _normal_like(sub, updates)
+        scale = jnp.sqrt(2.0 * eta * temperature)
+
+        def one(g, z):
+            return (-eta * g + scale * z).astype(jnp.result_type(g))
+
+        new = jax.tree.map(one, updates, noise)
+        return new, SGLDState(count=optax.safe_increment(state.count), key=key)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def psgld(
+    learning_rate: float | optax.Schedule,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    temperature: float = 1.0,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformation:
+    """Preconditioned SGLD with the RMSprop preconditioner (Li et al., 2016).
+
+    With g = ∇U as in :func:`sgld`, every update first refreshes the running average and the
+    diagonal preconditioner,
+
+        V ← α V + (1 − α) g ⊙ g,    G = 1 / (λ + sqrt(V)),
+
+    (V starts at 0), then returns
+
+        u_t = −η_t G ⊙ g + sqrt(2 η_t T G) ⊙ ξ_t,    ξ_t ~ N(0, I).
+
+    The correction term Γ_i = Σ_j ∂G_ij/∂θ_j of the exact preconditioned diffusion is omitted,
+    as Li et al. do in their experiments: with α close to 1 the preconditioner changes slowly and
+    Γ is small, at the price of a bias that vanishes with the step size.
+
+    V averages the squares of the gradient the transform is given, ∇U, which sums the
+    log-likelihood over the whole data set; Li et al. average the per-example mean gradient
+    instead, so their V is smaller by N² and G larger by N. For the same behaviour, take η here
+    N times Li et al.'s ε/2.
+
+    Args:
+        learning_rate: the step size η > 0, or an optax schedule t -> η_t.
+        decay: α in [0, 1), the decay of the running average of squared gradients.
+        eps: λ > 0, the damping added to sqrt(V).
+        temperature: T >= 0, as in :func:`sgld`.
+        seed: an int or a PRNG key, split on every update.
+
+    Returns:
+        An ``optax.GradientTransformation`` whose state is :class:`PSGLDState`.
+
+    Raises:
+        ValueError: for a constant ``learning_rate`` <= 0, ``decay`` outside [0, 1),
+            ``eps`` <= 0 or ``temperature`` < 0.
+
+    References:
+        Li, C., Chen, C., Carlson, D. & Carin, L. (2016). Preconditioned stochastic gradient
+        Langevin dynamics for deep neural networks. AAAI.
+    """
+    _check_learning_rate(learning_rate)
+    _check_temperature(temperature)
+    if _is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
+        raise ValueError(
+            f"decay (α, the decay of the average of squared gradients) must be in [0, 1), "
+            f"got {decay!r}."
+        )
+    if _is_concrete(eps) and not float(eps) > 0:
+        raise ValueError(f"eps (λ, the damping of the preconditioner) must be > 0, got {eps!r}.")
+    key0 = _as_key(seed)
+
+    def init_fn(params: PyTree) -> PSGLDState:
+        nu = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), params)
+        return PSGLDState(count=jnp.zeros((), jnp.int32), key=key0, nu=nu)
+
+    def update_fn(updates: PyTree, state: PSGLDState, params: PyTree | None = None):
+        del params
+        eta = step_size(learning_rate, state.count)
+        key, sub = jax.random.split(state.key)
+        noise = _normal_like(sub, updates)
+        nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * g * g, state.nu, updates)
+
+        def one(g, v, z):
+            precond = 1.0 / (eps + jnp.sqrt(v))
+            step = -eta * precond * g + jnp.sqrt(2.0 * eta * temperature * precond) * z
+            return step.astype(jnp.result_type(g))
+
+        new = jax.tree.map(one, updates, nu, noise)
+        return new, PSGLDState(count=optax.safe_increment(state.count), key=key, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def polynomial_schedule(a: float, b: float, gamma: float) -> Callable[[ArrayLike], jax.Array]:
+    """Welling & Teh's decaying step, returned as the step size η_t = ε_t / 2 of :func:`sgld`.
+
+        ε_t = a (b + t)^(−γ),    η_t = ε_t / 2 = (a / 2) (b + t)^(−γ).
+
+    With γ in (0.5, 1] the steps satisfy Σ ε_t = ∞ and Σ ε_t² < ∞, so SGLD with this schedule
+    converges to the posterior. The returned function gives η_t (half of Welling & Teh's ε_t),
+    so it is used directly as ``learning_rate`` of :func:`sgld`.
+
+    Args:
+        a: scale, > 0.
+        b: offset, > 0 (ε_0 = a b^(−γ)).
+        gamma: decay exponent γ in (0.5, 1].
+
+    Returns:
+        A schedule t -> η_t = a (b + t)^(−γ) / 2 (an ``optax.Schedule``).
+
+    Raises:
+        ValueError: if ``a <= 0``, ``b <= 0`` or ``gamma`` is not in (0.5, 1].
+
+    Example:
+        >>> import bayesnoise as bn
+        >>> schedule = bn.polynomial_schedule(a=0.02, b=1.0, gamma=1.0)
+        >>> round(float(schedule(0)), 6), round(float(schedule(1)), 6)  # ε_t / 2
+        (0.01, 0.005)
+
+    References:
+        Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin
+        dynamics. ICML, section 3.
+    """
+    if not float(a) > 0:
+        raise ValueError(f"a (the scale of ε_t = a (b + t)^-γ) must be > 0, got {a!r}.")
+    if not float(b) > 0:
+        raise ValueError(f"b (the offset of ε_t = a (b + t)^-γ) must be > 0, got {b!r}.")
+    if not 0.5 < float(gamma) <= 1.0:
+        raise ValueError(
+            f"gamma (the decay exponent of ε_t = a (b + t)^-γ) must be in (0.5, 1] so that "
+            f"Σ ε_t = ∞ and Σ ε_t² < ∞, got {gamma!r}."
+        )
+    a, b, gamma = float(a), float(b), float(gamma)
+
+    def schedule(count: ArrayLike) -> jax.Array:
+        t = jnp.asarray(count, jnp.result_type(float))
+        return 0.5 * a * (b + t) ** (-gamma)
+
+    return schedule
