@@ -30,3 +30,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+notebooks: $(STAMP)
+	BAYESNOISE_SMALL=$${BAYESNOISE_SMALL:-1} $(PY) notebooks/run_all.py

@@ -6,6 +6,7 @@ scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise a
 
 from bayesnoise import config as config
 from bayesnoise import data as data
+from bayesnoise import distill as distill
 from bayesnoise import em as em
 from bayesnoise import gsm as gsm
 from bayesnoise import inference as inference
@@ -13,6 +14,12 @@ from bayesnoise import moments as moments
 from bayesnoise import nn as nn
 from bayesnoise import noise as noise
 from bayesnoise import penalties as penalties
+from bayesnoise import pipeline as pipeline
+from bayesnoise import prune as prune
+from bayesnoise import sampling as sampling
 from bayesnoise import train as train
+from bayesnoise.sgld import polynomial_schedule as polynomial_schedule
+from bayesnoise.sgld import psgld as psgld
+from bayesnoise.sgld import sgld as sgld
 
 __version__ = "0.1.0"

@@ -18,6 +18,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from bayesnoise import bench
+
+    bench.main(suite=args.suite, out=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayesnoise", description="Bayesian weight noise for JAX and Flax."
@@ -41,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-resume", action="store_true", help="ignore finished stages' checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
+    bench = sub.add_parser("bench", help="run a benchmark suite and write its results as JSON")
+    bench.add_argument(
+        "--suite",
+        default="sgld",
+        choices=["sgld", "prune", "em", "pipeline"],
+        help="the suite to run (default: %(default)s)",
+    )
+    bench.add_argument("--out", default=None, help="a JSON file for the results (default: none)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -447,12 +447,15 @@ class ModelConfig(_Section):
     Attributes:
         hidden_sizes: widths of the hidden layers (an empty list: a linear model).
         activation: relu, tanh, sigmoid, gelu, elu, softplus or silu.
+        compute_dtype: float32, or bfloat16 for mixed precision: matmuls in bfloat16 (worth it
+            on GPUs and TPUs) while params, gradients, SGLD noise and moments stay float32.
     """
 
     hidden_sizes: tuple[int, ...] = _field(
         (128, 128), "a list of ints >= 1", lambda t: all(v >= 1 for v in t)
     )
     activation: Activation = "relu"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @property
     def activation_fn(self) -> Callable:
@@ -551,10 +554,10 @@ class SGLDConfig(_Section):
         """The ``learning_rate`` of :func:`bayesnoise.sgld`: a float or a schedule of η_t."""
         if self.polynomial is None:
             return self.step_size
-        from bayesnoise import sgld
+        from bayesnoise.sgld import polynomial_schedule
 
         p = self.polynomial
-        return sgld.polynomial_schedule(p.a, p.b, p.gamma)
+        return polynomial_schedule(p.a, p.b, p.gamma)
 
 
 @dataclasses.dataclass(frozen=True)

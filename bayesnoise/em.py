@@ -43,6 +43,9 @@ __all__ = [
     "linear_em",
     "LinearEMResult",
     "numpyro_prior",
+    "e_step",
+    "fit",
+    "FitResult",
 ]
 
 _NUMERIC = (bnoise.Gamma, bnoise.LogNormal, bnoise.Beta)
@@ -222,6 +225,108 @@ def em_step(state: EMState, hyperprior: bnoise.Noise | None = None) -> EMState:
     scales = m_step(bmoments.second_moment(state.moments), state.hierarchy, hyperprior)
     h = state.hierarchy.replace(scales=scales)
     return EMState(h, bmoments.init(state.moments.mean_dev), state.iteration + 1)
+
+
+# ----------------------------------------------------------------- SGLD E-step and the driver
+
+
+def e_step(
+    key: jax.Array,
+    params: PyTree,
+    hierarchy: gsm.Hierarchy,
+    log_likelihood: Callable[..., jax.Array],
+    data: Any,
+    *,
+    extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
+    **sampling_kwargs,
+):
+    """SGLD under the current scales: posterior moments of v with prior N(0, σ0² λ²).
+
+    A thin layer over :func:`bayesnoise.sampling.run` whose log prior is
+    ``bn.gsm.log_prior(v, hierarchy)`` (plus ``extra_log_prior(v)``, e.g. for biases). Warm start
+    by passing the previous E-step's final chain states with ``params_per_chain=True``.
+
+    Returns:
+        the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
+        through ``bn.moments.second_moment``.
+    """
+    from bayesnoise import sampling
+
+    def log_prior(v):
+        lp = gsm.log_prior(v, hierarchy)
+        return lp if extra_log_prior is None else lp + extra_log_prior(v)
+
+    return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
+
+
+class FitResult(NamedTuple):
+    hierarchy: gsm.Hierarchy  # the learned scales
+    moments: bmoments.MomentsState  # the last E-step's posterior moments (merged over chains)
+    params: PyTree  # the chains' final states, leaves (C, ...)
+    history: dict  # per iteration: "scales" (list of trees), "q", "penalty_eq14", "log_likelihood"
+
+
+def fit(
+    key: jax.Array,
+    params: PyTree,
+    log_likelihood: Callable[..., jax.Array],
+    data: Any,
+    *,
+    iterations: int,
+    sigma0: Any = 1.0,
+    where: Any = None,
+    hyperprior: bnoise.Noise | None = None,
+    extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
+    **sampling_kwargs,
+) -> FitResult:
+    """Runs ``iterations`` rounds of EM: an SGLD E-step (warm-started), then the M-step.
+
+    Each E-step is one compiled scan over all chains (:func:`bayesnoise.sampling.run`); the
+    scales enter it as a new prior, so it compiles once per iteration. Records per iteration the
+    scales, Q at the new scales, the eq. 14 penalty at the posterior mean and the data
+    log-likelihood of the posterior mean.
+
+    Args:
+        key: PRNG key.
+        params: initial v (e.g. a network trained under noise, weight-scaled).
+        log_likelihood: per-example ``log_likelihood(params, *batch)``.
+        data: tuple of arrays with a common leading axis.
+        iterations: EM rounds (>= 1).
+        sigma0, where: as in :func:`bayesnoise.gsm.hierarchy`.
+        hyperprior: passed to :func:`m_step`.
+        extra_log_prior: added to the GSM log prior (e.g. a prior on biases).
+        **sampling_kwargs: learning_rate, batch_size, num_burnin, num_samples, thin,
+            num_chains, ... of :func:`bayesnoise.sampling.run`.
+    """
+    if int(iterations) < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}.")
+    _check_hyperprior(hyperprior)
+    h = gsm.hierarchy(params, sigma0, where)
+    history = {"scales": [], "q": [], "penalty_eq14": [], "log_likelihood": []}
+    state, per_chain = params, False
+    from bayesnoise import penalties
+
+    for it in range(int(iterations)):
+        res = e_step(
+            jax.random.fold_in(key, it),
+            state,
+            h,
+            log_likelihood,
+            data,
+            extra_log_prior=extra_log_prior,
+            params_per_chain=per_chain,
+            **sampling_kwargs,
+        )
+        state, per_chain = res.params, True
+        second = bmoments.second_moment(res.moments)
+        new = m_step(second, h, hyperprior)
+        mean = bmoments.mean(res.moments)
+        history["q"].append(float(q_value(second, h, hyperprior, new)))
+        history["penalty_eq14"].append(float(penalties.ml2_neg_log_prior(mean, h)))
+        history["log_likelihood"].append(float(jnp.sum(log_likelihood(mean, *data))))
+        h = h.replace(scales=new)
+        history["scales"].append(jax.device_get(new))
+    return FitResult(h, res.moments, state, history)
 
 
 # --------------------------------------------------------------- exact E-step: linear models

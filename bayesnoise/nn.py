@@ -469,16 +469,19 @@ class MLP(nn.Module):
     Attributes:
         features: widths of the hidden layers and the output, e.g. (400, 400, 10).
         activation: the hidden layers' nonlinearity.
+        dtype: the computation dtype (e.g. ``jnp.bfloat16`` for mixed precision); params stay
+            float32 and the output is float32.
     """
 
     features: tuple[int, ...] = (400, 400, 10)
     activation: Callable[[jax.Array], jax.Array] = nn.relu
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.features):
-            x = nn.Dense(width)(x)
+            x = nn.Dense(width, dtype=self.dtype)(x)
             if i < len(self.features) - 1:
                 x = self.activation(x)
-        return x
+        return x.astype(jnp.float32)

@@ -203,7 +203,7 @@ def test_overrides_set_typed_values():
 def test_overriding_a_kind_drops_the_old_kinds_parameters():
     cfg = load_config(DIGITS, ["noise.kind=gaussian"])
     assert cfg.noise.kind == "gaussian" and cfg.noise.alpha == 1.0 and cfg.noise.keep is None
-    assert cfg.noise.input.keep == 0.8  # the input noise is untouched
+    assert cfg.noise.input.keep == load_config(DIGITS).noise.input.keep  # input noise untouched
     cfg = load_config(DIGITS, ["noise.kind=beta", "noise.a=2", "noise.b=0.5"])
     assert bconfig.build_noise(cfg)[""] == bnoise.Beta(2.0, 0.5)
     e = _error(DIGITS, ["noise.kind=beta", "noise.keep=0.3"])

@@ -181,3 +181,90 @@ def test_unsupported_hyperprior():
     h = bn.gsm.hierarchy({"kernel": jnp.ones((2, 2))})
     with pytest.raises(ValueError, match=r"cannot handle the hyperprior Bernoulli.*allowed"):
         bn.em.m_step({"kernel": jnp.ones((2, 2))}, h, bn.noise.Bernoulli(0.5))
+
+
+def test_numpyro_prior_makes_nuts_an_exact_e_step():
+    import flax.linen as nn
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.contrib.module import random_flax_module
+    from numpyro.infer import MCMC, NUTS
+
+    rng = np.random.default_rng(3)
+    n, d = 40, 3
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ np.array([1.0, -0.5, 0.0]) + 0.3 * rng.normal(size=n)).astype(np.float32)
+    module = nn.Dense(1, use_bias=False)
+    params = module.init(jax.random.key(0), jnp.ones((1, d)))
+    h = bn.gsm.hierarchy(params, sigma0=1.0)
+    h = h.replace(scales={"params": {"kernel": jnp.array([2.0, 0.5, 0.1])}})
+
+    def model(x, y):
+        net = random_flax_module("net", module, input_shape=(1, d), prior=bn.em.numpyro_prior(h))
+        numpyro.sample("y", dist.Normal(net(x)[:, 0], 0.3), obs=y)
+
+    mcmc = MCMC(NUTS(model), num_warmup=400, num_samples=2000, progress_bar=False)
+    mcmc.run(jax.random.key(1), x, y)
+    draws = np.asarray(mcmc.get_samples()["net/kernel"])[:, :, 0]
+    mean, cov = bn.em.linear_posterior(x, y, np.array([2.0, 0.5, 0.1]) ** 2, 0.3**2)
+    sd = np.sqrt(np.diag(np.asarray(cov)))
+    # 2000 draws with ESS of several hundred: within 5 standard errors of the exact posterior
+    assert np.all(np.abs(draws.mean(0) - np.asarray(mean)) < 5 * sd / np.sqrt(300))
+    np.testing.assert_allclose(draws.std(0), sd, rtol=0.15)
+
+
+def test_em_fit_in_a_network_keeps_robust_rows_and_shrinks_irrelevant_ones():
+    import optax
+
+    rng = np.random.default_rng(0)
+    n = 256
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (np.tanh(1.5 * x[:, 0]) - x[:, 1] + 0.1 * rng.normal(size=n)).astype(np.float32)
+    model = bn.nn.MLP((16, 1))
+    params = model.init(jax.random.key(0), jnp.ones((1, 6)))
+    loss_fn = bn.train.regression_loss(lambda p, xb, k: model.apply(p, xb))
+    fitted = bn.train.fit(
+        jax.random.key(1),
+        params,
+        loss_fn,
+        optax.adam(1e-2),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        epochs=150,
+        batch_size=64,
+    ).params
+
+    def log_lik(p, xb, yb):
+        return -0.5 * ((model.apply(p, xb)[:, 0] - yb) / 0.1) ** 2
+
+    res = bn.em.fit(
+        jax.random.key(2),
+        fitted,
+        log_lik,
+        (jnp.asarray(x), jnp.asarray(y)),
+        iterations=3,
+        learning_rate=1e-5,
+        batch_size=64,
+        num_burnin=500,
+        num_samples=200,
+        num_chains=2,
+    )
+    lam0 = np.asarray(res.hierarchy.scales["params"]["Dense_0"]["kernel"])
+    assert lam0[:2].min() > lam0[2:].max()  # relevant inputs keep the largest scales
+    assert len(res.history["q"]) == 3 and np.all(np.isfinite(res.history["penalty_eq14"]))
+    # sparse or robust: the learned scales rank rows like |μ| + σ (robust rows with a large
+    # posterior spread keep large scales), not like the signal-to-noise ratio |μ| / σ
+    from scipy.stats import spearmanr
+
+    std = bn.moments.std(res.moments)["params"]
+    mean = bn.moments.mean(res.moments)["params"]
+    for layer in ("Dense_0", "Dense_1"):
+        row_sd = np.sqrt((np.asarray(std[layer]["kernel"]) ** 2).mean(1))
+        row_mu = np.sqrt((np.asarray(mean[layer]["kernel"]) ** 2).mean(1))
+        lam = np.asarray(res.hierarchy.scales["params"][layer]["kernel"])
+        with_spr = spearmanr(row_mu + row_sd, lam).correlation
+        with_snr = spearmanr(row_mu / row_sd, lam).correlation
+        assert with_spr > 0.9 and with_spr >= with_snr, (layer, with_spr, with_snr)
+    # and the rows of irrelevant inputs are pulled toward zero in the posterior mean too
+    energy = (np.asarray(mean["Dense_0"]["kernel"]) ** 2).sum(1)
+    assert energy[2:].max() < energy[:2].min()

@@ -367,3 +367,17 @@ def test_weight_scale_with_a_noise_per_layer():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_mlp_mixed_precision_keeps_float32_params_and_output():
+    model = bn.nn.MLP((32, 4), dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(0), jnp.ones((1, 8)))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    out = model.apply(params, x)
+    ref = bn.nn.MLP((32, 4)).apply(params, x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.05)  # bfloat16 has 8 mantissa bits
+    assert np.abs(np.asarray(out - ref)).max() > 0  # the matmuls did run in bfloat16
+    grads = jax.grad(lambda p: model.apply(p, x).sum())(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

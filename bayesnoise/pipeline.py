@@ -1,0 +1,505 @@
+"""The experiment pipeline: train under noise → SGLD moments (and EM) → pruning curves → report.
+
+Stages, each checkpointed in ``OUT/checkpoints/STAGE.pkl`` so an interrupted run resumes from
+its last finished stage (a checkpoint made under other settings of the config sections that
+stage depends on is ignored and the stage runs again):
+
+1. ``train``: the MLP trained under the configured noise; its test metric by weight scaling.
+2. ``reference``: the same MLP trained without noise (for the mean-against-std picture).
+3. ``sgld``: posterior moments of the weight-scaled network's weights under the GSM prior, by
+   SGLD chains; with EM enabled, every iteration is an SGLD E-step followed by the M-step.
+4. ``sgld_reference``: SGLD moments of the noise-free network.
+5. ``prune``: test metric against the fraction of weights removed, for every rule, from the
+   posterior mean, in one vmapped evaluation per rule; breakpoints at the tolerance.
+6. ``soft_target``: students of equal weight count trained on the teacher's softened outputs.
+7. the report: ``results.json``, ``config.yaml`` (the config as run), PNG plots, a table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bayesnoise import config as bconfig
+from bayesnoise import distill, em, gsm, inference, moments, penalties, prune, sampling, train
+from bayesnoise import nn as bnn
+from bayesnoise.sgld import psgld, sgld
+
+__all__ = ["run", "STAGES"]
+
+STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "soft_target")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+# The config sections each stage depends on: changing others keeps its checkpoint valid.
+_DEPENDS = {
+    "train": ("data", "model", "noise", "train"),
+    "reference": ("data", "model", "train"),
+    "sgld": ("data", "model", "noise", "train", "sgld", "em"),
+    "sgld_reference": ("data", "model", "train", "sgld", "em.sigma0"),
+    "prune": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
+    "soft_target": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
+}
+
+
+class _Checkpoints:
+    def __init__(self, out: Path, cfg: dict, resume: bool):
+        self.dir = out / "checkpoints"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.resume = resume
+
+    def load(self, stage: str):
+        path = self.dir / f"{stage}.pkl"
+        if not (self.resume and path.exists()):
+            return None
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        if saved.get("config") != self._relevant(stage):
+            print(f"[{stage}] checkpoint was made under another config: running it again")
+            return None
+        print(f"[{stage}] resumed from {path}")
+        return saved["value"]
+
+    def _relevant(self, stage: str) -> dict:
+        out = {}
+        for key in _DEPENDS[stage]:
+            section, _, field = key.partition(".")
+            value = self.cfg.get(section)
+            out[key] = value.get(field) if field and isinstance(value, dict) else value
+        return out
+
+    def save(self, stage: str, value: Any) -> None:
+        path = self.dir / f"{stage}.pkl"
+        partial = path.with_suffix(".part")
+        with open(partial, "wb") as f:
+            pickle.dump({"config": self._relevant(stage), "value": jax.device_get(value)}, f)
+        partial.replace(path)
+
+
+def _staged(ckpt: _Checkpoints, timings: dict, stage: str, fn):
+    value = ckpt.load(stage)
+    if value is not None:
+        return value
+    print(f"[{stage}] running")
+    t0 = time.perf_counter()
+    value = jax.device_get(fn())
+    timings[stage] = round(time.perf_counter() - t0, 2)
+    ckpt.save(stage, value)
+    return value
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+class _Task:
+    """Model, data and metric of one config, shared by the stages."""
+
+    def __init__(self, cfg: bconfig.Config):
+        self.cfg = cfg
+        ds = cfg.data.load()
+        self.ds = ds
+        self.classification = ds.task == "classification"
+        to_dense = lambda a: np.asarray(a.toarray() if hasattr(a, "toarray") else a, np.float32)
+        self.x_train, self.x_test = (
+            jnp.asarray(to_dense(ds.x_train)),
+            jnp.asarray(to_dense(ds.x_test)),
+        )
+        self.y_train, self.y_test = jnp.asarray(ds.y_train), jnp.asarray(ds.y_test)
+        out_dim = ds.num_classes if self.classification else 1
+        self.sizes = (int(self.x_train.shape[1]), *cfg.model.hidden_sizes, out_dim)
+        dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
+        self.model = bnn.MLP(
+            tuple(cfg.model.hidden_sizes) + (out_dim,), cfg.model.activation_fn, dtype
+        )
+        self.noise = bconfig.build_noise(cfg)
+        self.y_std = float(getattr(ds, "y_std", 1.0))
+
+    def init(self, key):
+        return self.model.init(key, self.x_train[:1])
+
+    def metric(self, params) -> jax.Array:
+        """Test error, or test RMSE in the target's original units."""
+        out = self.model.apply(params, self.x_test)
+        if self.classification:
+            return jnp.mean(jnp.argmax(out, -1) != self.y_test)
+        return jnp.sqrt(jnp.mean((out[:, 0] - self.y_test) ** 2)) * self.y_std
+
+    def log_likelihood(self, params, x, y):
+        """Per-example log p(y | x, params): categorical, or Gaussian with unit variance on the
+        standardised target."""
+        out = self.model.apply(params, x)
+        if self.classification:
+            return jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], axis=-1)[:, 0]
+        return -0.5 * (out[:, 0] - y) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
+
+
+def _optimizer(tc: bconfig.TrainConfig, steps: int) -> optax.GradientTransformation:
+    lr = tc.learning_rate
+    schedule = optax.cosine_decay_schedule(lr, steps, alpha=0.01) if tc.schedule == "cosine" else lr
+    builders = {
+        "adam": lambda: optax.adam(schedule),
+        "adamw": lambda: optax.adamw(schedule),
+        "sgd": lambda: optax.sgd(schedule),
+        "momentum": lambda: optax.sgd(schedule, momentum=0.9),
+        "rmsprop": lambda: optax.rmsprop(schedule),
+    }
+    return builders[tc.optimizer]()
+
+
+def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
+    tc = task.cfg.train
+    epochs = epochs or tc.epochs
+    params = task.init(jax.random.fold_in(key, 0))
+    if noise is None:
+        apply = lambda p, x, k: task.model.apply(p, x)
+    else:
+        noisy = bnn.noisy_apply(task.model, noise)
+        apply = lambda p, x, k: noisy(p, x, rngs={"noise": k})
+    loss_fn = (
+        train.classification_loss(apply) if task.classification else train.regression_loss(apply)
+    )
+    steps = epochs * (len(task.x_train) // tc.batch_size)
+    scaled = (lambda p: inference.weight_scale(p, noise)) if noise is not None else (lambda p: p)
+    res = train.fit(
+        jax.random.fold_in(key, 1),
+        params,
+        loss_fn,
+        _optimizer(tc, steps),
+        task.x_train,
+        task.y_train,
+        epochs=epochs,
+        batch_size=tc.batch_size,
+        eval_fn=lambda p: {"test_metric": task.metric(scaled(p))},
+        progress=progress,
+    )
+    final = scaled(res.params)
+    return {"params": final, "history": res.history, "metric": float(task.metric(final))}
+
+
+def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
+    sc, ec = task.cfg.sgld, task.cfg.em
+    h = gsm.hierarchy(params, sigma0=ec.sigma0)
+    transform = psgld if sc.method == "psgld" else sgld
+    hyperprior = bconfig.build_hyperprior(ec) if use_em else None
+    iterations = ec.iterations if use_em else 0
+    records = []
+    state, per_chain = params, False
+    for it in range(iterations + 1):
+        res = sampling.run(
+            jax.random.fold_in(key, it),
+            state,
+            task.log_likelihood,
+            functools.partial(gsm.log_prior, hierarchy=h),
+            (task.x_train, task.y_train),
+            learning_rate=sc.learning_rate(),
+            temperature=sc.temperature,
+            transform=transform,
+            batch_size=sc.batch_size,
+            num_burnin=sc.burnin if it == 0 else sc.burnin // 2,
+            num_samples=sc.samples,
+            thin=sc.thin,
+            num_chains=sc.chains,
+            params_per_chain=per_chain,
+            progress=progress,
+        )
+        state, per_chain = res.params, True  # warm start the next E-step
+        mean = moments.mean(res.moments)
+        record = {
+            "iteration": it,
+            "metric_at_mean": float(task.metric(mean)),
+            "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h)),
+            "train_log_likelihood": float(
+                jnp.sum(task.log_likelihood(mean, task.x_train, task.y_train))
+            ),
+            "scales_mean": [float(jnp.mean(s)) for s in jax.tree.leaves(h.scales)],
+        }
+        if it < iterations:  # the M-step
+            second = moments.second_moment(res.moments)
+            new_scales = em.m_step(second, h, hyperprior)
+            record["q"] = float(em.q_value(second, h, hyperprior, new_scales))
+            h = h.replace(scales=new_scales)
+        records.append(record)
+        if use_em:
+            print(
+                f"[em] iteration {it}: metric at the posterior mean {record['metric_at_mean']:.4f}"
+            )
+    return {
+        "mean": moments.mean(res.moments),
+        "std": moments.std(res.moments),
+        "rhat": np.asarray(res.rhat),
+        "ess": np.asarray(res.ess),
+        "scales": h.scales,
+        "em": records if use_em else [],
+    }
+
+
+_RULES = {
+    "snr": lambda m, s: prune.snr(m, s),
+    "spr": lambda m, s: prune.spr(m, s),
+    "magnitude": lambda m, s: prune.magnitude(m),
+}
+
+
+def _prune(task: _Task, post):
+    pc, ec = task.cfg.prune, task.cfg.eval
+    fractions = np.asarray(pc.fraction_grid(), np.float32)
+    mean, std = post["mean"], post["std"]
+    unpruned = float(task.metric(mean))
+    relative = task.cfg.relative_tolerance
+    curves, breakpoints = {}, {}
+    for rule in pc.rules:
+        scores = _RULES[rule](mean, std)
+        values = prune.curve(
+            task.metric, mean, scores, fractions, pc.scope, include_biases=pc.include_biases
+        )
+        values = np.asarray(values, np.float64)
+        curves[rule] = [[float(f), float(v)] for f, v in zip(fractions, values)]
+        breakpoints[rule] = float(
+            prune.breakpoint(fractions, values, unpruned, ec.tolerance, relative)
+        )
+    return {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints}
+
+
+def _soft_target(task: _Task, teacher, key, progress: bool):
+    sc = task.cfg.prune.soft_target
+    tc = task.cfg.train
+    fractions = [
+        f for f in (0.5, 0.75, 0.9, 0.95, 0.98) if f <= max(task.cfg.prune.fraction_grid())
+    ]
+    teacher_logits = task.model.apply(teacher, task.x_train)
+    total = distill.weight_count(task.sizes)
+    idx = jnp.arange(len(task.x_train))
+    points = []
+    for f in fractions:
+        sizes = distill.student_sizes(task.sizes, max(1, round((1 - f) * total)))
+        student = bnn.MLP(tuple(sizes[1:]), task.cfg.model.activation_fn)
+        params = student.init(jax.random.fold_in(key, int(f * 1000)), task.x_train[:1])
+
+        def loss_fn(p, x, i, k, student=student):
+            logits = student.apply(p, x)
+            labels = task.y_train[i] if sc.alpha > 0 else None
+            loss = distill.soft_target_loss(
+                logits, teacher_logits[i], labels, temperature=sc.temperature, alpha=sc.alpha
+            )
+            return loss, {}
+
+        epochs = sc.epochs or tc.epochs
+        steps = epochs * (len(idx) // tc.batch_size)
+        res = train.fit(
+            jax.random.fold_in(key, 7),
+            params,
+            loss_fn,
+            _optimizer(tc, steps),
+            task.x_train,
+            idx,
+            epochs=epochs,
+            batch_size=tc.batch_size,
+            progress=progress,
+        )
+        out = student.apply(res.params, task.x_test)
+        err = float(jnp.mean(jnp.argmax(out, -1) != task.y_test))
+        points.append([f, err, list(sizes)])
+    return {"points": points}
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _plots(out: Path, task: _Task, results: dict, post, ref) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    metric = results["metric"]
+    label = "test error (%)" if metric == "error" else "test RMSE"
+    scale = 100.0 if metric == "error" else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {
+        "spr": ("SPR |μ|+σ", "C0"),
+        "snr": ("SNR |μ|/σ", "C3"),
+        "magnitude": ("magnitude |μ|", "C2"),
+    }
+    for rule, pts in results["curves"].items():
+        pts = np.asarray(pts)
+        name, color = styles[rule]
+        bp = results["breakpoints"][rule]
+        ax.plot(
+            100 * pts[:, 0],
+            scale * pts[:, 1],
+            label=f"{name} (flat to {100 * bp:.0f}%)",
+            color=color,
+        )
+    if results.get("soft_target"):
+        st = np.asarray([p[:2] for p in results["soft_target"]], np.float64)
+        ax.plot(100 * st[:, 0], scale * st[:, 1], "ks--", label="soft targets (retrained)")
+    ax.axhline(scale * results["unpruned"], color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("weights removed (%)")
+    ax.set_ylabel(label)
+    top = scale * max(
+        results["unpruned"] * 3,
+        results["unpruned"] + 0.05 * (1 if metric == "error" else results["unpruned"]),
+    )
+    ax.set_ylim(0, top)
+    ax.set_title(f"{results['dataset']}: pruning from SGLD posterior moments")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(str(out / "pruning_curves.png"))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharex=True, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, (title, p) in zip(
+        axes, (("trained under noise", post), ("trained without noise", ref))
+    ):
+        mu = np.concatenate([np.abs(np.ravel(a)) for a in _kernels(p["mean"])])
+        sd = np.concatenate([np.ravel(a) for a in _kernels(p["std"])])
+        pick = rng.choice(mu.size, min(mu.size, 5000), replace=False)
+        ax.scatter(mu[pick], sd[pick], s=2, alpha=0.4)
+        ax.set_title(title)
+        ax.set_xlabel("|posterior mean|")
+    axes[0].set_ylabel("posterior std")
+    fig.suptitle(f"{results['dataset']}: SGLD posterior moments of the weights")
+    fig.tight_layout()
+    files.append(str(out / "mean_vs_std.png"))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    if results.get("em"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        its = [r["iteration"] for r in results["em"]]
+        scales = np.asarray([r["scales_mean"] for r in results["em"]])
+        for j in range(scales.shape[1]):
+            ax.plot(its, scales[:, j], marker="o", label=f"layer {j}")
+        ax.set_xlabel("EM iteration")
+        ax.set_ylabel("mean scale λ")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(str(out / "em_scales.png"))
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def _kernels(tree):
+    return [leaf for path, leaf in _flat(tree) if path.endswith("kernel")]
+
+
+def _flat(tree):
+    from bayesnoise._tree import path_str
+
+    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _table(results: dict) -> str:
+    m = results["metric"]
+    fmt = (lambda v: f"{100 * v:.2f}%") if m == "error" else (lambda v: f"{v:.3f}")
+    lines = [
+        f"{results['dataset']}: unpruned {m} {fmt(results['unpruned'])} "
+        f"(trained net {fmt(results['trained_metric'])})",
+        f"{'rule':<10} {'breakpoint':>10} "
+        + " ".join(f"{int(100 * f):>6}%" for f in (0.5, 0.75, 0.9, 0.95)),
+    ]
+    for rule, pts in results["curves"].items():
+        pts = np.asarray(pts)
+        at = [fmt(float(np.interp(f, pts[:, 0], pts[:, 1]))) for f in (0.5, 0.75, 0.9, 0.95)]
+        lines.append(
+            f"{rule:<10} {100 * results['breakpoints'][rule]:>9.0f}% "
+            + " ".join(f"{a:>7}" for a in at)
+        )
+    return "\n".join(lines)
+
+
+def run(
+    cfg: bconfig.Config,
+    out: str | Path | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Runs the whole pipeline for a config and writes its report into ``out``.
+
+    Returns:
+        the results dictionary written to ``out/results.json``.
+    """
+    out = Path(out or cfg.out or f"runs/{cfg.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = cfg.to_dict()
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    ckpt = _Checkpoints(out, cfg_dict, resume)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    task = _Task(cfg)
+    timings["data"] = round(time.perf_counter() - t0, 2)
+    key = jax.random.key(cfg.train.seed)
+
+    trained = _staged(
+        ckpt,
+        timings,
+        "train",
+        lambda: _train(task, task.noise, jax.random.fold_in(key, 1), progress),
+    )
+    reference = _staged(
+        ckpt, timings, "reference", lambda: _train(task, None, jax.random.fold_in(key, 2), progress)
+    )
+    post = _staged(
+        ckpt,
+        timings,
+        "sgld",
+        lambda: _sgld(
+            task, trained["params"], jax.random.fold_in(key, 3), progress, cfg.em.enabled
+        ),
+    )
+    ref_post = _staged(
+        ckpt,
+        timings,
+        "sgld_reference",
+        lambda: _sgld(task, reference["params"], jax.random.fold_in(key, 4), progress, False),
+    )
+    pruned = _staged(ckpt, timings, "prune", lambda: _prune(task, post))
+    soft = None
+    if cfg.prune.soft_target.enabled and task.classification:
+        soft = _staged(
+            ckpt,
+            timings,
+            "soft_target",
+            lambda: _soft_target(task, post["mean"], jax.random.fold_in(key, 5), progress),
+        )
+
+    results = {
+        "config": cfg_dict,
+        "dataset": task.ds.name,
+        "metric": cfg.metric,
+        "unpruned": pruned["unpruned"],
+        "trained_metric": trained["metric"],
+        "reference_metric": reference["metric"],
+        "curves": pruned["curves"],
+        "breakpoints": pruned["breakpoints"],
+        "tolerance": {"value": cfg.eval.tolerance, "relative": cfg.relative_tolerance},
+        "sgld": {"rhat_max": float(np.max(post["rhat"])), "ess_min": float(np.min(post["ess"]))},
+        "em": post["em"],
+        "soft_target": soft["points"] if soft else [],
+        "timings": timings,
+    }
+    results["plots"] = _plots(out, task, results, post, ref_post)
+    timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 2)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print(_table(results))
+    print(f"results: {out / 'results.json'}")
+    print("plots:   " + ", ".join(results["plots"]))
+    return results

@@ -1,0 +1,81 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bayesnoise import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "train.epochs=3",
+    "sgld.burnin=20",
+    "sgld.samples=10",
+    "sgld.thin=1",
+    "sgld.chains=2",
+    "em.iterations=1",
+    "prune.num_fractions=5",
+    "prune.soft_target.enabled=true",
+    "prune.soft_target.epochs=2",
+]
+
+
+def run_cli(out, *extra):
+    args = ["run", str(ROOT / "configs" / "digits.yaml"), "--out", str(out), "--quiet"]
+    for s in SMALL + list(extra):
+        args += ["--set", s]
+    return cli.main(args)
+
+
+def test_run_writes_the_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert run_cli(out) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"] == "digits" and res["metric"] == "error"
+    assert set(res["curves"]) == {"snr", "spr", "magnitude"}
+    for rule, pts in res["curves"].items():
+        pts = np.asarray(pts)
+        assert pts.shape == (5, 2)
+        np.testing.assert_allclose(pts[:, 0], [0.0, 0.2, 0.4, 0.6, 0.8], atol=1e-6)
+        assert np.all((pts[:, 1] >= 0) & (pts[:, 1] <= 1))
+        assert pts[0, 1] == pytest.approx(res["unpruned"])  # fraction 0 is the unpruned net
+        assert 0.0 <= res["breakpoints"][rule] <= 0.8
+    assert len(res["em"]) == 2 and "q" in res["em"][0]
+    assert len(res["soft_target"]) >= 1
+    assert {"train", "sgld", "prune", "soft_target"} <= set(res["timings"])
+    assert res["config"]["train"]["epochs"] == 3
+    for name in ("pruning_curves.png", "mean_vs_std.png", "em_scales.png", "config.yaml"):
+        assert (out / name).stat().st_size > 0
+    first = capsys.readouterr().out
+    assert "breakpoint" in first and str(out / "results.json") in first
+
+    # a second run resumes every finished stage
+    (out / "checkpoints" / "prune.pkl").unlink()  # as if interrupted before pruning finished
+    assert run_cli(out) == 0
+    second = capsys.readouterr().out
+    assert "[train] resumed" in second and "[sgld] resumed" in second
+    assert "[prune] running" in second
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["curves"] == res["curves"]
+    assert "train" not in res2["timings"] and "prune" in res2["timings"]
+
+    # changing the pruning settings keeps the training and SGLD checkpoints, not pruning's
+    assert run_cli(out, "prune.num_fractions=4") == 0
+    third = capsys.readouterr().out
+    assert "[sgld] resumed" in third and "[prune] checkpoint was made under another config" in third
+    assert len(json.loads((out / "results.json").read_text())["curves"]["spr"]) == 4
+
+
+def test_bad_config_exits_with_a_message(tmp_path, capsys):
+    code = cli.main(
+        [
+            "run",
+            str(ROOT / "configs" / "digits.yaml"),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "train.batch_size=-3",
+        ]
+    )
+    assert code == 2
+    assert "train.batch_size" in capsys.readouterr().err
