@@ -120,9 +120,17 @@ def fit(
         _open_bar(epochs)
     try:
         params, opt_state, history = _fit(
-            key, params, opt_state, x, y, loss_fn=loss_fn,
-            optimizer=optimizer, eval_fn=eval_fn, epochs=int(epochs),
-            batch_size=int(batch_size), progress=bool(progress),
+            key,
+            params,
+            opt_state,
+            x,
+            y,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            eval_fn=eval_fn,
+            epochs=int(epochs),
+            batch_size=int(batch_size),
+            progress=bool(progress),
         )
     finally:
         if progress:
@@ -134,8 +142,9 @@ def fit(
     jax.jit,
     static_argnames=("loss_fn", "optimizer", "eval_fn", "epochs", "batch_size", "progress"),
 )
-def _fit(key, params, opt_state, x, y, *, loss_fn, optimizer, eval_fn, epochs,
-         batch_size, progress):
+def _fit(
+    key, params, opt_state, x, y, *, loss_fn, optimizer, eval_fn, epochs, batch_size, progress
+):
     """The whole run, compiled once per (functions, sizes): later calls reuse it."""
     n = x.shape[0]
     steps = n // batch_size
