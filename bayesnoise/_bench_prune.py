@@ -15,9 +15,6 @@ speedup is large when they are cheap (a small ``batch_size``, or an accelerator)
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,16 +45,6 @@ def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
         if i < n - 1:
             x = jax.nn.relu(x)
     return x
-
-
-def _median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up: compilation and caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_prune_curve(
@@ -108,6 +95,10 @@ def bench_prune_curve(
             values.append(error_jit(prune.apply(params, prune.mask(scores, f))))
         return jnp.stack(values)
 
+    from bayesnoise.bench import _median_time
+
+    jax.block_until_ready(run_curve())  # warm-up: compilation and caches
+    jax.block_until_ready(run_loop())
     curve_s = _median_time(run_curve, repeats)
     loop_s = _median_time(run_loop, repeats)
     diff = float(jnp.max(jnp.abs(run_curve() - run_loop())))

@@ -616,6 +616,8 @@ class PruneConfig(_Section):
         scope: global (one ranking over all layers) or layer (the fraction in every layer).
         include_biases: also prune biases.
         soft_target: the distilled small-network baseline.
+        finetune_epochs: after one-shot pruning at a few fractions (50, 75, 90, 95%), retrain
+            the kept weights this many epochs with the mask held fixed; 0 turns it off.
     """
 
     rules: tuple[PruneRule, ...] = _field(
@@ -630,6 +632,7 @@ class PruneConfig(_Section):
     scope: Literal["global", "layer"] = "global"
     include_biases: bool = False
     soft_target: SoftTargetConfig = _section(SoftTargetConfig)
+    finetune_epochs: int = _int(0, 0)
 
     def _validate(self):
         if not self.rules or len(set(self.rules)) != len(self.rules):

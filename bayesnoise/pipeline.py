@@ -11,8 +11,9 @@ stage depends on is ignored and the stage runs again):
 4. ``sgld_reference``: SGLD moments of the noise-free network.
 5. ``prune``: test metric against the fraction of weights removed, for every rule, from the
    posterior mean, in one vmapped evaluation per rule; breakpoints at the tolerance.
-6. ``soft_target``: students of equal weight count trained on the teacher's softened outputs.
-7. the report: ``results.json``, ``config.yaml`` (the config as run), PNG plots, a table.
+6. ``finetune``: at a few fractions, the pruned network retrained with its mask held fixed.
+7. ``soft_target``: students of equal weight count trained on the teacher's softened outputs.
+8. the report: ``results.json``, ``config.yaml`` (the config as run), PNG plots, a table.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bayesnoise.sgld import psgld, sgld
 
 __all__ = ["run", "STAGES"]
 
-STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "soft_target")
+STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "finetune", "soft_target")
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -50,6 +51,7 @@ _DEPENDS = {
     "sgld_reference": ("data", "model", "train", "sgld", "em.sigma0"),
     "prune": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
     "soft_target": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
+    "finetune": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
 }
 
 
@@ -272,6 +274,42 @@ def _prune(task: _Task, post):
     return {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints}
 
 
+def _finetune(task: _Task, post, key, progress: bool):
+    """One-shot pruning then retraining the kept weights with the mask held fixed."""
+    pc, tc = task.cfg.prune, task.cfg.train
+    fractions = [f for f in (0.5, 0.75, 0.9, 0.95) if f <= max(pc.fraction_grid())]
+    mean, std = post["mean"], post["std"]
+    apply = lambda p, x, k: task.model.apply(p, x)
+    loss_fn = (
+        train.classification_loss(apply) if task.classification else train.regression_loss(apply)
+    )
+    steps = pc.finetune_epochs * (len(task.x_train) // tc.batch_size)
+    curves = {}
+    for rule in pc.rules:
+        scores = _RULES[rule](mean, std)
+        points = []
+        for f in fractions:
+            mask = prune.mask(scores, f, pc.scope, include_biases=pc.include_biases)
+            opt = optax.chain(
+                optax.adam(optax.cosine_decay_schedule(tc.learning_rate * 0.1, steps)),
+                prune.masked_updates(mask),
+            )
+            res = train.fit(
+                jax.random.fold_in(key, int(1000 * f)),
+                prune.apply(mean, mask),
+                loss_fn,
+                opt,
+                task.x_train,
+                task.y_train,
+                epochs=pc.finetune_epochs,
+                batch_size=tc.batch_size,
+                progress=progress,
+            )
+            points.append([f, float(task.metric(res.params))])
+        curves[rule] = points
+    return {"curves": curves}
+
+
 def _soft_target(task: _Task, teacher, key, progress: bool):
     sc = task.cfg.prune.soft_target
     tc = task.cfg.train
@@ -343,6 +381,10 @@ def _plots(out: Path, task: _Task, results: dict, post, ref) -> list[str]:
             label=f"{name} (flat to {100 * bp:.0f}%)",
             color=color,
         )
+    for rule, pts in results.get("finetuned", {}).items():
+        pts = np.asarray(pts, np.float64)
+        name, color = styles[rule]
+        ax.plot(100 * pts[:, 0], scale * pts[:, 1], "o:", color=color, label=f"{name}, fine-tuned")
     if results.get("soft_target"):
         st = np.asarray([p[:2] for p in results["soft_target"]], np.float64)
         ax.plot(100 * st[:, 0], scale * st[:, 1], "ks--", label="soft targets (retrained)")
@@ -471,6 +513,14 @@ def run(
         lambda: _sgld(task, reference["params"], jax.random.fold_in(key, 4), progress, False),
     )
     pruned = _staged(ckpt, timings, "prune", lambda: _prune(task, post))
+    tuned = None
+    if cfg.prune.finetune_epochs > 0:
+        tuned = _staged(
+            ckpt,
+            timings,
+            "finetune",
+            lambda: _finetune(task, post, jax.random.fold_in(key, 6), progress),
+        )
     soft = None
     if cfg.prune.soft_target.enabled and task.classification:
         soft = _staged(
@@ -493,6 +543,7 @@ def run(
         "sgld": {"rhat_max": float(np.max(post["rhat"])), "ess_min": float(np.min(post["ess"]))},
         "em": post["em"],
         "soft_target": soft["points"] if soft else [],
+        "finetuned": tuned["curves"] if tuned else {},
         "timings": timings,
     }
     results["plots"] = _plots(out, task, results, post, ref_post)

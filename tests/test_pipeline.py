@@ -17,6 +17,7 @@ SMALL = [
     "prune.num_fractions=5",
     "prune.soft_target.enabled=true",
     "prune.soft_target.epochs=2",
+    "prune.finetune_epochs=1",
 ]
 
 
@@ -42,6 +43,10 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
         assert 0.0 <= res["breakpoints"][rule] <= 0.8
     assert len(res["em"]) == 2 and "q" in res["em"][0]
     assert len(res["soft_target"]) >= 1
+    for rule, pts in res["finetuned"].items():  # retraining with the mask fixed does not hurt
+        grid = np.asarray(res["curves"][rule])
+        for f, v in pts:
+            assert v <= np.interp(f, grid[:, 0], grid[:, 1]) + 0.02
     assert {"train", "sgld", "prune", "soft_target"} <= set(res["timings"])
     assert res["config"]["train"]["epochs"] == 3
     for name in ("pruning_curves.png", "mean_vs_std.png", "em_scales.png", "config.yaml"):
