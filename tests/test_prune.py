@@ -131,11 +131,11 @@ def test_mask_jit_and_vmap_traced_fraction(scope):
     stacked = jax.vmap(lambda f: prune.mask(scores, f, scope))(fractions)
     for i, f in enumerate(np.asarray(fractions)):
         eager = prune.mask(scores, float(f), scope)
-        chex_equal(eager, jitted(scores, f, scope))
-        chex_equal(eager, jax.tree.map(lambda x, i=i: x[i], stacked))
+        check_trees_equal(eager, jitted(scores, f, scope))
+        check_trees_equal(eager, jax.tree.map(lambda x, i=i: x[i], stacked))
 
 
-def chex_equal(a, b):
+def check_trees_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
@@ -147,8 +147,8 @@ def test_ties_are_deterministic():
     # 9 weights, keep round(4.5) = 4: the first 5 in flattening order go
     np.testing.assert_array_equal(keep["a"]["kernel"], [[False] * 3, [False, False, True]])
     np.testing.assert_array_equal(keep["b"]["kernel"], [[True], [True], [True]])
-    chex_equal(keep, jax.jit(prune.mask)(scores, 0.5))
-    chex_equal(keep, prune.mask(scores, 0.5))
+    check_trees_equal(keep, jax.jit(prune.mask)(scores, 0.5))
+    check_trees_equal(keep, prune.mask(scores, 0.5))
 
 
 def test_mask_extremes_and_layer_scope():
@@ -198,7 +198,7 @@ def test_apply_and_sparsity():
     np.testing.assert_array_equal(
         out["params"]["Dense_0"]["kernel"][0], params["params"]["Dense_0"]["kernel"][0]
     )
-    chex_equal(out["params"]["Dense_1"], params["params"]["Dense_1"])
+    check_trees_equal(out["params"]["Dense_1"], params["params"]["Dense_1"])
 
 
 # --- curves -----------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_sparse_export_matches_dense_and_shrinks():
     np.testing.assert_allclose(
         jax.jit(mlp_apply)(sparse, x), mlp_apply(dense, x), rtol=1e-5, atol=1e-5
     )
-    chex_equal(prune.from_sparse(sparse), dense)
+    check_trees_equal(prune.from_sparse(sparse), dense)
     # COO: 4 bytes of data + 2 one-byte coordinates per kept weight; biases stay dense
     n_kernels = sum(w.size for w in jax.tree.leaves(kernels(params)))
     assert forced[0] == dense_bytes + 2 * n_kernels
