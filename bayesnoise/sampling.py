@@ -47,7 +47,7 @@ from bayesnoise._tree import PyTree
 from bayesnoise.sgld import sgld as _sgld
 from bayesnoise.sgld import step_size as _step_size
 
-__all__ = ["SamplingResult", "DivergenceError", "run"]
+__all__ = ["SamplingResult", "DivergenceError", "make_mesh", "run"]
 
 
 class SamplingResult(NamedTuple):
@@ -176,7 +176,7 @@ def _traced(params: PyTree, spec) -> jax.Array:
         "num_samples",
         "thin",
         "trace_spec",
-        "sharding",
+        "mesh",
         "progress_every",
         "params_per_chain",
     ),
@@ -195,7 +195,7 @@ def _sample(
     num_samples,
     thin,
     trace_spec,
-    sharding,
+    mesh,
     progress_every,
     params_per_chain,
 ):
@@ -206,9 +206,15 @@ def _sample(
     scale = num_data / batch_size
     total = num_burnin + num_samples * thin
 
-    def constrain(tree):
-        if sharding is None:
+    # Chains split over the mesh's "chain" axis, every minibatch over its "data" axis; the
+    # gradient's sum over the batch then becomes a cross-device reduction.
+    chain_axis = "chain" if mesh is not None and "chain" in mesh.axis_names else None
+    data_axis = "data" if mesh is not None and "data" in mesh.axis_names else None
+
+    def constrain(tree, *spec):
+        if mesh is None:
             return tree
+        sharding = NamedSharding(mesh, P(*spec))
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
     # Per-chain start: params, transform state with its own keys, empty moments, buffers.
@@ -229,7 +235,7 @@ def _sample(
         log_post=jnp.zeros((num_chains, num_samples), jnp.float32),
         trace=jnp.zeros((num_chains, num_samples, num_traced), jnp.float32),
     )
-    carry = constrain(carry)
+    carry = constrain(carry, chain_axis)
 
     def potential(p, batch):
         # U(θ): minus the log prior minus the minibatch log-likelihood scaled to N examples.
@@ -241,14 +247,17 @@ def _sample(
             jnp.int32
         )
 
-    def gradient(t, params, perm, alive):
-        # (−U(θ_t), ∇U(θ_t), whether both are finite) on this step's minibatch.
+    def minibatches(t, perm):
+        # This step's minibatch of every chain, leaves (C, n, ...); or the whole data set.
         if full_batch:
-            batch = data
-        else:
-            start = (t % steps_per_epoch) * batch_size
-            idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+            return constrain(data, data_axis)
+        start = (t % steps_per_epoch) * batch_size
+        idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size, axis=1)
+        batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+        return constrain(batch, chain_axis, data_axis)
+
+    def gradient(params, batch, alive):
+        # (−U(θ_t), ∇U(θ_t), whether both are finite) on this step's minibatch.
         u, grads = jax.value_and_grad(potential)(params, batch)
         ok = alive & jnp.isfinite(u) & _all_finite(grads)
         return -u, grads, ok
@@ -285,8 +294,9 @@ def _sample(
             )
             c = c._replace(perm=perm)
         alive = c.bad_step < 0
-        log_post, grads, ok = jax.vmap(gradient, in_axes=(None, 0, 0, 0))(
-            t, c.params, c.perm, alive
+        batch = minibatches(t, c.perm)
+        log_post, grads, ok = jax.vmap(gradient, in_axes=(0, None if full_batch else 0, 0))(
+            c.params, batch, alive
         )
         if num_samples > 0:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
@@ -307,7 +317,7 @@ def _sample(
                 lambda: jax.debug.callback(_tick, bar_id, done),
                 lambda: None,
             )
-        return constrain(c), None
+        return constrain(c, chain_axis), None
 
     carry, _ = jax.lax.scan(body, carry, jnp.arange(total, dtype=jnp.int32))
     merged = _moments.merge_chains(carry.moments)
@@ -347,24 +357,57 @@ def _chain_keys(key: Any, num_chains: int | None) -> jax.Array:
     return key
 
 
-def _mesh(devices, num_chains: int) -> Mesh | None:
+def make_mesh(chains: int = 1, data: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A device mesh for :func:`run`: chains split ``chains`` ways, minibatches ``data`` ways.
+
+    ``chains * data`` devices are used (the first ones of ``devices``, by default
+    ``jax.devices()``, which spans all hosts after ``jax.distributed.initialize()``). On a
+    ``(chains, data)`` mesh every chain's gradient is the sum of ``data`` partial sums over
+    slices of its minibatch, one per device.
+
+    Example:
+        >>> mesh = bn.sampling.make_mesh(chains=2, data=2)  # doctest: +SKIP
+        >>> bn.sampling.run(key, params, ll, lp, (x, y), ..., num_chains=4, devices=mesh)
+    """
+    chains = _check_positive_int("chains", chains, 1, "ways to split the chains")
+    data = _check_positive_int("data", data, 1, "ways to split every minibatch")
+    devices = list(jax.devices() if devices is None else devices)
+    if chains * data > len(devices):
+        raise ValueError(
+            f"a mesh of chains={chains} x data={data} needs {chains * data} devices, but "
+            f"{len(devices)} are available: use at most {len(devices)} in all."
+        )
+    return Mesh(np.array(devices[: chains * data]).reshape(chains, data), ("chain", "data"))
+
+
+_AXES = {("chain",), ("data",), ("chain", "data")}
+
+
+def _mesh(devices, num_chains: int, batch_size: int) -> Mesh | None:
     if devices is None:
         return None
     if isinstance(devices, Mesh):
         mesh = devices
-        if mesh.axis_names != ("chain",):
+        if tuple(mesh.axis_names) not in _AXES:
             raise ValueError(
-                f"the mesh must have the single axis 'chain', got axes {mesh.axis_names}."
+                f"the mesh must have the axes ('chain',), ('data',) or ('chain', 'data'), got "
+                f"axes {mesh.axis_names}; bn.sampling.make_mesh builds one."
             )
     else:
         devices = list(devices)
         if not devices:
             raise ValueError("devices is empty: pass None (no sharding) or at least one device.")
         mesh = Mesh(np.array(devices), ("chain",))
-    if num_chains % mesh.size:
+    shape = dict(mesh.shape)
+    if num_chains % shape.get("chain", 1):
         raise ValueError(
-            f"num_chains={num_chains} chains cannot be split evenly over {mesh.size} devices: "
-            f"use a multiple of {mesh.size} chains."
+            f"num_chains={num_chains} chains cannot be split evenly over {shape['chain']} devices "
+            f"of the mesh's 'chain' axis: use a multiple of {shape['chain']} chains."
+        )
+    if batch_size % shape.get("data", 1):
+        raise ValueError(
+            f"batch_size={batch_size} cannot be split evenly over {shape['data']} devices of the "
+            f"mesh's 'data' axis: use a multiple of {shape['data']} examples per minibatch."
         )
     return mesh
 
@@ -431,8 +474,11 @@ def run(
         params_per_chain: whether ``params`` already has a leading chain axis.
         num_traced: how many weights (evenly spaced over the flattened params) to trace for
             split R-hat and effective sample size.
-        devices: devices to shard the chains over (a list, or a ``Mesh`` with the single axis
-            ``"chain"``); ``num_chains`` must be a multiple of their number. None: no sharding.
+        devices: devices to shard the chains over (a list); or a ``Mesh`` with the axes
+            ``"chain"`` and/or ``"data"`` (see :func:`make_mesh`): chains split over
+            ``"chain"``, every minibatch over ``"data"`` (data-parallel gradients).
+            ``num_chains`` must be a multiple of the chain axis' size, ``batch_size`` of the
+            data axis' size. None: no sharding.
         progress: show a tqdm progress bar, updated from the device every ``progress_every``
             steps (default: about 100 updates per run).
 
@@ -519,13 +565,12 @@ def run(
     total = num_burnin + num_samples * thin
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
 
-    mesh = _mesh(devices, n_chains)
-    sharding = None
+    mesh = _mesh(devices, n_chains, batch_size)
     if mesh is not None:
-        sharding = NamedSharding(mesh, P("chain"))
+        by_chain = NamedSharding(mesh, P("chain" if "chain" in mesh.axis_names else None))
         replicated = NamedSharding(mesh, P())
-        chain_keys = jax.device_put(chain_keys, sharding)
-        params = jax.device_put(params, sharding if params_per_chain else replicated)
+        chain_keys = jax.device_put(chain_keys, by_chain)
+        params = jax.device_put(params, by_chain if params_per_chain else replicated)
         data = jax.device_put(data, replicated)
 
     if progress:
@@ -542,7 +587,7 @@ def run(
             chain_keys,
             params,
             data,
-            jnp.int32(bar_id),
+            jax.device_put(np.int32(bar_id)),
             log_likelihood=log_likelihood,
             log_prior=log_prior,
             optimizer=optimizer,
@@ -551,7 +596,7 @@ def run(
             num_samples=num_samples,
             thin=thin,
             trace_spec=trace_spec,
-            sharding=sharding,
+            mesh=mesh,
             progress_every=every,
             params_per_chain=bool(params_per_chain),
         )
@@ -562,7 +607,8 @@ def run(
         if progress:
             _BARS.pop(bar_id).close()
 
-    trace = np.asarray(carry.trace, np.float64)
+    # Explicit transfers only (the run works under jax.transfer_guard("disallow")).
+    trace = np.asarray(jax.device_get(carry.trace), np.float64)
     rhat, ess = _diagnostics(trace)
     result = SamplingResult(
         moments=merged,
@@ -576,7 +622,7 @@ def run(
         ess=ess,
         num_steps=total,
     )
-    bad = np.asarray(carry.bad_step)
+    bad = jax.device_get(carry.bad_step)
     if (bad >= 0).any():
         steps = np.where(bad >= 0, bad, np.iinfo(np.int32).max)
         chain = int(np.argmin(steps))

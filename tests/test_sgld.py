@@ -342,6 +342,38 @@ def test_sharded_chains_equal_unsharded():
         run_lin(7, num_chains=6, devices=devices)
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (host) devices")
+@pytest.mark.parametrize("chains,data", [(2, 2), (1, 4)])
+def test_data_parallel_gradients_equal_unsharded(monkeypatch, chains, data):
+    # Every minibatch split `data` ways: the same chains up to float reassociation of the sum,
+    # and the compiled loop sums each chain's gradient across devices.
+    compiled = []
+    original = sampling._sample
+
+    def recording(*args, **kwargs):
+        compiled.append(original.lower(*args, **kwargs).compile().as_text())
+        return original(*args, **kwargs)
+
+    plain = run_lin(7, num_chains=4, batch_size=48)
+    monkeypatch.setattr(sampling, "_sample", recording)
+    mesh = sampling.make_mesh(chains=chains, data=data)
+    split = run_lin(7, num_chains=4, batch_size=48, devices=mesh)
+    np.testing.assert_allclose(split.params["w"], plain.params["w"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        moments.mean(split.moments)["w"], moments.mean(plain.moments)["w"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        moments.variance(split.moments)["w"], moments.variance(plain.moments)["w"], rtol=1e-4
+    )
+    reductions = [line for line in compiled[0].splitlines() if "all-reduce(" in line]
+    # on each device: the gradient of its 4 / chains chains
+    assert any(f"f32[{4 // chains},3]" in line for line in reductions), reductions
+    with pytest.raises(ValueError, match="batch_size=50 .* 'data' axis"):
+        run_lin(7, num_chains=4, batch_size=50, devices=sampling.make_mesh(chains=1, data=4))
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        sampling.make_mesh(chains=2, data=4, devices=jax.devices()[:4])
+
+
 # ---------------------------------------------------------------------------------------------
 # Divergence.
 
