@@ -55,6 +55,13 @@ _DEPENDS = {
 }
 
 
+def _setting(cfg: dict, key: str) -> Any:
+    """A config section ("prune") or one field of it ("em.sigma0") of a config dict."""
+    section, _, field = key.partition(".")
+    value = cfg.get(section)
+    return value.get(field) if field and isinstance(value, dict) else value
+
+
 class _Checkpoints:
     def __init__(self, out: Path, cfg: dict, resume: bool):
         self.dir = out / "checkpoints"
@@ -68,19 +75,32 @@ class _Checkpoints:
             return None
         with open(path, "rb") as f:
             saved = pickle.load(f)
-        if saved.get("config") != self._relevant(stage):
+        if self._as_now(saved.get("config")) != self._relevant(stage):
             print(f"[{stage}] checkpoint was made under another config: running it again")
             return None
         print(f"[{stage}] resumed from {path}")
         return saved["value"]
 
     def _relevant(self, stage: str) -> dict:
-        out = {}
-        for key in _DEPENDS[stage]:
+        return {key: _setting(self.cfg, key) for key in _DEPENDS[stage]}
+
+    def _as_now(self, saved: Any) -> dict | None:
+        """A saved stage's settings read by today's config schema: fields added since it was
+        saved take their defaults, so a checkpoint stays valid when only those are new."""
+        if not isinstance(saved, dict):
+            return None
+        merged = dict(self.cfg)
+        for key, value in saved.items():
             section, _, field = key.partition(".")
-            value = self.cfg.get(section)
-            out[key] = value.get(field) if field and isinstance(value, dict) else value
-        return out
+            if field:
+                merged[section] = {**(merged.get(section) or {}), field: value}
+            else:
+                merged[section] = value
+        try:
+            full = bconfig.load_config(merged).to_dict()
+        except (bconfig.ConfigError, TypeError):
+            return None
+        return {key: _setting(full, key) for key in saved}
 
     def save(self, stage: str, value: Any) -> None:
         path = self.dir / f"{stage}.pkl"
@@ -138,6 +158,12 @@ class _Task:
             return jnp.mean(jnp.argmax(out, -1) != self.y_test)
         return jnp.sqrt(jnp.mean((out[:, 0] - self.y_test) ** 2)) * self.y_std
 
+    def loss(self, apply):
+        """The training loss of ``apply(params, x, key)``: cross-entropy or squared error."""
+        if self.classification:
+            return train.classification_loss(apply)
+        return train.regression_loss(apply)
+
     def log_likelihood(self, params, x, y):
         """Per-example log p(y | x, params): categorical, or Gaussian with unit variance on the
         standardised target."""
@@ -169,9 +195,7 @@ def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
     else:
         noisy = bnn.noisy_apply(task.model, noise)
         apply = lambda p, x, k: noisy(p, x, rngs={"noise": k})
-    loss_fn = (
-        train.classification_loss(apply) if task.classification else train.regression_loss(apply)
-    )
+    loss_fn = task.loss(apply)
     steps = epochs * (len(task.x_train) // tc.batch_size)
     scaled = (lambda p: inference.weight_scale(p, noise)) if noise is not None else (lambda p: p)
     res = train.fit(
@@ -279,10 +303,7 @@ def _finetune(task: _Task, post, key, progress: bool):
     pc, tc = task.cfg.prune, task.cfg.train
     fractions = [f for f in (0.5, 0.75, 0.9, 0.95) if f <= max(pc.fraction_grid())]
     mean, std = post["mean"], post["std"]
-    apply = lambda p, x, k: task.model.apply(p, x)
-    loss_fn = (
-        train.classification_loss(apply) if task.classification else train.regression_loss(apply)
-    )
+    loss_fn = task.loss(lambda p, x, k: task.model.apply(p, x))
     steps = pc.finetune_epochs * (len(task.x_train) // tc.batch_size)
     curves = {}
     for rule in pc.rules:

@@ -1,4 +1,5 @@
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,20 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["curves"] == res["curves"]
     assert "train" not in res2["timings"] and "prune" in res2["timings"]
+
+    # a checkpoint saved before a config field existed stays valid while the field is at its
+    # default (it is read by today's schema), and not once the field is set otherwise
+    path = out / "checkpoints" / "train.pkl"
+    saved = pickle.loads(path.read_bytes())
+    assert saved["config"]["model"]["compute_dtype"] == "float32"
+    del saved["config"]["model"]["compute_dtype"]
+    path.write_bytes(pickle.dumps(saved))
+    assert run_cli(out) == 0
+    assert "[train] resumed" in capsys.readouterr().out
+    saved["config"]["model"]["hidden_sizes"] = [7]
+    path.write_bytes(pickle.dumps(saved))
+    assert run_cli(out) == 0
+    assert "[train] checkpoint was made under another config" in capsys.readouterr().out
 
     # changing the pruning settings keeps the training and SGLD checkpoints, not pruning's
     assert run_cli(out, "prune.num_fractions=4") == 0
