@@ -44,14 +44,17 @@ STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "finetune", "
 
 
 # The config sections each stage depends on: changing others keeps its checkpoint valid.
+_POSTERIOR = ("data", "model", "noise", "train", "sgld", "em")
+_GRID = ("prune.num_fractions", "prune.fractions")
+_MASKS = ("prune.rules", *_GRID, "prune.scope", "prune.include_biases")
 _DEPENDS = {
     "train": ("data", "model", "noise", "train"),
     "reference": ("data", "model", "train"),
-    "sgld": ("data", "model", "noise", "train", "sgld", "em"),
+    "sgld": _POSTERIOR,
     "sgld_reference": ("data", "model", "train", "sgld", "em.sigma0"),
-    "prune": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
-    "soft_target": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
-    "finetune": ("data", "model", "noise", "train", "sgld", "em", "prune", "eval"),
+    "prune": (*_POSTERIOR, *_MASKS, "eval"),
+    "soft_target": (*_POSTERIOR, *_GRID, "prune.soft_target"),
+    "finetune": (*_POSTERIOR, *_MASKS, "prune.finetune_epochs"),
 }
 
 

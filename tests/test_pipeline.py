@@ -85,6 +85,12 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
     assert "[sgld] resumed" in third and "[prune] checkpoint was made under another config" in third
     assert len(json.loads((out / "results.json").read_text())["curves"]["spr"]) == 4
 
+    # longer fine-tuning reruns only the fine-tuning
+    assert run_cli(out, "prune.num_fractions=4", "prune.finetune_epochs=2") == 0
+    fourth = capsys.readouterr().out
+    assert "[prune] resumed" in fourth and "[soft_target] resumed" in fourth
+    assert "[finetune] checkpoint was made under another config" in fourth
+
 
 def test_bad_config_exits_with_a_message(tmp_path, capsys):
     code = cli.main(
