@@ -618,6 +618,8 @@ class PruneConfig(_Section):
         soft_target: the distilled small-network baseline.
         finetune_epochs: after one-shot pruning at a few fractions (50, 75, 90, 95%), retrain
             the kept weights this many epochs with the mask held fixed; 0 turns it off.
+        finetune_learning_rate: Adam's initial step size of that retraining, decayed to 0 by a
+            cosine schedule (null: ``train.learning_rate``).
     """
 
     rules: tuple[PruneRule, ...] = _field(
@@ -633,6 +635,7 @@ class PruneConfig(_Section):
     include_biases: bool = False
     soft_target: SoftTargetConfig = _section(SoftTargetConfig)
     finetune_epochs: int = _int(0, 0)
+    finetune_learning_rate: float | None = _positive(None, "a number > 0 or null")
 
     def _validate(self):
         if not self.rules or len(set(self.rules)) != len(self.rules):

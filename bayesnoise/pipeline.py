@@ -54,7 +54,7 @@ _DEPENDS = {
     "sgld_reference": ("data", "model", "train", "sgld", "em.sigma0"),
     "prune": (*_POSTERIOR, *_MASKS, "eval"),
     "soft_target": (*_POSTERIOR, *_GRID, "prune.soft_target"),
-    "finetune": (*_POSTERIOR, *_MASKS, "prune.finetune_epochs"),
+    "finetune": (*_POSTERIOR, *_MASKS, "prune.finetune_epochs", "prune.finetune_learning_rate"),
 }
 
 
@@ -308,6 +308,7 @@ def _finetune(task: _Task, post, key, progress: bool):
     mean, std = post["mean"], post["std"]
     loss_fn = task.loss(lambda p, x, k: task.model.apply(p, x))
     steps = pc.finetune_epochs * (len(task.x_train) // tc.batch_size)
+    lr = pc.finetune_learning_rate or tc.learning_rate
     curves = {}
     for rule in pc.rules:
         scores = _RULES[rule](mean, std)
@@ -315,7 +316,7 @@ def _finetune(task: _Task, post, key, progress: bool):
         for f in fractions:
             mask = prune.mask(scores, f, pc.scope, include_biases=pc.include_biases)
             opt = optax.chain(
-                optax.adam(optax.cosine_decay_schedule(tc.learning_rate * 0.1, steps)),
+                optax.adam(optax.cosine_decay_schedule(lr, steps)),
                 prune.masked_updates(mask),
             )
             res = train.fit(
