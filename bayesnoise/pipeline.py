@@ -267,6 +267,8 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     return {
         "mean": moments.mean(res.moments),
         "std": moments.std(res.moments),
+        "chain_mean": jax.vmap(moments.mean)(res.chain_moments),
+        "chain_std": jax.vmap(moments.std)(res.chain_moments),
         "rhat": np.asarray(res.rhat),
         "ess": np.asarray(res.ess),
         "scales": h.scales,
@@ -298,7 +300,41 @@ def _prune(task: _Task, post):
         breakpoints[rule] = float(
             prune.breakpoint(fractions, values, unpruned, ec.tolerance, relative)
         )
-    return {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints}
+    out = {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints}
+    if "chain_mean" in post and jax.tree.leaves(post["chain_mean"])[0].shape[0] > 1:
+        out.update(_chain_curves(task, post, fractions))
+    return out
+
+
+def _chain_curves(task: _Task, post, fractions):
+    """The curves of every chain's own moments, all chains in one batched evaluation: the
+    spread of the breakpoints across chains."""
+    pc, ec = task.cfg.prune, task.cfg.eval
+    cm, cs = post["chain_mean"], post["chain_std"]
+    unpruned = np.asarray(jax.vmap(task.metric)(cm), np.float64)
+    curves, breakpoints = {}, {}
+    for rule in pc.rules:
+        scores = jax.vmap(_RULES[rule])(cm, cs)
+        values = prune.curve(
+            task.metric,
+            cm,
+            scores,
+            fractions,
+            pc.scope,
+            include_biases=pc.include_biases,
+            batched=True,
+        )
+        values = np.asarray(values, np.float64)
+        curves[rule] = values.tolist()
+        breakpoints[rule] = [
+            float(prune.breakpoint(fractions, v, u, ec.tolerance, task.cfg.relative_tolerance))
+            for v, u in zip(values, unpruned)
+        ]
+    return {
+        "chain_unpruned": unpruned.tolist(),
+        "chain_curves": curves,
+        "chain_breakpoints": breakpoints,
+    }
 
 
 def _finetune(task: _Task, post, key, progress: bool):
@@ -406,6 +442,10 @@ def _plots(out: Path, task: _Task, results: dict, post, ref) -> list[str]:
             label=f"{name} (flat to {100 * bp:.0f}%)",
             color=color,
         )
+        per_chain = results.get("per_chain", {}).get("curves", {}).get(rule)
+        if per_chain:  # the range of the curves of the chains' own moments
+            v = scale * np.asarray(per_chain, np.float64)
+            ax.fill_between(100 * pts[:, 0], v.min(0), v.max(0), color=color, alpha=0.15, lw=0)
     for rule, pts in results.get("finetuned", {}).items():
         pts = np.asarray(pts, np.float64)
         name, color = styles[rule]
@@ -484,9 +524,12 @@ def _table(results: dict) -> str:
     for rule, pts in results["curves"].items():
         pts = np.asarray(pts)
         at = [fmt(float(np.interp(f, pts[:, 0], pts[:, 1]))) for f in (0.5, 0.75, 0.9, 0.95)]
+        chains = results.get("per_chain", {}).get("breakpoints", {}).get(rule)
+        spread = f"   chains {100 * min(chains):.0f}-{100 * max(chains):.0f}%" if chains else ""
         lines.append(
             f"{rule:<10} {100 * results['breakpoints'][rule]:>9.0f}% "
             + " ".join(f"{a:>7}" for a in at)
+            + spread
         )
     return "\n".join(lines)
 
@@ -564,6 +607,11 @@ def run(
         "reference_metric": reference["metric"],
         "curves": pruned["curves"],
         "breakpoints": pruned["breakpoints"],
+        "per_chain": {
+            key[len("chain_") :]: pruned[key]
+            for key in ("chain_unpruned", "chain_curves", "chain_breakpoints")
+            if key in pruned
+        },
         "tolerance": {"value": cfg.eval.tolerance, "relative": cfg.relative_tolerance},
         "sgld": {"rhat_max": float(np.max(post["rhat"])), "ess_min": float(np.min(post["ess"]))},
         "em": post["em"],

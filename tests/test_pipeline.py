@@ -42,6 +42,13 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
         assert np.all((pts[:, 1] >= 0) & (pts[:, 1] <= 1))
         assert pts[0, 1] == pytest.approx(res["unpruned"])  # fraction 0 is the unpruned net
         assert 0.0 <= res["breakpoints"][rule] <= 0.8
+    chains = res["per_chain"]  # the curves of each of the 2 chains' own moments
+    for rule in ("snr", "spr", "magnitude"):
+        per = np.asarray(chains["curves"][rule])
+        assert per.shape == (2, 5) and np.all((per >= 0) & (per <= 1))
+        np.testing.assert_allclose(per[:, 0], chains["unpruned"], atol=1e-6)
+        assert len(chains["breakpoints"][rule]) == 2
+    assert chains["unpruned"][0] != chains["unpruned"][1] or not np.array_equal(*per)
     assert len(res["em"]) == 2 and "q" in res["em"][0]
     assert len(res["soft_target"]) >= 1
     for rule, pts in res["finetuned"].items():  # retraining with the mask fixed does not hurt
