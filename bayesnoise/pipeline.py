@@ -446,6 +446,8 @@ def _plots(out: Path, task: _Task, results: dict, post, ref) -> list[str]:
         if per_chain:  # the range of the curves of the chains' own moments
             v = scale * np.asarray(per_chain, np.float64)
             ax.fill_between(100 * pts[:, 0], v.min(0), v.max(0), color=color, alpha=0.15, lw=0)
+    if results.get("per_chain", {}).get("curves"):
+        ax.fill_between([], [], [], color="gray", alpha=0.3, lw=0, label="range over chains")
     for rule, pts in results.get("finetuned", {}).items():
         pts = np.asarray(pts, np.float64)
         name, color = styles[rule]
