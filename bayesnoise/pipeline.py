@@ -283,58 +283,53 @@ _RULES = {
 }
 
 
-def _prune(task: _Task, post):
+def _rule_curves(task: _Task, mean, std, fractions, unpruned, batched: bool = False):
+    """Every rule's curve and breakpoint; with ``batched``, one row per chain (leading axis)."""
     pc, ec = task.cfg.prune, task.cfg.eval
-    fractions = np.asarray(pc.fraction_grid(), np.float32)
-    mean, std = post["mean"], post["std"]
-    unpruned = float(task.metric(mean))
-    relative = task.cfg.relative_tolerance
     curves, breakpoints = {}, {}
     for rule in pc.rules:
-        scores = _RULES[rule](mean, std)
-        values = prune.curve(
-            task.metric, mean, scores, fractions, pc.scope, include_biases=pc.include_biases
-        )
-        values = np.asarray(values, np.float64)
-        curves[rule] = [[float(f), float(v)] for f, v in zip(fractions, values)]
-        breakpoints[rule] = float(
-            prune.breakpoint(fractions, values, unpruned, ec.tolerance, relative)
-        )
-    out = {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints}
-    if "chain_mean" in post and jax.tree.leaves(post["chain_mean"])[0].shape[0] > 1:
-        out.update(_chain_curves(task, post, fractions))
-    return out
-
-
-def _chain_curves(task: _Task, post, fractions):
-    """The curves of every chain's own moments, all chains in one batched evaluation: the
-    spread of the breakpoints across chains."""
-    pc, ec = task.cfg.prune, task.cfg.eval
-    cm, cs = post["chain_mean"], post["chain_std"]
-    unpruned = np.asarray(jax.vmap(task.metric)(cm), np.float64)
-    curves, breakpoints = {}, {}
-    for rule in pc.rules:
-        scores = jax.vmap(_RULES[rule])(cm, cs)
+        score = jax.vmap(_RULES[rule]) if batched else _RULES[rule]
         values = prune.curve(
             task.metric,
-            cm,
-            scores,
+            mean,
+            score(mean, std),
             fractions,
             pc.scope,
             include_biases=pc.include_biases,
-            batched=True,
+            batched=batched,
         )
         values = np.asarray(values, np.float64)
-        curves[rule] = values.tolist()
-        breakpoints[rule] = [
+        rows = zip(np.atleast_2d(values), np.atleast_1d(unpruned))
+        found = [
             float(prune.breakpoint(fractions, v, u, ec.tolerance, task.cfg.relative_tolerance))
-            for v, u in zip(values, unpruned)
+            for v, u in rows
         ]
-    return {
-        "chain_unpruned": unpruned.tolist(),
-        "chain_curves": curves,
-        "chain_breakpoints": breakpoints,
-    }
+        if batched:
+            curves[rule], breakpoints[rule] = values.tolist(), found
+        else:
+            curves[rule] = [[float(f), float(v)] for f, v in zip(fractions, values)]
+            breakpoints[rule] = found[0]
+    return curves, breakpoints
+
+
+def _prune(task: _Task, post):
+    fractions = np.asarray(task.cfg.prune.fraction_grid(), np.float32)
+    unpruned = float(task.metric(post["mean"]))
+    curves, breakpoints = _rule_curves(task, post["mean"], post["std"], fractions, unpruned)
+    out = {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints, "per_chain": {}}
+    cm = post.get("chain_mean")
+    if cm is not None and jax.tree.leaves(cm)[0].shape[0] > 1:
+        # every chain's own moments, all chains in one batched evaluation: the spread
+        chain_unpruned = np.asarray(jax.vmap(task.metric)(cm), np.float64)
+        c_curves, c_breakpoints = _rule_curves(
+            task, cm, post["chain_std"], fractions, chain_unpruned, batched=True
+        )
+        out["per_chain"] = {
+            "unpruned": chain_unpruned.tolist(),
+            "curves": c_curves,
+            "breakpoints": c_breakpoints,
+        }
+    return out
 
 
 def _finetune(task: _Task, post, key, progress: bool):
@@ -609,11 +604,7 @@ def run(
         "reference_metric": reference["metric"],
         "curves": pruned["curves"],
         "breakpoints": pruned["breakpoints"],
-        "per_chain": {
-            key[len("chain_") :]: pruned[key]
-            for key in ("chain_unpruned", "chain_curves", "chain_breakpoints")
-            if key in pruned
-        },
+        "per_chain": pruned.get("per_chain", {}),
         "tolerance": {"value": cfg.eval.tolerance, "relative": cfg.relative_tolerance},
         "sgld": {"rhat_max": float(np.max(post["rhat"])), "ess_min": float(np.min(post["ess"]))},
         "em": post["em"],
