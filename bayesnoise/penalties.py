@@ -8,13 +8,35 @@ Noise λ on the inputs, drawn per example and per input unit, with E[λ] = m and
 * Logistic regression (eq. 5, a second-order approximation; Wager et al., 2013): with
   A(η) = log(1 + e^η) and η̃_i = Σ_j λ_ij x_ij w_j + b, E[A(η̃)] ≈ A(E η̃) + ½ A''(E η̃) Var η̃,
   so the penalty is ½ s² Σ_i p_i (1 − p_i) Σ_j x_ij² w_j², p_i = σ(m x_i·w + b).
-* Type-II maximum likelihood (eq. 14): −log p(V | Λ̂) with Λ̂ the M-step's estimate from V itself,
-  λ̂_j² = ‖v_j‖² / (σ0² d_j). Then Σ_k v_jk² / (2 σ0² λ̂_j²) = d_j / 2 and σ0 cancels:
-  −log p(V | Λ̂) = Σ_j (d_j / 2) [1 + log(2π ‖v_j‖² / d_j)].
-  Eq. 15 drops the constants: Σ_j (d_j / 2) log ‖v_j‖², a log group-norm penalty that pulls
-  small rows to zero and leaves large rows nearly free ("sparse or robust").
-  Eq. 16 writes it in the unidentifiable coordinates v_j = λ_j w_j:
-  Σ_j d_j (log λ_j + log ‖w_j‖).
+* Type-II maximum likelihood (eqs. 14–16). Row j of a noised leaf holds d_j weights v_jk with
+  prior v_jk | λ_j ~ N(0, σ0² λ_j²); under the posterior q they have means E[v_jk] and variances
+  Var[v_jk]. The M-step without a hyperprior sets λ̂_j² = S_j / (σ0² d_j) with the expected
+  squared row norm
+
+      S_j = Σ_k E_q[v_jk²] = Σ_k (E[v_jk]² + Var[v_jk]).
+
+  Eq. 14 is the prior's negative log density at these scales, averaged over q: the M-step's Q
+  at its minimiser (no hyperprior) with Q's constants kept. Since Σ_k E[v_jk²] / (2 σ0² λ̂_j²) = d_j / 2, σ0
+  cancels:
+
+      E_q[−log p(V | Λ̂)] = Σ_j (d_j / 2) [1 + log(2π S_j / d_j)].
+
+  Eq. 15 drops the terms that do not depend on V: Σ_j (d_j / 2) log S_j = Σ_j d_j log ‖v_j‖,
+  with ‖v_j‖ = √S_j the root expected row norm. A log group-norm penalty: its gradient in a mean,
+  d_j E[v_jk] / S_j, is strong for small rows and vanishes for large ones, so rows end up
+  either near zero or large and scale-free ("sparse or robust"). Posterior variance counts
+  like signal: a row whose weights are uncertain but large is as free as a row of large means.
+  Eq. 16 is eq. 15 in the unidentifiable coordinates v_j = λ_j w_j, with λ fixed (so
+  E[v²] = λ² E[w²]): Σ_j d_j (log |λ_j| + log ‖w_j‖).
+
+  The paper's equations leave σ0 out; here it is kept (it cancels in eq. 14), and the
+  expectations over the posterior that the M-step uses are written out. With
+  ``variance=None`` the weights are taken as known (Var = 0), the plug-in form.
+
+References:
+    Nalisnick, Anandkumar & Smyth (2015), "A Scale Mixture Perspective of Multiplicative Noise
+    in Neural Networks", arXiv:1506.03208.
+    Wager, Wang & Liang (2013), "Dropout Training as Adaptive Regularization", NeurIPS.
 """
 
 from __future__ import annotations
@@ -23,9 +45,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from bayesnoise import gsm
+from bayesnoise import _tree, gsm
 from bayesnoise._tree import PyTree
 from bayesnoise.noise import Noise
 
@@ -108,36 +131,148 @@ def approx_expected_logistic_loss(
     return clean + logistic_regression(w, x, noise, b, mean)
 
 
-def ml2_neg_log_prior(v_params: PyTree, hierarchy: gsm.Hierarchy) -> jax.Array:
-    """Eq. 14: −log p(V | Λ̂) = Σ_j (d_j / 2) [1 + log(2π ‖v_j‖² / d_j)] over noised rows.
+def ml2_neg_log_prior(
+    v_params: PyTree, hierarchy: gsm.Hierarchy, variance: PyTree | None = None
+) -> jax.Array:
+    """Eq. 14: E_q[−log p(V | Λ̂)], the negative log GSM prior at the type-II ML scales.
 
-    Λ̂ is the M-step estimate λ̂_j² = ‖v_j‖² / (σ0² d_j) computed from V itself; σ0 cancels.
+    For every noised row j (d_j weights) the M-step without a hyperprior gives
+    λ̂_j² = S_j / (σ0² d_j) with S_j = Σ_k (E[v_jk]² + Var[v_jk]). The expected negative log
+    prior at these scales, over the posterior q of V, is
+
+        Σ_j Σ_k E_q[−log N(v_jk; 0, σ0² λ̂_j²)]
+            = Σ_j [(d_j / 2) log(2π σ0² λ̂_j²) + S_j / (2 σ0² λ̂_j²)]
+            = Σ_j (d_j / 2) [1 + log(2π S_j / d_j)],
+
+    which is the M-step's Q(Λ̂) = Σ_j [S_j / (2 σ0² λ̂_j²) + d_j log λ̂_j] plus the constant
+    Σ_j (d_j / 2) log(2π σ0²) that Q leaves out; σ0 cancels. Leaves that are
+    not noised contribute nothing. A row with S_j = 0 gives −∞ (the prior collapses onto it).
+
+    Args:
+        v_params: the posterior means E[v] of the identifiable weights (or a point estimate).
+        hierarchy: the GSM hierarchy; its row axes choose the rows (its scales are not used:
+            Λ̂ is computed here from the moments).
+        variance: Var[v] per weight, a tree with the structure and shapes of ``v_params`` (e.g.
+            ``bn.moments.variance(state)``); None means zero, i.e. V known exactly.
+
+    Returns:
+        a scalar.
+
+    Raises:
+        ValueError: ``variance`` does not match ``v_params`` in structure or shapes, or holds a
+            negative or non-finite entry; or the hierarchy does not match ``v_params``.
+
+    Example:
+        >>> import jax.numpy as jnp, bayesnoise as bn
+        >>> v = {"kernel": jnp.array([[3.0, 4.0]])}
+        >>> h = bn.gsm.hierarchy(v)
+        >>> round(float(bn.penalties.ml2_neg_log_prior(v, h)), 4)  # 1 + log(2π · 25 / 2)
+        5.3636
+        >>> var = {"kernel": jnp.array([[0.5, 0.5]])}  # S = 25 + 1
+        >>> round(float(bn.penalties.ml2_neg_log_prior(v, h, var)), 4)  # 1 + log(2π · 26 / 2)
+        5.4028
     """
     total = jnp.zeros(())
-    for energy, d in _rows(v_params, hierarchy):
-        total = total + jnp.sum(0.5 * d * (1.0 + jnp.log(2 * math.pi * energy / d)))
+    for s, d in _rows(v_params, hierarchy, variance):
+        total = total + jnp.sum(0.5 * d * (1.0 + jnp.log(2 * math.pi * s / d)))
     return total
 
 
-def log_norm(v_params: PyTree, hierarchy: gsm.Hierarchy) -> jax.Array:
-    """Eq. 15: Σ_j (d_j / 2) log ‖v_j‖², eq. 14 without its constants."""
+def log_norm(
+    v_params: PyTree, hierarchy: gsm.Hierarchy, variance: PyTree | None = None
+) -> jax.Array:
+    """Eq. 15: Σ_j (d_j / 2) log S_j = Σ_j d_j log ‖v_j‖, eq. 14 without its constants.
+
+    S_j = Σ_k (E[v_jk]² + Var[v_jk]) is the expected squared norm of row j, ‖v_j‖ = √S_j. Eq. 14
+    minus eq. 15 is Σ_j (d_j / 2) [1 + log(2π / d_j)], which depends on the shapes only, so both
+    have the same gradient in the means and in the variances.
+
+    Args:
+        v_params: the posterior means E[v] of the identifiable weights (or a point estimate).
+        hierarchy: the GSM hierarchy (its row axes are used).
+        variance: Var[v] per weight, shaped like ``v_params``; None means zero.
+
+    Returns:
+        a scalar.
+
+    Raises:
+        ValueError: as :func:`ml2_neg_log_prior`.
+
+    Example:
+        >>> import jax.numpy as jnp, bayesnoise as bn
+        >>> v = {"kernel": jnp.array([[3.0, 4.0]])}
+        >>> round(float(bn.penalties.log_norm(v, bn.gsm.hierarchy(v))), 4)  # 2 log 5
+        3.2189
+    """
     total = jnp.zeros(())
-    for energy, d in _rows(v_params, hierarchy):
-        total = total + jnp.sum(0.5 * d * jnp.log(energy))
+    for s, d in _rows(v_params, hierarchy, variance):
+        total = total + jnp.sum(0.5 * d * jnp.log(s))
     return total
 
 
-def log_norm_unidentifiable(w_params: PyTree, hierarchy: gsm.Hierarchy) -> jax.Array:
-    """Eq. 16: Σ_j d_j (log λ_j + log ‖w_j‖), eq. 15 with v_j = λ_j w_j (λ from the hierarchy)."""
+def log_norm_unidentifiable(
+    w_params: PyTree, hierarchy: gsm.Hierarchy, variance: PyTree | None = None
+) -> jax.Array:
+    """Eq. 16: Σ_j d_j (log |λ_j| + log ‖w_j‖), eq. 15 in the coordinates v_j = λ_j w_j.
+
+    λ_j are the hierarchy's scales, held fixed, so E[v_jk²] = λ_j² (E[w_jk]² + Var[w_jk]) and
+    ‖w_j‖² = Σ_k (E[w_jk]² + Var[w_jk]). It equals :func:`log_norm` at v = λ w with
+    Var[v] = λ² Var[w].
+
+    Args:
+        w_params: the posterior means E[w] of the unidentifiable weights (or a point estimate).
+        hierarchy: the GSM hierarchy; its scales are the λ_j.
+        variance: Var[w] per weight, shaped like ``w_params``; None means zero.
+
+    Returns:
+        a scalar.
+
+    Raises:
+        ValueError: as :func:`ml2_neg_log_prior`.
+    """
     total = jnp.zeros(())
-    lam = jax.tree.leaves(hierarchy.scales)
-    for (energy, d), s in zip(_rows(w_params, hierarchy), lam):
-        total = total + jnp.sum(d * (jnp.log(jnp.abs(s)) + 0.5 * jnp.log(energy)))
+    scales = jax.tree.leaves(hierarchy.scales)
+    for (s, d), lam in zip(_rows(w_params, hierarchy, variance), scales, strict=True):
+        total = total + jnp.sum(d * (jnp.log(jnp.abs(lam)) + 0.5 * jnp.log(s)))
     return total
 
 
-def _rows(params: PyTree, hierarchy: gsm.Hierarchy):
-    """(‖row‖², d) for every noised leaf, in flattening order."""
-    energies = jax.tree.leaves(gsm.row_sums(jax.tree.map(jnp.square, params), hierarchy))
+def _second_moments(params: PyTree, variance: PyTree | None) -> PyTree:
+    """x² + Var[x] per weight, after checking that ``variance`` fits ``params``."""
+    if variance is None:
+        return jax.tree.map(lambda x: jnp.square(jnp.asarray(x)), params)
+    want, got = jax.tree.structure(params), jax.tree.structure(variance)
+    if want != got:
+        raise ValueError(
+            f"the variance tree does not match the params tree: got {got}, expected {want}. "
+            f"Pass Var per weight with the params' structure (e.g. bn.moments.variance(state)), "
+            f"or None for zero variance."
+        )
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    out = []
+    for (path, x), var in zip(flat, jax.tree.leaves(variance), strict=True):
+        name = _tree.path_str(path)
+        x, var = jnp.asarray(x), jnp.asarray(var)
+        if var.shape != x.shape:
+            raise ValueError(
+                f"the variance of leaf {name!r} has shape {var.shape}, but its weights have shape "
+                f"{x.shape}; give one variance per weight."
+            )
+        if not isinstance(var, jax.core.Tracer):
+            arr = np.asarray(var)
+            bad = arr[~(np.isfinite(arr) & (arr >= 0))]
+            if bad.size:
+                raise ValueError(
+                    f"the posterior variance must be finite and >= 0 for every weight; leaf "
+                    f"{name!r} has {bad.size} entries that are not, e.g. {bad.flat[0]!r}."
+                )
+        out.append(jnp.square(x) + var)
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def _rows(params: PyTree, hierarchy: gsm.Hierarchy, variance: PyTree | None):
+    """(S_j, d_j) per noised leaf, in flattening order: S_j = Σ_k (x_jk² + Var[x_jk])."""
+    second = _second_moments(params, variance)
+    sums = jax.tree.leaves(gsm.row_sums(second, hierarchy))
     sizes = jax.tree.leaves(gsm.row_sizes(params, hierarchy))
-    return list(zip(energies, sizes))
+    return list(zip(sums, sizes, strict=True))

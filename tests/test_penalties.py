@@ -113,45 +113,166 @@ def _tree_and_hierarchy(sigma0):
     return params, bn.gsm.hierarchy(params, sigma0=sigma0)
 
 
+def _posterior_variance(seed=7):
+    """A non-zero Var[v] per weight, of the order of the squared means of each leaf."""
+    rng = np.random.default_rng(seed)
+    return {
+        "a": {
+            "kernel": jnp.asarray(rng.uniform(0.2, 1.0, (6, 4)), jnp.float32),
+            "bias": jnp.asarray(rng.uniform(0.1, 0.5, 4), jnp.float32),
+        },
+        "b": {"kernel": jnp.asarray(rng.uniform(0.002, 0.02, (4, 3)), jnp.float32)},
+    }
+
+
+def _kernels(tree):
+    return [np.asarray(tree[name]["kernel"], np.float64) for name in ("a", "b")]
+
+
+def _ml2_scales(mean, var, sigma0):
+    """The M-step without a hyperprior, in numpy: λ̂_j² = Σ_k (μ_jk² + s²_jk) / (σ0² d)."""
+    return np.sqrt((mean**2 + var).sum(1) / (sigma0**2 * mean.shape[1]))
+
+
+@pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("sigma0", [0.5, 1.0, 3.0])
-def test_eq14_is_neg_log_prior_at_ml2_scales(sigma0):
+def test_eq14_equals_monte_carlo_over_the_posterior(sigma0, jit):
+    mean, h = _tree_and_hierarchy(sigma0)
+    var = _posterior_variance()
+    f = jax.jit(bn.penalties.ml2_neg_log_prior) if jit else bn.penalties.ml2_neg_log_prior
+    got = float(f(mean, h, var))
+
+    rng = np.random.default_rng(0)
+    n_mc = 20_000
+    draws = np.zeros(n_mc)
+    exact = 0.0
+    for mu, s2 in zip(_kernels(mean), _kernels(var)):
+        lam = _ml2_scales(mu, s2, sigma0)[:, None]
+        v = mu + np.sqrt(s2) * rng.standard_normal((n_mc, *mu.shape))
+        draws -= stats.norm.logpdf(v, 0.0, sigma0 * lam).sum(axis=(1, 2))
+        # the same expectation in closed form, weight by weight
+        exact += (-stats.norm.logpdf(mu, 0.0, sigma0 * lam) + s2 / (2 * sigma0**2 * lam**2)).sum()
+    se = draws.std() / math.sqrt(n_mc)
+    assert abs(draws.mean() - got) < 4 * se
+    assert got == pytest.approx(exact, rel=1e-5)
+    # the posterior variance matters: dropping it (the plug-in form) misses by far
+    plug_in = float(bn.penalties.ml2_neg_log_prior(mean, h))
+    assert abs(draws.mean() - plug_in) > 50 * se
+
+
+@pytest.mark.parametrize("sigma0", [0.5, 1.0, 3.0])
+def test_eq14_without_variance_is_neg_log_prior_at_ml2_scales(sigma0):
     v, h = _tree_and_hierarchy(sigma0)
     want = 0.0
-    for name in ("a", "b"):
-        k = np.asarray(v[name]["kernel"], np.float64)
-        d = k.shape[1]
-        lam = np.sqrt((k**2).sum(1) / (sigma0**2 * d))  # the M-step, from V itself
+    for k in _kernels(v):
+        lam = _ml2_scales(k, 0.0, sigma0)  # the M-step, from V itself
         want -= stats.norm.logpdf(k, 0, sigma0 * lam[:, None]).sum()
-    got = float(bn.penalties.ml2_neg_log_prior(v, h))
-    assert got == pytest.approx(want, rel=1e-5)
+    zeros = jax.tree.map(jnp.zeros_like, v)
+    assert float(bn.penalties.ml2_neg_log_prior(v, h)) == pytest.approx(want, rel=1e-5)
+    assert float(bn.penalties.ml2_neg_log_prior(v, h, zeros)) == pytest.approx(want, rel=1e-5)
 
 
-def test_eq14_scales_minimise_the_neg_log_prior():
-    v, h = _tree_and_hierarchy(1.0)
-    k = np.asarray(v["a"]["kernel"], np.float64)[0]
+@pytest.mark.parametrize("sigma0", [0.5, 2.0])
+def test_eq14_scales_minimise_the_expected_neg_log_prior(sigma0):
+    mean, _ = _tree_and_hierarchy(sigma0)
+    mu = np.asarray(mean["a"]["kernel"], np.float64)[0]
+    s2 = np.asarray(_posterior_variance()["a"]["kernel"], np.float64)[0]
+
+    def expected(log_lam):  # E_q[−log p(v | λ)] for one row, as a function of λ
+        sd = sigma0 * np.exp(log_lam)
+        return (-stats.norm.logpdf(mu, 0, sd) + s2 / (2 * sd**2)).sum()
+
     res = optimize.minimize_scalar(
-        lambda log_lam: -stats.norm.logpdf(k, 0, np.exp(log_lam)).sum(),
-        bounds=(-8, 4),
-        method="bounded",
-        options={"xatol": 1e-10},
+        expected, bounds=(-8, 4), method="bounded", options={"xatol": 1e-10}
     )
-    one_row = {"kernel": jnp.asarray(k[None, :])}
-    got = float(bn.penalties.ml2_neg_log_prior(one_row, bn.gsm.hierarchy(one_row)))
+    one_row = {"kernel": jnp.asarray(mu[None, :], jnp.float32)}
+    one_var = {"kernel": jnp.asarray(s2[None, :], jnp.float32)}
+    h = bn.gsm.hierarchy(one_row, sigma0=sigma0)
+    got = float(bn.penalties.ml2_neg_log_prior(one_row, h, one_var))
     assert got == pytest.approx(res.fun, rel=1e-6)
+    assert np.exp(res.x) == pytest.approx(_ml2_scales(mu[None], s2[None], sigma0)[0], rel=1e-4)
 
 
-def test_eq15_and_eq16_drop_only_constants():
-    v, h = _tree_and_hierarchy(1.0)
+def test_eq15_is_eq14_without_constants():
+    _, h = _tree_and_hierarchy(1.0)
     const = sum(0.5 * d * (1 + math.log(2 * math.pi / d)) * rows for rows, d in ((6, 4), (4, 3)))
-    eq14 = float(bn.penalties.ml2_neg_log_prior(v, h))
-    eq15 = float(bn.penalties.log_norm(v, h))
-    assert eq14 - eq15 == pytest.approx(const, rel=1e-5)
+    rng = np.random.default_rng(3)
+    shapes = _tree_and_hierarchy(1.0)[0]
+    for trial in range(4):
+        scale = 1.0 + trial
+        mean = jax.tree.map(
+            lambda x, scale=scale: jnp.asarray(rng.normal(0, scale, x.shape), jnp.float32),
+            shapes,
+        )
+        var = _posterior_variance(seed=trial) if trial else None
+        eq14 = float(bn.penalties.ml2_neg_log_prior(mean, h, var))
+        eq15 = float(bn.penalties.log_norm(mean, h, var))
+        # the difference depends on the shapes only, not on V nor its variance
+        assert eq14 - eq15 == pytest.approx(const, abs=2e-4)
+        s2 = _kernels(var) if var is not None else [0.0, 0.0]
+        want = sum(
+            0.5 * mu.shape[1] * np.log((mu**2 + v2).sum(1)).sum()
+            for mu, v2 in zip(_kernels(mean), s2)
+        )
+        assert eq15 == pytest.approx(want, rel=1e-5)
+    # hence the same gradient, in the means and in the variances
+    mean, var = _tree_and_hierarchy(1.0)[0], _posterior_variance()
+    g14 = jax.grad(bn.penalties.ml2_neg_log_prior, argnums=(0, 2))(mean, h, var)
+    g15 = jax.grad(bn.penalties.log_norm, argnums=(0, 2))(mean, h, var)
+    for a, b in zip(jax.tree.leaves(g14), jax.tree.leaves(g15)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # d eq15 / d Var[v_jk] = d_j / (2 S_j): variance counts like squared signal
+    mu, s2 = _kernels(mean)[0], _kernels(var)[0]
+    want = np.broadcast_to(0.5 * 4 / (mu**2 + s2).sum(1, keepdims=True), mu.shape)
+    np.testing.assert_allclose(g15[1]["a"]["kernel"], want, rtol=1e-5)
+
+
+def test_eq16_is_eq15_at_v_equals_lambda_w():
+    w, h = _tree_and_hierarchy(1.0)
     lam = jax.tree.map(lambda s: jnp.linspace(0.5, 2.0, s.shape[0]), h.scales)
     h2 = h.replace(scales=lam)
-    w = bn.gsm.from_identifiable(v, h2)
-    eq16 = float(bn.penalties.log_norm_unidentifiable(w, h2))
+    var_w = _posterior_variance(seed=11)
+    # v = λ w and Var[v] = λ² Var[w], row by row, in numpy
+    v, var_v, want = {}, {}, 0.0
+    for name in ("a", "b"):
+        k = np.asarray(w[name]["kernel"], np.float64)
+        s2 = np.asarray(var_w[name]["kernel"], np.float64)
+        row = np.asarray(lam[name]["kernel"], np.float64)[:, None]
+        v[name] = {"kernel": jnp.asarray(row * k, jnp.float32)}
+        var_v[name] = {"kernel": jnp.asarray(row**2 * s2, jnp.float32)}
+        want += (k.shape[1] * (np.log(row[:, 0]) + 0.5 * np.log((k**2 + s2).sum(1)))).sum()
+    v["a"]["bias"], var_v["a"]["bias"] = w["a"]["bias"], var_w["a"]["bias"]
+    eq15 = float(bn.penalties.log_norm(v, h2, var_v))
+    eq16 = float(bn.penalties.log_norm_unidentifiable(w, h2, var_w))
     assert eq16 == pytest.approx(eq15, rel=1e-5)
-    # and its gradient in v matches eq. 14's
-    g14 = jax.grad(bn.penalties.ml2_neg_log_prior)(v, h)
-    g15 = jax.grad(bn.penalties.log_norm)(v, h)
-    np.testing.assert_allclose(g14["a"]["kernel"], g15["a"]["kernel"], rtol=1e-5)
+    assert eq16 == pytest.approx(want, rel=1e-5)
+    # without the variance the two sides differ: it is not ignored
+    assert abs(float(bn.penalties.log_norm_unidentifiable(w, h2)) - eq16) > 1.0
+
+
+def test_variance_of_leaves_not_noised_is_ignored():
+    mean, h = _tree_and_hierarchy(1.0)
+    var = _posterior_variance()
+    other = jax.tree.map(lambda x: x, var)
+    other["a"]["bias"] = 100.0 * other["a"]["bias"]
+    for f in (bn.penalties.ml2_neg_log_prior, bn.penalties.log_norm):
+        assert float(f(mean, h, var)) == float(f(mean, h, other))
+
+
+def test_bad_variance_is_rejected():
+    mean, h = _tree_and_hierarchy(1.0)
+    var = _posterior_variance()
+    negative = jax.tree.map(lambda x: x, var)
+    negative["b"]["kernel"] = negative["b"]["kernel"].at[1, 2].set(-0.25)
+    with pytest.raises(ValueError, match=r"finite and >= 0.*'b/kernel'.*-0\.25"):
+        bn.penalties.ml2_neg_log_prior(mean, h, negative)
+    not_finite = jax.tree.map(lambda x: x, var)
+    not_finite["a"]["kernel"] = not_finite["a"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"finite and >= 0.*'a/kernel'.*nan"):
+        bn.penalties.log_norm(mean, h, not_finite)
+    with pytest.raises(ValueError, match="variance tree does not match the params tree"):
+        bn.penalties.log_norm(mean, h, {"a": var["a"]})
+    wrong_shape = jax.tree.map(lambda x: x, var)
+    wrong_shape["a"]["kernel"] = var["a"]["kernel"][:, :2]
+    with pytest.raises(ValueError, match=r"'a/kernel' has shape \(6, 2\).*\(6, 4\)"):
+        bn.penalties.log_norm_unidentifiable(mean, h, wrong_shape)
