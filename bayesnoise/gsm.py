@@ -35,6 +35,8 @@ __all__ = [
     "to_identifiable",
     "from_identifiable",
     "log_prior",
+    "full_log_prior",
+    "prior_variance",
     "sample_prior",
     "row_sizes",
     "row_sums",
@@ -187,6 +189,45 @@ def log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
             continue
         var = (sigma0 * _tree.broadcast_rows(s, v.ndim, a)) ** 2
         total = total + jnp.sum(-0.5 * jnp.log(2 * math.pi * var) - v**2 / (2 * var))
+    return total
+
+
+def prior_variance(params: PyTree, hierarchy: Hierarchy) -> PyTree:
+    """The prior variance of every parameter, a tree shaped like ``params``.
+
+    σ0² λ_row² for the weights of noised leaves; σ0² for every other leaf (biases and leaves not
+    noised), the proper prior N(0, σ0²) that :func:`full_log_prior` puts on them.
+    """
+    triples, treedef = _triples(params, hierarchy)
+    sigma0 = jnp.asarray(hierarchy.sigma0, jnp.result_type(float))
+    out = []
+    for _, leaf, s, a in triples:
+        if s is None:
+            out.append(jnp.full(jnp.shape(leaf), sigma0**2, jnp.result_type(float)))
+        else:
+            scale = sigma0 * _tree.broadcast_rows(s, jnp.ndim(leaf), a)
+            out.append(jnp.broadcast_to(scale**2, jnp.shape(leaf)))
+    return jax.tree.unflatten(treedef, out)
+
+
+def full_log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
+    """A proper prior on every parameter: :func:`log_prior` plus N(0, σ0²) on the other leaves.
+
+        log p(θ) = Σ_noised log N(v; 0, σ0² λ_row²) + Σ_other log N(b; 0, σ0²).
+
+    The default prior of the E-step (:func:`bayesnoise.em.e_step`) and of the Laplace posterior:
+    biases and leaves that are not noised get the unscaled weight prior, so the posterior is
+    proper whatever the data.
+    """
+    triples, _ = _triples(v_params, hierarchy)
+    sigma0 = jnp.asarray(hierarchy.sigma0)
+    total = log_prior(v_params, hierarchy)
+    for _, b, s, _ in triples:
+        if s is None:
+            b = jnp.asarray(b)
+            total = total + jnp.sum(
+                -0.5 * jnp.log(2 * math.pi * sigma0**2) - b**2 / (2 * sigma0**2)
+            )
     return total
 
 
