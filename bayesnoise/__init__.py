@@ -10,6 +10,7 @@ from bayesnoise import distill as distill
 from bayesnoise import em as em
 from bayesnoise import gsm as gsm
 from bayesnoise import inference as inference
+from bayesnoise import laplace as laplace
 from bayesnoise import moments as moments
 from bayesnoise import nn as nn
 from bayesnoise import noise as noise

@@ -242,19 +242,34 @@ def e_step(
 ):
     """SGLD under the current scales: posterior moments of v with prior N(0, σ0² λ²).
 
-    A thin layer over :func:`bayesnoise.sampling.run` whose log prior is
-    ``bn.gsm.log_prior(v, hierarchy)`` (plus ``extra_log_prior(v)``, e.g. for biases). Warm start
-    by passing the previous E-step's final chain states with ``params_per_chain=True``.
+    A thin layer over :func:`bayesnoise.sampling.run`. The prior is proper in every parameter:
+    ``bn.gsm.full_log_prior(v, hierarchy)``, the GSM prior N(0, σ0² λ_row²) on noised leaves and
+    N(0, σ0²) on biases and other leaves. ``extra_log_prior(v)``, when given, replaces the
+    latter: the log prior is then ``bn.gsm.log_prior(v, hierarchy) + extra_log_prior(v)``.
+
+    Called without ``learning_rate`` (the default), the sampler chooses settings that converge
+    (see :func:`bayesnoise.sampling.auto_settings`): a diagonal Laplace preconditioner, a stable
+    step, burn-in and sampling lengths from the relaxation time, 4 chains. Explicit settings
+    (``learning_rate``, ``num_burnin``, ``num_samples``, ``thin``, ``batch_size``,
+    ``num_chains``) override. Warm start by passing the previous E-step's final chain states
+    with ``params_per_chain=True``.
 
     Returns:
         the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
-        through ``bn.moments.second_moment``.
+        through ``bn.moments.second_moment``; ``converged``, ``rhat`` and ``ess`` say whether
+        the chains mixed.
     """
     from bayesnoise import sampling
 
-    def log_prior(v):
-        lp = gsm.log_prior(v, hierarchy)
-        return lp if extra_log_prior is None else lp + extra_log_prior(v)
+    if extra_log_prior is None:
+
+        def log_prior(v):
+            return gsm.full_log_prior(v, hierarchy)
+
+    else:
+
+        def log_prior(v):
+            return gsm.log_prior(v, hierarchy) + extra_log_prior(v)
 
     return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
 
@@ -281,10 +296,11 @@ def fit(
 ) -> FitResult:
     """Runs ``iterations`` rounds of EM: an SGLD E-step (warm-started), then the M-step.
 
-    Each E-step is one compiled scan over all chains (:func:`bayesnoise.sampling.run`); the
-    scales enter it as a new prior, so it compiles once per iteration. Records per iteration the
-    scales, Q at the new scales, the eq. 14 penalty at the posterior mean and the data
-    log-likelihood of the posterior mean.
+    Each E-step is one compiled scan over all chains (:func:`bayesnoise.sampling.run`, with its
+    automatic settings unless ``learning_rate`` is given); the scales enter it as a new prior,
+    so it compiles once per iteration. Records per iteration the scales, Q at the new scales,
+    the eq. 14 penalty (with the posterior variance), the data log-likelihood of the posterior
+    mean and whether the chains converged.
 
     Args:
         key: PRNG key.
@@ -302,7 +318,7 @@ def fit(
         raise ValueError(f"iterations must be >= 1, got {iterations}.")
     _check_hyperprior(hyperprior)
     h = gsm.hierarchy(params, sigma0, where)
-    history = {"scales": [], "q": [], "penalty_eq14": [], "log_likelihood": []}
+    history = {"scales": [], "q": [], "penalty_eq14": [], "log_likelihood": [], "converged": []}
     state, per_chain = params, False
     from bayesnoise import penalties
 
@@ -322,8 +338,10 @@ def fit(
         new = m_step(second, h, hyperprior)
         mean = bmoments.mean(res.moments)
         history["q"].append(float(q_value(second, h, hyperprior, new)))
-        history["penalty_eq14"].append(float(penalties.ml2_neg_log_prior(mean, h)))
+        variance = bmoments.variance(res.moments)
+        history["penalty_eq14"].append(float(penalties.ml2_neg_log_prior(mean, h, variance)))
         history["log_likelihood"].append(float(jnp.sum(log_likelihood(mean, *data))))
+        history["converged"].append(bool(res.converged))
         h = h.replace(scales=new)
         history["scales"].append(jax.device_get(new))
     return FitResult(h, res.moments, state, history)

@@ -1,16 +1,26 @@
-"""Posterior moments by SGLD for any model: many chains, one compiled scan, no stored samples.
+"""Posterior moments by SGLD for any model: building blocks, and many chains in one compiled scan.
 
-:func:`run` draws minibatches on the device (a fresh permutation of the data every epoch and
-chain), estimates the gradient of the negative log posterior of the whole data set,
+The sampler comes in BlackJAX's shape: :func:`init` builds a chain's state, :func:`step` takes
+one key-first, pure step on a minibatch, and :func:`run` is built from them (chains a
+``jax.vmap`` axis, all steps one ``jax.lax.scan`` under one ``jax.jit``). A step estimates the
+negative log posterior of the whole data set from a minibatch of n of the N examples,
 
     U(θ) = −log p(θ) − (N / n) Σ_{i ∈ batch} log p(y_i | x_i, θ),
 
-applies an SGLD transform (:func:`bayesnoise.sgld` by default; see its update equation), and
-after ``num_burnin`` steps adds every ``thin``-th state to running moments
-(:mod:`bayesnoise.moments`, Welford). All steps of all chains run inside one ``jax.lax.scan``
-under one ``jax.jit``; chains are a ``jax.vmap`` axis, optionally sharded across devices.
-Memory is O(params × chains): only the moments, the current state and a small trace of a few
-weights (for split R-hat and effective sample size) are kept.
+and applies an SGLD transform (:func:`bayesnoise.sgld` by default), handing it the step's own
+key. :func:`run` adds every ``thin``-th state after ``num_burnin`` steps to running moments
+(:mod:`bayesnoise.moments`, Welford) and, when asked, to a Bayesian model average of the
+predictive distribution on held-out inputs: no sample is stored. Memory is O(params × chains).
+
+Without a learning rate, :func:`run` chooses settings that converge (:func:`auto_settings`): a
+fixed diagonal preconditioner, the diagonal Laplace variance T / (N·diag GGN + prior precision),
+so every weight relaxes at a comparable rate; a step size below the stability limit of the
+preconditioned Hessian; a smaller step where the data dominates, so that the minibatch gradient
+noise stays a small part of the injected noise (the rest of it is subtracted from the injected
+noise, as in stochastic gradient Fisher scoring); and numbers of steps from the resulting
+relaxation time. After the loop, split R-hat and the effective sample size of (by default 64)
+traced weights spread over every leaf say whether the chains converged, and a ``logging``
+warning says when they did not.
 
 Example:
     >>> import jax, jax.numpy as jnp, bayesnoise as bn
@@ -25,12 +35,33 @@ Example:
     ...     learning_rate=1e-5, batch_size=20, num_burnin=500, num_samples=200, num_chains=2)
     >>> bn.moments.mean(result.moments)["w"].round(1)
     Array([ 1., -1.], dtype=float32)
+
+    The building blocks, driven from a loop of one's own:
+
+    >>> state = bn.sampling.init({"w": jnp.zeros(2)}, log_likelihood, log_prior, num_data=100,
+    ...                          transform=bn.sgld(1e-5))
+    >>> for t in range(3):
+    ...     state, info = bn.sampling.step(jax.random.key(t), state, (x[:20], y[:20]))
+    >>> int(state.count), bool(info.finite)
+    (3, True)
+
+References:
+    Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin
+    dynamics. ICML.
+    Ahn, S., Korattikara, A. & Welling, M. (2012). Bayesian posterior sampling via stochastic
+    gradient Fisher scoring. ICML.
+    Vehtari, A., Gelman, A., Simpson, D., Carpenter, B. & Bürkner, P.-C. (2021).
+    Rank-normalization, folding, and localization: an improved R-hat for assessing
+    convergence of MCMC. Bayesian Analysis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -47,7 +78,385 @@ from bayesnoise._tree import PyTree
 from bayesnoise.sgld import sgld as _sgld
 from bayesnoise.sgld import step_size as _step_size
 
-__all__ = ["SamplingResult", "DivergenceError", "make_mesh", "run"]
+__all__ = [
+    "Kernel",
+    "SamplerState",
+    "StepInfo",
+    "AutoSettings",
+    "SamplingResult",
+    "DivergenceError",
+    "init",
+    "step",
+    "auto_settings",
+    "make_mesh",
+    "run",
+]
+
+logger = logging.getLogger("bayesnoise")
+
+
+# ------------------------------------------------------------------------ the building blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """The static settings of a chain: what :func:`step` needs besides the key and the batch.
+
+    Attributes:
+        log_likelihood: ``log_likelihood(params, *batch)`` -> per-example values, shape (n,).
+        log_prior: ``log_prior(params)`` -> scalar.
+        num_data: N, the number of examples the minibatch log-likelihood is scaled to.
+        transform: the optax transform that turns ∇U into the update (e.g. ``bn.sgld(η)``);
+            it is given each step's key as the extra argument ``key=``.
+    """
+
+    log_likelihood: Callable[..., jax.Array]
+    log_prior: Callable[[PyTree], jax.Array]
+    num_data: int
+    transform: optax.GradientTransformation
+
+    def potential(self, params: PyTree, batch: tuple) -> jax.Array:
+        """U(θ) on ``batch``: −log p(θ) − (N / n) Σ_batch log p(y | x, θ)."""
+        ll = self.log_likelihood(params, *batch)
+        n = jax.tree.leaves(batch)[0].shape[0]
+        return -(self.log_prior(params) + (self.num_data / n) * jnp.sum(ll))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+    """One chain: its position, its transform's state and its step count (a pytree whose
+    ``kernel`` is static, so the state passes through ``jit``, ``vmap`` and ``scan``)."""
+
+    params: PyTree  # θ_t
+    opt_state: PyTree  # the transform's state
+    count: jax.Array  # shape (), int32: steps taken
+    kernel: Kernel  # static settings
+
+    def replace(self, **kwargs) -> SamplerState:
+        return dataclasses.replace(self, **kwargs)
+
+
+jax.tree_util.register_dataclass(
+    SamplerState, data_fields=["params", "opt_state", "count"], meta_fields=["kernel"]
+)
+
+
+class StepInfo(NamedTuple):
+    log_posterior: jax.Array  # shape (): −U(θ_t) on the step's batch, at the state before it
+    finite: jax.Array  # shape (), bool: U, ∇U and θ_{t+1} finite (else the state is unchanged)
+
+
+def init(
+    params: PyTree,
+    log_likelihood: Callable[..., jax.Array],
+    log_prior: Callable[[PyTree], jax.Array],
+    num_data: int,
+    *,
+    transform: optax.GradientTransformation,
+) -> SamplerState:
+    """A chain's state at ``params``.
+
+    Args:
+        params: the initial position θ_0 (any pytree of float arrays).
+        log_likelihood: ``log_likelihood(params, *batch)`` -> per-example log-likelihoods (n,).
+        log_prior: ``log_prior(params)`` -> scalar log prior density.
+        num_data: N, the size of the whole data set (the minibatch sum is scaled by N / n).
+        transform: an optax transform, e.g. ``bn.sgld(1e-5)`` or ``bn.psgld(...)``.
+
+    Returns:
+        A :class:`SamplerState` for :func:`step`.
+    """
+    num_data = _check_positive_int("num_data", num_data, 1, "the number of examples N")
+    if not callable(log_likelihood) or not callable(log_prior):
+        raise ValueError("log_likelihood and log_prior must be callables.")
+    if not hasattr(transform, "init") or not hasattr(transform, "update"):
+        raise ValueError(
+            f"transform must be an optax GradientTransformation (such as bn.sgld(1e-5)), got "
+            f"{transform!r}."
+        )
+    kernel = Kernel(log_likelihood, log_prior, num_data, optax.with_extra_args_support(transform))
+    return SamplerState(params, kernel.transform.init(params), jnp.zeros((), jnp.int32), kernel)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    """Whether every entry of every leaf is finite (one fused reduction per leaf)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerState, StepInfo]:
+    """One SGLD step on ``batch``: θ_{t+1} from g = ∇U(θ_t) and the transform, with ``key``.
+
+    Pure and key-first, as BlackJAX's kernels: the key is handed to the transform as the extra
+    argument ``key=`` (so every chain driven with its own keys has its own noise), never stored.
+    A non-finite U, gradient or new state leaves the state unchanged and sets
+    ``info.finite = False``: the chain freezes instead of spreading NaN.
+
+    Args:
+        key: a PRNG key for this step's noise.
+        state: from :func:`init` or an earlier step.
+        batch: a tuple of arrays with a common leading axis of n examples.
+
+    Returns:
+        ``(new_state, info)``: the next state and a :class:`StepInfo`.
+    """
+    kernel = state.kernel
+    batch = tuple(batch)
+    u, grads = jax.value_and_grad(kernel.potential)(state.params, batch)
+    updates, new_opt = kernel.transform.update(grads, state.opt_state, state.params, key=key)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(u) & _all_finite(grads) & _all_finite(new_params)
+    params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_params, state.params)
+    opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_opt, state.opt_state)
+    new = state.replace(params=params, opt_state=opt_state, count=state.count + 1)
+    return new, StepInfo(log_posterior=-u, finite=ok)
+
+
+# ------------------------------------------------------------------- settings that converge
+
+
+class AutoSettings(NamedTuple):
+    """What :func:`auto_settings` chose, and the figures it chose them from."""
+
+    learning_rate: float  # η: the step in units of the preconditioned curvature
+    preconditioner: PyTree  # M per weight: T / (N·diag GGN + prior precision), rescaled per weight
+    gradient_noise: PyTree  # B per weight: the estimated variance of the minibatch ∇U
+    batch_size: int  # n
+    num_burnin: int  # steps before the first kept state
+    num_samples: int  # kept states per chain
+    thin: int  # keep every thin-th state
+    relaxation_steps: float  # 1 / (the smallest per-weight step): the slowest weight's time scale
+    curvature_max: float  # λ_max of the preconditioned Hessian of U / T (power iteration)
+    data_fraction: float  # max over weights of N·GGN / (N·GGN + prior precision)
+
+
+def prior_precision(params: PyTree, log_prior: Callable[[PyTree], jax.Array]) -> PyTree:
+    """−∂²log p(θ)/∂θ_k² per weight, as −H·1 (exact for priors independent across weights)."""
+    ones = jax.tree.map(jnp.ones_like, params)
+    _, hv = jax.jvp(jax.grad(log_prior), (params,), (ones,))
+    return jax.tree.map(jnp.negative, hv)
+
+
+def _power_max(key, potential, positions, sqrt_m, sub, num_iters: int = 15) -> float:
+    """The largest |eigenvalue| of M^½ ∇²potential M^½ over ``positions``, by power iteration.
+
+    ``potential(params, sub)``; everything is an argument of the compiled function, so nothing
+    large is folded into it as a constant.
+    """
+
+    def norm(t):
+        return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(t)))
+
+    @jax.jit
+    def iterate(key, params, sqrt_m, sub):
+        def hvp(v):
+            mv = jax.tree.map(jnp.multiply, sqrt_m, v)
+            _, hv = jax.jvp(jax.grad(lambda p: potential(p, sub)), (params,), (mv,))
+            return jax.tree.map(jnp.multiply, sqrt_m, hv)
+
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(key, len(leaves))
+        v = [jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+        v = jax.tree.unflatten(treedef, v)
+
+        def body(_, carry):
+            v, _ = carry
+            v = jax.tree.map(lambda x: x / norm(v), v)
+            w = hvp(v)
+            lam = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)))
+            return w, lam
+
+        return jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), jnp.float32)))[1]
+
+    return max(
+        abs(float(iterate(jax.random.fold_in(key, i), p, sqrt_m, sub)))
+        for i, p in enumerate(positions)
+    )
+
+
+def auto_settings(
+    key: jax.Array,
+    params: PyTree,
+    log_likelihood: Callable[..., jax.Array],
+    log_prior: Callable[[PyTree], jax.Array],
+    data: tuple,
+    *,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    num_chains: int = 4,
+    curvature: PyTree | None = None,
+    positions: Sequence[PyTree] | None = None,
+    max_step: float = 0.1,
+    noise_fraction: float = 0.25,
+    target_ess: float = 400.0,
+    max_steps: int = 3000,
+    min_samples: int = 200,
+    hessian_examples: int = 512,
+    step_scale: float = 1.0,
+) -> AutoSettings:
+    """Sampler settings that converge, derived from the curvature at ``params``.
+
+    With h_k = N·diag GGN_k + p_k (``bn.laplace.diag_ggn`` per example, p_k the prior precision
+    −∂²log p/∂θ_k²) the base preconditioner is the diagonal Laplace variance T / h_k, under which
+    a Gaussian posterior that the diagonal describes has unit curvature in every weight. Each
+    weight then gets its own step d_k = min(``max_step``, c / ρ_k), ρ_k = N·GGN_k / h_k the part
+    of its precision that comes from the data:
+
+    * weights the data barely touch (ρ_k → 0, e.g. the rows of inputs that are zero in every
+      example, whose posterior is their prior) relax in 1 / ``max_step`` steps; the Euler
+      step's bias on their variance, 1 / (1 − d/2) − 1, is at most 2.6% at 0.1;
+    * c is the largest value for which λ_max of D^½ M^½ ∇²(U/T) M^½ D^½ (on up to
+      ``hessian_examples`` examples, by power iteration) is at most 1, so the step is stable
+      along the coupled directions a diagonal cannot see, and at most 2 ε n / (N (1 − n/N)),
+      ε = ``noise_fraction``: the minibatch gradient, of variance about
+      B_k = (N² / n)(1 − n/N)·GGN_k per weight, then adds at most a fraction ε to the injected
+      noise, and :func:`bayesnoise.sgld` subtracts its estimate (``gradient_noise=B``), as
+      stochastic gradient Fisher scoring does.
+
+    The transform gets ``learning_rate = max_step`` and the preconditioner T d_k / (h_k
+    max_step). Steps: the slowest weight relaxes in τ = 1 / min_k d_k steps and its integrated
+    autocorrelation time is about 2τ; burn-in is 5τ (at least 200), thinning τ / 2, and the kept
+    states per chain give about ``target_ess`` effective samples over ``num_chains`` chains, all
+    within ``max_steps`` steps per chain (burn-in at most half of them, at least
+    ``min_samples`` kept states: the fast weights' moments need many states even when the
+    slowest weight cannot mix within the budget, which the diagnostics then report).
+
+    Args:
+        key: PRNG key (GGN probes and the power iteration).
+        params: where the curvature is taken (the trained network, or a chain's state).
+        log_likelihood, log_prior, data: as in :func:`run`; the prior must be proper in every
+            weight (for the GSM, ``bn.gsm.full_log_prior``).
+        temperature: T > 0.
+        batch_size: n (None: min(N, 256)).
+        num_chains: chains that share the ESS target.
+        curvature: a precomputed per-example diag GGN (a tree like ``params``), e.g. the
+            elementwise maximum of the GGN at every chain's state.
+        positions: the states at which the stability limit is checked (default: ``params``);
+            the largest λ_max over them counts.
+        max_step, noise_fraction, target_ess, max_steps, hessian_examples: as above.
+        min_samples: the fewest kept states per chain the thinning leaves room for.
+        step_scale: a factor (<= 1) on the steps of every weight with some curvature; the
+            driver lowers it after a divergence.
+
+    Returns:
+        An :class:`AutoSettings`.
+
+    Raises:
+        ValueError: a prior that is not proper in some weight, a non-finite curvature, or a
+            curvature tree of the wrong structure.
+    """
+    from bayesnoise import laplace
+
+    if not float(temperature) > 0:
+        raise ValueError(
+            f"automatic settings need a temperature > 0 (T = 0 is optimisation), got "
+            f"{temperature!r}; pass learning_rate= explicitly for T = 0."
+        )
+    T = float(temperature)
+    num_data = int(jax.tree.leaves(data)[0].shape[0])
+    n = min(num_data, 256) if batch_size is None else int(batch_size)
+    k_ggn, k_pow, k_sub = jax.random.split(key, 3)
+
+    prec = prior_precision(params, log_prior)
+    flat, _ = jax.tree_util.tree_flatten_with_path(prec)
+    for path, leaf in flat:
+        low = float(jnp.min(leaf)) if jnp.size(leaf) else 1.0
+        if not (low > 0 and np.isfinite(low)):
+            raise ValueError(
+                f"the prior is not proper in leaf {_tree.path_str(path)!r} (smallest prior "
+                f"precision {low:g}): automatic settings need a Gaussian-like prior on every "
+                f"parameter, e.g. bn.gsm.full_log_prior (biases N(0, σ0²)); or pass "
+                f"learning_rate= explicitly."
+            )
+    if curvature is None:
+        curvature = laplace.diag_ggn(params, log_likelihood, data, key=k_ggn)
+    if jax.tree.structure(curvature) != jax.tree.structure(params) or any(
+        jnp.shape(c) != jnp.shape(p)
+        for c, p in zip(jax.tree.leaves(curvature), jax.tree.leaves(params))
+    ):
+        raise ValueError(
+            "the curvature must be a tree like the params (the per-example diagonal GGN), got "
+            f"structure {jax.tree.structure(curvature)} for params {jax.tree.structure(params)}."
+        )
+    for c in jax.tree.leaves(curvature):
+        if not bool(jnp.all(jnp.isfinite(c))) or float(jnp.min(c)) < 0:
+            raise ValueError(
+                f"the curvature (diagonal GGN) must be finite and >= 0; found a leaf with minimum "
+                f"{float(jnp.min(c))} and {int(jnp.sum(~jnp.isfinite(c)))} non-finite entries. "
+                f"Check log_likelihood at these params, or pass learning_rate= explicitly."
+            )
+    h = jax.tree.map(lambda f, p: num_data * f + p, curvature, prec)
+    precond = jax.tree.map(lambda hk: T / hk, h)
+    rho = jax.tree.map(lambda f, hk: num_data * f / hk, curvature, h)
+
+    # Stability: λ_max of M^½ ∇²(U/T) M^½ on a subsample of the data.
+    m = min(num_data, int(hessian_examples))
+    idx = jax.random.choice(k_sub, num_data, (m,), replace=False) if m < num_data else None
+    sub = tuple(a if idx is None else jnp.take(a, idx, axis=0) for a in data)
+
+    def u_sub(p, sub):
+        ll = jnp.sum(log_likelihood(p, *sub))
+        return -(log_prior(p) + (num_data / m) * ll) / T
+
+    positions = [params] if positions is None else list(positions)
+
+    # Per-weight steps d_k = min(max_step, c / ρ_k): weights the data barely touch (ρ_k → 0,
+    # such as the rows of inputs that are always zero) take the largest step, those it dominates
+    # a step c / ρ_k, with c the largest value for which the preconditioned, stepped Hessian
+    # D^½ M^½ ∇²(U/T) M^½ D^½ has λ_max <= 1 (power iteration) and the minibatch noise stays a
+    # fraction ε of the injected noise.
+    frac = 1.0 - n / num_data
+    c = 2 * noise_fraction * n / (num_data * frac) if frac > 0 else 1.0
+    c = min(c, 1.0)
+
+    def steps(c):
+        return jax.tree.map(lambda r: jnp.minimum(max_step, c / jnp.maximum(r, 1e-30)), rho)
+
+    lam_max = float("inf")
+    for i in range(4):
+        d = steps(c)
+        sqrt_md = jax.tree.map(lambda mk, dk: jnp.sqrt(mk * dk), precond, d)
+        lam_max = _power_max(jax.random.fold_in(k_pow, i), u_sub, positions, sqrt_md, sub)
+        if not math.isfinite(lam_max):  # a Hessian-vector product overflowed: a smaller step
+            c, lam_max = 0.01 * c, float("inf")
+            continue
+        if lam_max <= 1.0:
+            break
+        c = 0.9 * c / lam_max
+    else:
+        d = steps(c)
+    # after a divergence: smaller steps for every weight the data has touched (weights with no
+    # curvature anywhere, such as the rows of inputs that are always zero, are decoupled)
+    d = jax.tree.map(lambda dk, f: jnp.where(f > 0, dk * step_scale, dk), d, curvature)
+    eta = float(max_step)
+    precond = jax.tree.map(lambda mk, dk: mk * dk / eta, precond, d)
+    noise = jax.tree.map(lambda f: (num_data**2 / n) * frac * f, curvature)
+    slowest = min(float(jnp.min(dk)) for dk in jax.tree.leaves(d))
+    tau = 1.0 / max(slowest, 1e-12)
+    rho_max = max(float(jnp.max(r)) for r in jax.tree.leaves(rho))
+
+    # burn-in 5τ within half the budget; then at least min_samples kept states per chain,
+    # thinned by up to τ/2 where the budget allows
+    num_burnin = int(min(max(200, math.ceil(5 * tau)), max_steps // 2))
+    room = max(1, max_steps - num_burnin)
+    thin = max(1, min(int(tau // 2), room // min_samples))
+    want = math.ceil(target_ess * 2 * tau / (num_chains * thin))
+    num_samples = int(max(1, min(want, room // thin)))
+    return AutoSettings(
+        learning_rate=eta,
+        preconditioner=precond,
+        gradient_noise=noise,
+        batch_size=n,
+        num_burnin=num_burnin,
+        num_samples=num_samples,
+        thin=thin,
+        relaxation_steps=tau,
+        curvature_max=lam_max,
+        data_fraction=rho_max,
+    )
+
+
+# ----------------------------------------------------------------- the many-chain driver
 
 
 class SamplingResult(NamedTuple):
@@ -58,11 +467,14 @@ class SamplingResult(NamedTuple):
     params: PyTree  # the last state of every chain, leaves (C, ...)
     opt_state: PyTree  # the transform's last state, leaves (C, ...)
     log_posterior: jax.Array  # (C, num_samples): −U at the kept states, a minibatch estimate
-    trace: jax.Array  # (C, num_samples, k): a few weights at the kept states
+    trace: jax.Array  # (C, num_samples, k): the traced weights at the kept states
     trace_names: tuple[str, ...]  # (k,): "path[index]" of the traced weights
     rhat: np.ndarray  # (k,): split R-hat of the traced weights (numpyro.diagnostics)
     ess: np.ndarray  # (k,): effective sample size of the traced weights, all chains together
-    num_steps: int  # num_burnin + num_samples * thin
+    num_steps: int  # num_burnin + num_samples * thin (after any pilot phase)
+    converged: bool  # max R-hat <= rhat_threshold and min ESS >= ess_threshold
+    predictive: jax.Array | None  # (M, ...) mean of predict(θ, inputs) over kept states, or None
+    settings: dict  # the settings used: learning_rate, batch_size, num_burnin, ... (and auto's)
 
 
 class DivergenceError(FloatingPointError):
@@ -84,14 +496,15 @@ class DivergenceError(FloatingPointError):
 
 
 class _Carry(NamedTuple):
-    params: PyTree  # (C, ...) current state θ_t
-    opt_state: PyTree  # (C, ...) transform state
+    state: SamplerState  # (C, ...) the chains
     moments: _moments.MomentsState  # (C, ...) running moments
-    data_key: jax.Array  # (C,) key of the per-epoch permutations
+    step_key: jax.Array  # (C,) keys of the steps' noise (folded with t)
+    data_key: jax.Array  # (C,) keys of the per-epoch permutations
     perm: jax.Array  # (C, N) int32: this epoch's order of the examples ((C, 0) for full batches)
     bad_step: jax.Array  # (C,) int32: first non-finite step, −1 while finite
     log_post: jax.Array  # (C, S) thinned −U
     trace: jax.Array  # (C, S, k) thinned traced weights
+    pred_sum: Any  # (C, M, ...) sum of the predictive over kept states, or () without one
 
 
 # Progress bars of running calls, keyed by an id passed into the compiled scan (the compiled
@@ -106,56 +519,33 @@ def _tick(bar_id, done) -> None:
         bar.update(int(done) - bar.n)
 
 
-@functools.lru_cache(maxsize=64)
-def _transform(transform: Callable, learning_rate, temperature) -> optax.GradientTransformation:
-    # Cached so that equal settings give the same transform object, and so the same compiled scan.
-    return transform(learning_rate, temperature=temperature)
-
-
-def _make_transform(transform, learning_rate, temperature):
-    try:
-        return _transform(transform, learning_rate, temperature)
-    except TypeError:  # unhashable settings: build afresh (and compile afresh)
+def _build_transform(transform, learning_rate, temperature, precond, gnoise):
+    if precond is None:
         return transform(learning_rate, temperature=temperature)
-
-
-def _all_finite(tree: PyTree) -> jax.Array:
-    """Whether every entry of every leaf is finite (one fused reduction per leaf)."""
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
-def _reseed(opt_state: PyTree, key: jax.Array) -> PyTree:
-    """Replaces every typed PRNG key in a transform state by one derived from ``key``."""
-    leaves, treedef = jax.tree.flatten(opt_state)
-    new = [
-        jax.random.fold_in(key, i)
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-        else x
-        for i, x in enumerate(leaves)
-    ]
-    return jax.tree.unflatten(treedef, new)
+    return transform(
+        learning_rate, temperature=temperature, preconditioner=precond, gradient_noise=gnoise
+    )
 
 
 def _trace_spec(params: PyTree, k: int) -> tuple[tuple[tuple[int, tuple[int, ...]], ...], tuple]:
-    """k weights evenly spaced over the flattened params: ((leaf, flat indices), ...), names."""
+    """About k weights over every leaf: each leaf gets at least one (two where it has them),
+    the rest in proportion to its size, evenly spaced inside it: ((leaf, indices), ...), names."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     sizes = [int(np.size(x)) for _, x in flat]
     total = sum(sizes)
-    k = min(k, total)
-    if k == 0:
+    if k == 0 or total == 0:
         return (), ()
-    picks = np.unique(np.linspace(0, total - 1, k).round().astype(int))
-    offsets = np.cumsum([0] + sizes)
     spec, names = [], []
     for i, (path, leaf) in enumerate(flat):
-        mine = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
-        if mine.size:
-            spec.append((i, tuple(int(j) for j in mine)))
-            shape = np.shape(leaf)
-            for j in mine:
-                index = ",".join(str(int(a)) for a in np.unravel_index(j, shape)) if shape else ""
-                names.append(f"{_tree.path_str(path)}[{index}]")
+        if sizes[i] == 0:
+            continue
+        share = max(min(2, sizes[i]), int(round(k * sizes[i] / total)))
+        mine = np.unique(np.linspace(0, sizes[i] - 1, min(share, sizes[i])).round().astype(int))
+        spec.append((i, tuple(int(j) for j in mine)))
+        shape = np.shape(leaf)
+        for j in mine:
+            index = ",".join(str(int(a)) for a in np.unravel_index(j, shape)) if shape else ""
+            names.append(f"{_tree.path_str(path)}[{index}]")
     return tuple(spec), tuple(names)
 
 
@@ -170,7 +560,9 @@ def _traced(params: PyTree, spec) -> jax.Array:
     static_argnames=(
         "log_likelihood",
         "log_prior",
-        "optimizer",
+        "transform",
+        "learning_rate",
+        "temperature",
         "batch_size",
         "num_burnin",
         "num_samples",
@@ -179,6 +571,7 @@ def _traced(params: PyTree, spec) -> jax.Array:
         "mesh",
         "progress_every",
         "params_per_chain",
+        "predict",
     ),
 )
 def _sample(
@@ -186,10 +579,15 @@ def _sample(
     params,
     data,
     bar_id,
+    precond,
+    gnoise,
+    predict_inputs,
     *,
     log_likelihood,
     log_prior,
-    optimizer,
+    transform,
+    learning_rate,
+    temperature,
     batch_size,
     num_burnin,
     num_samples,
@@ -198,12 +596,12 @@ def _sample(
     mesh,
     progress_every,
     params_per_chain,
+    predict,
 ):
     num_chains = chain_keys.shape[0]
     num_data = jax.tree.leaves(data)[0].shape[0]
     full_batch = batch_size >= num_data
     steps_per_epoch = 1 if full_batch else num_data // batch_size
-    scale = num_data / batch_size
     total = num_burnin + num_samples * thin
 
     # Chains split over the mesh's "chain" axis, every minibatch over its "data" axis; the
@@ -217,30 +615,31 @@ def _sample(
         sharding = NamedSharding(mesh, P(*spec))
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
-    # Per-chain start: params, transform state with its own keys, empty moments, buffers.
+    optimizer = _build_transform(transform, learning_rate, temperature, precond, gnoise)
     if not params_per_chain:
         params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
+    states = jax.vmap(lambda p: init(p, log_likelihood, log_prior, num_data, transform=optimizer))(
+        params
+    )
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
-    opt_key, data_key = keys[:, 0], keys[:, 1]
-    opt_state = jax.vmap(lambda p, k: _reseed(optimizer.init(p), k))(params, opt_key)
-    moments = jax.vmap(_moments.init)(params)
     num_traced = sum(len(idx) for _, idx in trace_spec)
+    if predict is not None:
+        shape = jax.eval_shape(predict, jax.tree.map(lambda x: x[0], params), predict_inputs)
+        pred_sum = jnp.zeros((num_chains,) + shape.shape, jnp.float32)
+    else:
+        pred_sum = ()
     carry = _Carry(
-        params=params,
-        opt_state=opt_state,
-        moments=moments,
-        data_key=data_key,
+        state=states,
+        moments=jax.vmap(_moments.init)(params),
+        step_key=keys[:, 0],
+        data_key=keys[:, 1],
         perm=jnp.zeros((num_chains, 0 if full_batch else num_data), jnp.int32),
         bad_step=jnp.full((num_chains,), -1, jnp.int32),
         log_post=jnp.zeros((num_chains, num_samples), jnp.float32),
         trace=jnp.zeros((num_chains, num_samples, num_traced), jnp.float32),
+        pred_sum=pred_sum,
     )
     carry = constrain(carry, chain_axis)
-
-    def potential(p, batch):
-        # U(θ): minus the log prior minus the minibatch log-likelihood scaled to N examples.
-        ll = log_likelihood(p, *batch)
-        return -(log_prior(p) + scale * jnp.sum(ll))
 
     def shuffle(data_key, epoch):
         return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_data).astype(
@@ -256,34 +655,23 @@ def _sample(
         batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return constrain(batch, chain_axis, data_axis)
 
-    def gradient(params, batch, alive):
-        # (−U(θ_t), ∇U(θ_t), whether both are finite) on this step's minibatch.
-        u, grads = jax.value_and_grad(potential)(params, batch)
-        ok = alive & jnp.isfinite(u) & _all_finite(grads)
-        return -u, grads, ok
-
-    def update(params, opt_state, grads, ok):
-        # θ_{t+1}; a chain whose gradient was not finite keeps its state (it is frozen).
-        updates, new_opt = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_params, params)
-        new_opt = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_opt, opt_state)
-        return new_params, new_opt
-
-    def record(t, params, log_post, ok, moments, buf_lp, buf_tr):
+    def record(t, params, log_post, ok, moments, buf_lp, buf_tr, pred):
         # The kept sample is θ_t, the state at which step t took its gradient, so that the
         # recorded −U belongs to it. It enters the moments only when it is finite.
         s = (t - num_burnin) // thin
 
-        def one(m, p, lp, ok, buf_lp, buf_tr):
+        def one(m, p, lp, ok, buf_lp, buf_tr, pred):
             ok = ok & _all_finite(p)
             m_new = _moments.update(m, p)
             m = jax.tree.map(lambda a, b: jnp.where(ok, a, b), m_new, m)
             buf_lp = buf_lp.at[s].set(jnp.where(ok, lp, jnp.nan).astype(jnp.float32))
             buf_tr = buf_tr.at[s].set(_traced(p, trace_spec))
-            return m, buf_lp, buf_tr, ok
+            if predict is not None:
+                out = predict(p, predict_inputs).astype(jnp.float32)
+                pred = pred + jnp.where(ok, out, 0.0)
+            return m, buf_lp, buf_tr, pred, ok
 
-        return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr)
+        return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr, pred)
 
     def body(c: _Carry, t):
         if not full_batch:  # a fresh permutation of the examples at the start of every epoch
@@ -295,21 +683,23 @@ def _sample(
             c = c._replace(perm=perm)
         alive = c.bad_step < 0
         batch = minibatches(t, c.perm)
-        log_post, grads, ok = jax.vmap(gradient, in_axes=(0, None if full_batch else 0, 0))(
-            c.params, batch, alive
+        keys_t = jax.vmap(jax.random.fold_in, in_axes=(0, None))(c.step_key, t)
+        new_state, info = jax.vmap(step, in_axes=(0, 0, None if full_batch else 0))(
+            keys_t, c.state, batch
         )
+        ok = alive & info.finite
         if num_samples > 0:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
-            moments, buf_lp, buf_tr, ok = jax.lax.cond(
+            moments, buf_lp, buf_tr, pred, ok = jax.lax.cond(
                 is_sample,
-                lambda args: record(t, c.params, log_post, *args),
-                lambda args: (args[1], args[2], args[3], args[0]),
-                (ok, c.moments, c.log_post, c.trace),
+                lambda args: record(t, c.state.params, info.log_posterior, *args),
+                lambda args: (args[1], args[2], args[3], args[4], args[0]),
+                (ok, c.moments, c.log_post, c.trace, c.pred_sum),
             )
-            c = c._replace(moments=moments, log_post=buf_lp, trace=buf_tr)
+            c = c._replace(moments=moments, log_post=buf_lp, trace=buf_tr, pred_sum=pred)
         bad_step = jnp.where(alive & ~ok, t, c.bad_step)
-        params, opt_state = jax.vmap(update)(c.params, c.opt_state, grads, ok)
-        c = c._replace(params=params, opt_state=opt_state, bad_step=bad_step)
+        keep = jax.vmap(lambda a, n, o: jax.tree.map(lambda x, y: jnp.where(a, x, y), n, o))
+        c = c._replace(state=keep(ok, new_state, c.state), bad_step=bad_step)
         if progress_every > 0:
             done = t + 1
             jax.lax.cond(
@@ -412,103 +802,7 @@ def _mesh(devices, num_chains: int, batch_size: int) -> Mesh | None:
     return mesh
 
 
-def run(
-    key: jax.Array,
-    params: PyTree,
-    log_likelihood: Callable[..., jax.Array],
-    log_prior: Callable[[PyTree], jax.Array],
-    data: Sequence[Any],
-    *,
-    learning_rate: float | optax.Schedule,
-    temperature: float = 1.0,
-    transform: Callable[..., optax.GradientTransformation] = _sgld,
-    batch_size: int | None = None,
-    num_burnin: int = 0,
-    num_samples: int = 1000,
-    thin: int = 1,
-    num_chains: int | None = None,
-    params_per_chain: bool = False,
-    num_traced: int = 8,
-    devices: Sequence[jax.Device] | Mesh | None = None,
-    progress: bool = False,
-    progress_every: int | None = None,
-) -> SamplingResult:
-    """Runs SGLD chains and returns running posterior moments (no samples are stored).
-
-    Every step t of every chain takes a minibatch B_t of n examples (a fresh permutation of the N
-    examples per epoch and chain; the last incomplete batch of an epoch is skipped), computes
-    g = ∇U(θ_t) with U(θ) = −log p(θ) − (N / n) Σ_{i ∈ B_t} log p(y_i | x_i, θ), and applies
-    ``transform(learning_rate, temperature=temperature)``; for :func:`bayesnoise.sgld`,
-    θ_{t+1} = θ_t − η_t g + N(0, 2 η_t T). After ``num_burnin`` steps, every ``thin``-th state
-    θ_t (t = num_burnin + thin − 1, num_burnin + 2 thin − 1, ...) enters the chain's running
-    moments; the chains' moments are then merged (:func:`bayesnoise.moments.merge_chains`).
-
-    ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
-    scan: calling again with the same function objects and settings (a float learning rate and
-    temperature build an equal, cached transform) reuses it; new closures compile anew. A NaN or
-    inf in a chain's U, gradient or state freezes that chain (its moments take no more states)
-    and raises :class:`DivergenceError` after the scan: no host synchronisation in the loop.
-
-    Args:
-        key: a PRNG key, split into ``num_chains`` chains; or a vector of keys, one per chain
-            (so chains can be rerun one at a time with ``key[c:c+1]``).
-        params: the initial state, shared by all chains; with ``params_per_chain=True``, every
-            leaf has a leading chain axis instead.
-        log_likelihood: ``log_likelihood(params, *batch)`` -> per-example log-likelihoods of
-            shape (n,), for ``batch`` the minibatch of every array in ``data``.
-        log_prior: ``log_prior(params)`` -> scalar log prior density (for instance
-            ``functools.partial(bn.gsm.log_prior, hierarchy=h)``).
-        data: a tuple of arrays with a common leading axis of N examples, e.g. ``(x, y)``.
-        learning_rate: the step size η (> 0) or an optax schedule t -> η_t
-            (e.g. :func:`bayesnoise.polynomial_schedule`).
-        temperature: T >= 0; 1 samples the posterior.
-        transform: builds the update rule, called as ``transform(learning_rate,
-            temperature=temperature)``: :func:`bayesnoise.sgld` (default),
-            :func:`bayesnoise.psgld` or any compatible optax transform. Typed PRNG keys in its
-            state are replaced by keys derived from each chain's key.
-        batch_size: n, the minibatch size; None for the whole data set (no shuffling).
-        num_burnin: steps before the first kept state.
-        num_samples: states kept per chain (> 0).
-        thin: keep every ``thin``-th state after burn-in.
-        num_chains: the number of chains when ``key`` is a single key (default 1).
-        params_per_chain: whether ``params`` already has a leading chain axis.
-        num_traced: how many weights (evenly spaced over the flattened params) to trace for
-            split R-hat and effective sample size.
-        devices: devices to shard the chains over (a list); or a ``Mesh`` with the axes
-            ``"chain"`` and/or ``"data"`` (see :func:`make_mesh`): chains split over
-            ``"chain"``, every minibatch over ``"data"`` (data-parallel gradients).
-            ``num_chains`` must be a multiple of the chain axis' size, ``batch_size`` of the
-            data axis' size. None: no sharding.
-        progress: show a tqdm progress bar, updated from the device every ``progress_every``
-            steps (default: about 100 updates per run).
-
-    Returns:
-        A :class:`SamplingResult`: merged and per-chain moments, the final states, the thinned
-        log-posterior estimates and weight traces, split R-hat and ESS of the traced weights.
-
-    Raises:
-        ValueError: for an invalid setting (named in the message), or when ``log_likelihood``
-            or ``log_prior`` return the wrong shape.
-        DivergenceError: (a ``FloatingPointError``) when a chain's log posterior, gradient or
-            parameters become NaN or inf; the message names the step and the step size, and the
-            error's ``result`` holds every chain frozen at its last finite state.
-
-    References:
-        Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin
-        dynamics. ICML.
-        Vehtari, A., Gelman, A., Simpson, D., Carpenter, B. & Bürkner, P.-C. (2021).
-        Rank-normalization, folding, and localization: an improved R-hat for assessing
-        convergence of MCMC. Bayesian Analysis (split R-hat and ESS).
-    """
-    chain_keys = _chain_keys(key, num_chains)
-    n_chains = chain_keys.shape[0]
-    num_burnin = _check_positive_int("num_burnin", num_burnin, 0, "steps before sampling")
-    num_samples = _check_positive_int("num_samples", num_samples, 1, "states kept per chain")
-    thin = _check_positive_int("thin", thin, 1, "keep every thin-th state")
-    num_traced = _check_positive_int("num_traced", num_traced, 0, "weights traced")
-    if not callable(log_likelihood) or not callable(log_prior):
-        raise ValueError("log_likelihood and log_prior must be callables.")
-
+def _check_data(data) -> tuple:
     if isinstance(data, (jax.Array, np.ndarray)):
         raise ValueError(
             "data must be a tuple of arrays such as (x, y), unpacked into log_likelihood(params, "
@@ -526,14 +820,137 @@ def run(
             )
     if num_data == 0:
         raise ValueError("data holds no examples.")
-    if batch_size is None:
-        batch_size = num_data
-    batch_size = _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
-    if batch_size > num_data:
-        raise ValueError(
-            f"batch_size={batch_size} exceeds the {num_data} examples in data; use at most "
-            f"{num_data}, or None for the whole data set."
-        )
+    return data
+
+
+def run(
+    key: jax.Array,
+    params: PyTree,
+    log_likelihood: Callable[..., jax.Array],
+    log_prior: Callable[[PyTree], jax.Array],
+    data: Sequence[Any],
+    *,
+    learning_rate: float | optax.Schedule | None = None,
+    temperature: float = 1.0,
+    transform: Callable[..., optax.GradientTransformation] = _sgld,
+    batch_size: int | None = None,
+    num_burnin: int | None = None,
+    num_samples: int | None = None,
+    thin: int | None = None,
+    num_chains: int | None = None,
+    params_per_chain: bool = False,
+    num_traced: int = 64,
+    devices: Sequence[jax.Device] | Mesh | None = None,
+    progress: bool = False,
+    progress_every: int | None = None,
+    predict: Callable[[PyTree, jax.Array], jax.Array] | None = None,
+    predict_inputs: Any = None,
+    rhat_threshold: float = 1.1,
+    ess_threshold: float = 100.0,
+    auto: dict | None = None,
+) -> SamplingResult:
+    """Runs SGLD chains and returns running posterior moments (no samples are stored).
+
+    Built from :func:`init` and :func:`step`: every step t of every chain takes a minibatch B_t
+    of n examples (a fresh permutation of the N examples per epoch and chain; the last
+    incomplete batch of an epoch is skipped), computes g = ∇U(θ_t) with
+    U(θ) = −log p(θ) − (N / n) Σ_{i ∈ B_t} log p(y_i | x_i, θ), and applies the transform with
+    the chain's own key for that step; for :func:`bayesnoise.sgld`,
+    θ_{t+1} = θ_t − η_t M g + N(0, 2 η_t T M). After ``num_burnin`` steps, every ``thin``-th
+    state θ_t (t = num_burnin + thin − 1, num_burnin + 2 thin − 1, ...) enters the chain's
+    running moments and, with ``predict``, a running sum of ``predict(θ_t, predict_inputs)``:
+    ``result.predictive`` is their mean over all kept states of all chains, the Bayesian model
+    average (for a classifier, pass a ``predict`` that returns probabilities).
+
+    Without ``learning_rate`` (the default), the settings come from :func:`auto_settings`: a
+    pilot run of the preconditioned sampler from ``params``, the curvature taken again where
+    the pilot ended (the elementwise maximum of both, since a network that fits its data
+    perfectly has almost no curvature at its mode), then burn-in and sampling with the step,
+    preconditioner and numbers of steps derived from it; ``num_chains`` defaults to 4 there.
+    The prior must then be proper in every weight. ``batch_size``, ``num_burnin``,
+    ``num_samples`` and ``thin`` given explicitly override the derived values; ``auto`` passes
+    options to :func:`auto_settings` (``noise_fraction``, ``max_step``, ``target_ess``,
+    ``max_steps``). With an explicit ``learning_rate`` nothing is derived: ``num_burnin``
+    defaults to 0, ``num_samples`` to 1000, ``thin`` to 1 and ``num_chains`` to 1.
+
+    ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
+    scan: calling again with the same function objects and settings reuses it. A NaN or inf in
+    a chain's U, gradient or state freezes that chain and raises :class:`DivergenceError` after
+    the scan: no host synchronisation in the loop.
+
+    Diagnostics come after the loop: split R-hat and ESS of ``num_traced`` weights spread over
+    every leaf; ``result.converged`` is max R-hat <= ``rhat_threshold`` and min ESS >=
+    ``ess_threshold``, and a ``logging`` warning (logger ``"bayesnoise"``) names the worst
+    weights when it is False.
+
+    Args:
+        key: a PRNG key, split into ``num_chains`` chains; or a vector of keys, one per chain.
+        params: the initial state, shared by all chains; with ``params_per_chain=True``, every
+            leaf has a leading chain axis instead.
+        log_likelihood: ``log_likelihood(params, *batch)`` -> per-example log-likelihoods of
+            shape (n,), for ``batch`` the minibatch of every array in ``data``.
+        log_prior: ``log_prior(params)`` -> scalar log prior density (for the GSM,
+            ``functools.partial(bn.gsm.full_log_prior, hierarchy=h)``).
+        data: a tuple of arrays with a common leading axis of N examples, e.g. ``(x, y)``.
+        learning_rate: the step size η (> 0) or an optax schedule; None for automatic settings.
+        temperature: T >= 0; 1 samples the posterior (automatic settings need T > 0).
+        transform: builds the update rule, ``transform(learning_rate, temperature=T)``:
+            :func:`bayesnoise.sgld` (default), :func:`bayesnoise.psgld` (which needs an explicit
+            learning rate) or any compatible optax transform.
+        batch_size: n, the minibatch size; None for the whole data set (automatic settings:
+            min(N, 256)).
+        num_burnin, num_samples, thin: steps before the first kept state, kept states per
+            chain, keep every thin-th state.
+        num_chains: the number of chains when ``key`` is a single key.
+        params_per_chain: whether ``params`` already has a leading chain axis.
+        num_traced: about how many weights to trace (at least one per leaf).
+        devices: devices to shard the chains over, or a ``Mesh`` with the axes ``"chain"``
+            and/or ``"data"`` (see :func:`make_mesh`).
+        progress: show a tqdm progress bar.
+        predict: ``predict(params, inputs)`` -> an array (e.g. class probabilities (M, K)),
+            averaged over the kept states of all chains into ``result.predictive``.
+        predict_inputs: the inputs handed to ``predict`` (e.g. held-out x).
+        rhat_threshold, ess_threshold: the convergence criteria.
+        auto: options for :func:`auto_settings`.
+
+    Returns:
+        A :class:`SamplingResult`.
+
+    Raises:
+        ValueError: for an invalid setting (named in the message), when ``log_likelihood``,
+            ``log_prior`` or ``predict`` return the wrong shape, or when automatic settings
+            meet an improper prior or a non-finite curvature.
+        DivergenceError: (a ``FloatingPointError``) when a chain's log posterior, gradient or
+            parameters become NaN or inf; the message names the step and the step size, and the
+            error's ``result`` holds every chain frozen at its last finite state.
+    """
+    is_auto = learning_rate is None
+    if is_auto and num_chains is None and (not hasattr(key, "ndim") or jnp.ndim(key) == 0):
+        num_chains = 4
+    chain_keys = _chain_keys(key, num_chains)
+    n_chains = chain_keys.shape[0]
+    if not callable(log_likelihood) or not callable(log_prior):
+        raise ValueError("log_likelihood and log_prior must be callables.")
+    data = _check_data(data)
+    num_data = data[0].shape[0]
+    if batch_size is not None:
+        batch_size = _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
+        if batch_size > num_data:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {num_data} examples in data; use at most "
+                f"{num_data}, or None for the whole data set."
+            )
+    for name, value, low, meaning in (
+        ("num_burnin", num_burnin, 0, "steps before sampling"),
+        ("num_samples", num_samples, 1, "states kept per chain"),
+        ("thin", thin, 1, "keep every thin-th state"),
+    ):
+        if value is not None:
+            _check_positive_int(name, value, low, meaning)
+    num_traced = _check_positive_int("num_traced", num_traced, 0, "weights traced")
+    for name, value in (("rhat_threshold", rhat_threshold), ("ess_threshold", ess_threshold)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
     if params_per_chain:
         for leaf in jax.tree.leaves(params):
@@ -549,22 +966,270 @@ def run(
         raise ValueError("params has no array leaves to sample.")
 
     # Shapes of the user's functions, checked once before compiling the whole run.
-    batch = tuple(jax.ShapeDtypeStruct((batch_size,) + a.shape[1:], a.dtype) for a in data)
+    n_check = batch_size or (min(num_data, 256) if is_auto else num_data)
+    batch = tuple(jax.ShapeDtypeStruct((n_check,) + a.shape[1:], a.dtype) for a in data)
     ll_shape = jax.eval_shape(log_likelihood, one_params, *batch).shape
-    if ll_shape != (batch_size,):
+    if ll_shape != (n_check,):
         raise ValueError(
             f"log_likelihood(params, *batch) must return one log-likelihood per example, shape "
-            f"({batch_size},) for a batch of {batch_size}; got shape {ll_shape}. Return the "
+            f"({n_check},) for a batch of {n_check}; got shape {ll_shape}. Return the "
             f"per-example values, not their sum or mean (the sampler scales them by N/n)."
         )
     lp_shape = jax.eval_shape(log_prior, one_params).shape
     if lp_shape != ():
         raise ValueError(f"log_prior(params) must return a scalar, got shape {lp_shape}.")
+    if predict is not None:
+        if not callable(predict) or predict_inputs is None:
+            raise ValueError(
+                "predict must be a callable predict(params, inputs) and predict_inputs the "
+                "held-out inputs to average it over."
+            )
+        predict_inputs = jnp.asarray(predict_inputs)
+        want = data[0].shape[1:]
+        if predict_inputs.ndim == 0 or predict_inputs.shape[1:] != want:
+            raise ValueError(
+                f"predict_inputs must hold examples shaped like the training inputs, (M,) + "
+                f"{tuple(want)}; got shape {tuple(predict_inputs.shape)}."
+            )
+        jax.eval_shape(predict, one_params, predict_inputs)
 
-    optimizer = _make_transform(transform, learning_rate, temperature)
-    total = num_burnin + num_samples * thin
+    common = dict(
+        log_likelihood=log_likelihood,
+        log_prior=log_prior,
+        transform=transform,
+        temperature=temperature,
+        devices=devices,
+        progress=progress,
+        progress_every=progress_every,
+        predict=predict,
+        predict_inputs=predict_inputs,
+    )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
+    if not is_auto:
+        result = _run_fixed(
+            chain_keys,
+            params,
+            data,
+            learning_rate=learning_rate,
+            batch_size=batch_size or num_data,
+            num_burnin=0 if num_burnin is None else num_burnin,
+            num_samples=1000 if num_samples is None else num_samples,
+            thin=1 if thin is None else thin,
+            params_per_chain=bool(params_per_chain),
+            trace_spec=trace_spec,
+            trace_names=trace_names,
+            precond=None,
+            gnoise=None,
+            **common,
+        )
+        settings = {"learning_rate": "schedule" if callable(learning_rate) else learning_rate}
+    else:
+        if transform is not _sgld:
+            raise ValueError(
+                f"automatic settings drive bn.sgld with a preconditioner; pass learning_rate= "
+                f"explicitly for the transform {getattr(transform, '__name__', transform)!r}."
+            )
+        result, settings = _run_auto(
+            chain_keys,
+            params,
+            one_params,
+            data,
+            batch_size=batch_size,
+            num_burnin=num_burnin,
+            num_samples=num_samples,
+            thin=thin,
+            params_per_chain=bool(params_per_chain),
+            trace_spec=trace_spec,
+            trace_names=trace_names,
+            options=dict(auto or {}),
+            **common,
+        )
+    return _finish(result, settings, rhat_threshold, ess_threshold)
 
+
+def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
+    """Adaptation windows, then burn-in and sampling with the last settings.
+
+    Each window runs the preconditioned sampler with the current settings, then takes the
+    curvature again at every chain's state (the elementwise maximum with every earlier
+    estimate) and derives the settings anew. When a chain diverges, the curvature at the
+    chains' last finite states joins the estimate, the steps of every weight the data touches
+    shrink fourfold, and the window (or the sampling run) starts again from where it started.
+    """
+    from bayesnoise import laplace
+
+    n_chains = chain_keys.shape[0]
+    temperature = kw["temperature"]
+    log_likelihood, log_prior = kw["log_likelihood"], kw["log_prior"]
+    batch_size = kw.pop("batch_size")
+    overrides = {k: kw.pop(k) for k in ("num_burnin", "num_samples", "thin")}
+    params_per_chain = kw.pop("params_per_chain")
+    num_windows = int(options.pop("adapt_windows", 4))
+    max_retries = int(options.pop("max_retries", 6))
+    base = jax.random.fold_in(chain_keys[0], 1_000_003)
+    calls = itertools.count()
+
+    def chain_positions(state):
+        return [jax.tree.map(lambda x, c=c: x[c], state) for c in range(n_chains)]
+
+    def derive(positions, curvature, scale):
+        return auto_settings(
+            jax.random.fold_in(base, next(calls)),
+            positions[0],
+            log_likelihood,
+            log_prior,
+            data,
+            temperature=temperature,
+            batch_size=batch_size,
+            num_chains=n_chains,
+            curvature=curvature,
+            positions=positions,
+            step_scale=scale,
+            **options,
+        )
+
+    def curvature_at(positions, curvature=None):
+        # the elementwise maximum of the diagonal GGN over the chains' states (states where it
+        # is not finite, at the edge of a divergence, are skipped)
+        for p in positions:
+            try:
+                found = laplace.diag_ggn(
+                    p, log_likelihood, data, key=jax.random.fold_in(base, next(calls))
+                )
+            except ValueError:
+                continue
+            curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
+        return curvature
+
+    def attempt(settings, state, per_chain, salt, **run):
+        return _run_fixed(
+            jax.vmap(lambda k: jax.random.fold_in(k, salt))(chain_keys),
+            state,
+            data,
+            learning_rate=settings.learning_rate,
+            batch_size=settings.batch_size,
+            params_per_chain=per_chain,
+            precond=settings.preconditioner,
+            gnoise=settings.gradient_noise,
+            **run,
+        )
+
+    positions = chain_positions(params) if params_per_chain else [one_params]
+    curvature = curvature_at(positions)
+    if curvature is None:
+        raise ValueError(
+            "the curvature (diagonal GGN) at the start is not finite: check log_likelihood at "
+            "these params, or pass learning_rate= explicitly."
+        )
+    scale, state, per_chain, adapted, retries = 1.0, params, params_per_chain, 0, 0
+    settings = derive(positions, curvature, scale)
+
+    def diverged(err, where):
+        nonlocal curvature, scale, settings, retries
+        retries += 1
+        if retries > max_retries:
+            raise err
+        curvature = curvature_at(chain_positions(err.result.params), curvature)
+        scale /= 4.0
+        settings = derive(positions, curvature, scale)
+        logger.info(
+            "%s diverged at step %d: starting it again with the curvature where the chains "
+            "stopped and steps %g times the derived ones",
+            where,
+            err.step,
+            scale,
+        )
+
+    w = 0
+    while w < num_windows:
+        # windows of 1/8, 1/8, 1/4, 1/2 of the burn-in (for four windows): early, short windows
+        # catch the growth of the curvature as the chains leave the start
+        share = 2.0 ** (w - num_windows) if w > 0 else 2.0 ** (-num_windows + 1)
+        length = max(25, int(settings.num_burnin * share))
+        try:
+            out = attempt(
+                settings,
+                state,
+                per_chain,
+                2 + w + 100 * retries,
+                num_burnin=length,
+                num_samples=0,
+                thin=1,
+                **{**kw, "trace_spec": (), "trace_names": (), "progress": False},
+            )
+        except DivergenceError as err:
+            diverged(err, f"adaptation window {w}")
+            continue
+        state, per_chain, adapted = out.params, True, adapted + length
+        positions = chain_positions(state)
+        curvature = curvature_at(positions, curvature)
+        settings = derive(positions, curvature, scale)
+        w += 1
+
+    burnin = overrides["num_burnin"]
+    burnin = max(0, settings.num_burnin - adapted) if burnin is None else burnin
+    while True:
+        thin = settings.thin if overrides["thin"] is None else overrides["thin"]
+        samples = (
+            settings.num_samples if overrides["num_samples"] is None else overrides["num_samples"]
+        )
+        try:
+            result = attempt(
+                settings,
+                state,
+                per_chain,
+                1 + 100 * retries,
+                num_burnin=burnin,
+                num_samples=samples,
+                thin=thin,
+                **kw,
+            )
+            break
+        except DivergenceError as err:
+            diverged(err, "sampling")
+    info = {
+        "learning_rate": settings.learning_rate,
+        "batch_size": settings.batch_size,
+        "adaptation_steps": adapted,
+        "num_burnin": burnin,
+        "num_samples": samples,
+        "thin": thin,
+        "step_scale": scale,
+        "relaxation_steps": settings.relaxation_steps,
+        "curvature_max": settings.curvature_max,
+        "data_fraction": settings.data_fraction,
+        "preconditioner": settings.preconditioner,
+    }
+    return result._replace(num_steps=adapted + result.num_steps), info
+
+
+def _run_fixed(
+    chain_keys,
+    params,
+    data,
+    *,
+    log_likelihood,
+    log_prior,
+    transform,
+    learning_rate,
+    temperature,
+    batch_size,
+    num_burnin,
+    num_samples,
+    thin,
+    params_per_chain,
+    trace_spec,
+    trace_names,
+    precond,
+    gnoise,
+    devices,
+    progress,
+    progress_every,
+    predict,
+    predict_inputs,
+):
+    n_chains = chain_keys.shape[0]
+    total = num_burnin + num_samples * thin
     mesh = _mesh(devices, n_chains, batch_size)
     if mesh is not None:
         by_chain = NamedSharding(mesh, P("chain" if "chain" in mesh.axis_names else None))
@@ -572,8 +1237,10 @@ def run(
         chain_keys = jax.device_put(chain_keys, by_chain)
         params = jax.device_put(params, by_chain if params_per_chain else replicated)
         data = jax.device_put(data, replicated)
+        if precond is not None:
+            precond, gnoise = jax.device_put((precond, gnoise), replicated)
 
-    if progress:
+    if progress and total > 0:
         every = progress_every or max(1, total // 100)
         every = _check_positive_int("progress_every", every, 1, "steps between bar updates")
         from tqdm.auto import tqdm
@@ -588,9 +1255,14 @@ def run(
             params,
             data,
             jax.device_put(np.int32(bar_id)),
+            precond,
+            gnoise,
+            predict_inputs,
             log_likelihood=log_likelihood,
             log_prior=log_prior,
-            optimizer=optimizer,
+            transform=transform,
+            learning_rate=learning_rate,
+            temperature=temperature,
             batch_size=batch_size,
             num_burnin=num_burnin,
             num_samples=num_samples,
@@ -598,52 +1270,95 @@ def run(
             trace_spec=trace_spec,
             mesh=mesh,
             progress_every=every,
-            params_per_chain=bool(params_per_chain),
+            params_per_chain=params_per_chain,
+            predict=predict,
         )
         jax.block_until_ready(carry)
-        if progress:
+        if every:
             jax.effects_barrier()
     finally:
-        if progress:
+        if every:
             _BARS.pop(bar_id).close()
 
-    # Explicit transfers only (the run works under jax.transfer_guard("disallow")).
-    trace = np.asarray(jax.device_get(carry.trace), np.float64)
-    rhat, ess = _diagnostics(trace)
+    predictive = None
+    if predict is not None and num_samples > 0:
+        kept = jnp.maximum(jnp.sum(carry.moments.count), 1.0)
+        predictive = jnp.sum(carry.pred_sum, axis=0) / kept
     result = SamplingResult(
         moments=merged,
         chain_moments=carry.moments,
-        params=carry.params,
-        opt_state=carry.opt_state,
+        params=carry.state.params,
+        opt_state=carry.state.opt_state,
         log_posterior=carry.log_post,
         trace=carry.trace,
         trace_names=trace_names,
-        rhat=rhat,
-        ess=ess,
+        rhat=np.zeros((0,)),
+        ess=np.zeros((0,)),
         num_steps=total,
+        converged=False,
+        predictive=predictive,
+        settings={},
     )
+    # Explicit transfers only (the run works under jax.transfer_guard("disallow")).
     bad = jax.device_get(carry.bad_step)
     if (bad >= 0).any():
         steps = np.where(bad >= 0, bad, np.iinfo(np.int32).max)
         chain = int(np.argmin(steps))
-        step = int(steps[chain])
-        eta = float(_step_size(learning_rate, step))
+        step_t = int(steps[chain])
+        eta = float(_step_size(learning_rate, step_t))
         phase = (
-            f"burn-in step {step}" if step < num_burnin else f"sampling step {step - num_burnin}"
+            f"burn-in step {step_t}"
+            if step_t < num_burnin
+            else f"sampling step {step_t - num_burnin}"
         )
         lr_text = "a schedule" if callable(learning_rate) else repr(learning_rate)
         raise DivergenceError(
-            f"SGLD diverged at step {step} ({phase}, chain {chain}) with step size η_t = {eta:g}: "
-            f"the log posterior, its gradient or the parameters became NaN or inf. Lower the "
-            f"learning rate (now {lr_text}), or check log_likelihood and log_prior at the last "
-            f"finite state (the error's .result.params). "
+            f"SGLD diverged at step {step_t} ({phase}, chain {chain}) with step size "
+            f"η_t = {eta:g}: the log posterior, its gradient or the parameters became NaN or inf. "
+            f"Lower the learning rate (now {lr_text}), or check log_likelihood and log_prior at "
+            f"the last finite state (the error's .result.params). "
             f"{int((bad >= 0).sum())} of {n_chains} chains diverged.",
-            step=step,
+            step=step_t,
             step_size=eta,
             chain=chain,
             result=result,
         )
     return result
+
+
+def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshold):
+    trace = np.asarray(jax.device_get(result.trace), np.float64)
+    rhat, ess = _diagnostics(trace)
+    finite = np.isfinite(rhat) & np.isfinite(ess)
+    converged = bool(
+        rhat.size
+        and finite.all()
+        and np.max(rhat) <= rhat_threshold
+        and np.min(ess) >= ess_threshold
+    )
+    if rhat.size and not converged:
+        worst = int(np.nanargmax(np.where(finite, rhat, np.inf)))
+        low = int(np.nanargmin(np.where(finite, ess, -np.inf)))
+        logger.warning(
+            "the chains have not converged: max split R-hat %.3g (threshold %.3g, at %s), min "
+            "ESS %.3g (threshold %.3g, at %s) over %d traced weights; run longer, use more "
+            "chains, or let the sampler choose its settings (no learning_rate).",
+            rhat[worst],
+            rhat_threshold,
+            result.trace_names[worst],
+            ess[low],
+            ess_threshold,
+            result.trace_names[low],
+            rhat.size,
+        )
+    settings = dict(settings)
+    settings.update(
+        rhat_max=float(np.max(rhat[finite])) if finite.any() else float("nan"),
+        ess_min=float(np.min(ess[finite])) if finite.any() else float("nan"),
+        rhat_threshold=float(rhat_threshold),
+        ess_threshold=float(ess_threshold),
+    )
+    return result._replace(rhat=rhat, ess=ess, converged=converged, settings=settings)
 
 
 def _diagnostics(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,14 +13,15 @@ In Welling & Teh's notation ε_t = 2 η_t: their θ ← θ + (ε_t / 2) ∇log p
 
 The transforms return the update; apply it with ``optax.apply_updates``. A PRNG key is kept in
 the state and split on every update, so the noise differs from step to step and the transform is
-a pure function of its state. The noise of a leaf is exactly ``jax.random.normal`` of its
+a pure function of its state; or the caller hands each update its own key
+(``update(grads, state, params, key=k)``, an optax extra argument), as the sampler does. The noise of a leaf is exactly ``jax.random.normal`` of its
 subkey; for float32 it is computed by Threefry written out in array operations, which XLA fuses
 with the update (JAX lowers its own Threefry to a rolled loop on CPU, where drawing the noise
 then costs as much as the gradient of a small MLP).
 
 Example:
     >>> import jax, jax.numpy as jnp, optax, bayesnoise as bn
-    >>> opt = bn.sgld(1e-3, temperature=1.0, seed=0)
+    >>> opt = bn.sgld(1e-3, temperature=1.0, key=0)
     >>> params = {"w": jnp.zeros(3)}
     >>> state = opt.init(params)
     >>> grads = jax.grad(lambda p: 0.5 * jnp.sum(p["w"] ** 2))(params)
@@ -72,28 +73,80 @@ class PSGLDState(NamedTuple):
     nu: PyTree  # running average V of g ⊙ g, shaped like the params
 
 
-def _as_key(seed: int | jax.Array) -> jax.Array:
-    """A typed PRNG key from an int seed, a typed key or a raw uint32 key."""
-    if isinstance(seed, numbers.Integral):
-        return jax.random.key(int(seed))
+def _as_key(key: int | jax.Array | None, seed: int | jax.Array | None = None) -> jax.Array:
+    """A typed PRNG key from ``key`` (or its alias ``seed``): an int, a typed or raw uint32 key.
+
+    Traced values are accepted (an int seed becomes a traced hyperparameter under
+    ``optax.inject_hyperparams``). ``None`` for both gives the fixed default key
+    ``jax.random.key(0)``.
+    """
+    if key is not None and seed is not None:
+        raise ValueError(
+            f"pass the PRNG key once: key={key!r} and its alias seed={seed!r} were both given."
+        )
+    name = "seed" if seed is not None else "key"
+    value = seed if seed is not None else key
+    if value is None:
+        return jax.random.key(0)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return jax.random.key(int(value))
     try:
-        seed = jnp.asarray(seed)
+        value = jnp.asarray(value)
     except TypeError:
         raise ValueError(
-            f"seed must be an int or a PRNG key (jax.random.key), got {seed!r}."
+            f"{name} must be an int or a PRNG key (jax.random.key), got {value!r}."
         ) from None
-    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        if seed.shape != ():
+    if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        if value.shape != ():
             raise ValueError(
-                f"seed must be a single PRNG key, got a key array of shape {seed.shape}."
+                f"{name} must be a single PRNG key, got a key array of shape {value.shape}."
             )
-        return seed
-    if seed.dtype == jnp.uint32 and seed.shape == (2,):
-        return jax.random.wrap_key_data(seed)
+        return value
+    if jnp.issubdtype(value.dtype, jnp.integer) and value.shape == () and value.dtype != bool:
+        return jax.random.key(value)
+    if value.dtype == jnp.uint32 and value.shape == (2,):
+        return jax.random.wrap_key_data(value)
     raise ValueError(
-        f"seed must be an int or a PRNG key (jax.random.key), got {seed.dtype} of shape "
-        f"{seed.shape}."
+        f"{name} must be an int or a PRNG key (jax.random.key), got {value.dtype} of shape "
+        f"{value.shape}."
     )
+
+
+def _step_key(state_key: jax.Array, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(next state key, this update's noise key): the caller's ``key`` when given, else a split
+    of the key kept in the state."""
+    if key is None:
+        new, sub = jax.random.split(state_key)
+        return new, sub
+    return state_key, _as_key(key)
+
+
+def _check_preconditioner(
+    preconditioner: PyTree | None, updates: PyTree, name: str = "preconditioner", allow_zero=False
+) -> None:
+    if preconditioner is None:
+        return
+    want = jax.tree.structure(updates)
+    got = jax.tree.structure(preconditioner)
+    if want != got:
+        raise ValueError(
+            f"the {name} must have the structure of the params: got {got}, expected {want}."
+        )
+    for m, g in zip(jax.tree.leaves(preconditioner), jax.tree.leaves(updates)):
+        if jnp.shape(m) != jnp.shape(g) and jnp.ndim(m) != 0:
+            raise ValueError(
+                f"every {name} leaf needs its parameter's shape {jnp.shape(g)} (or a scalar), "
+                f"got a leaf of shape {jnp.shape(m)}."
+            )
+        if _is_concrete(m):
+            low = float(jnp.min(m)) if jnp.size(m) else 1.0
+            ok = (low >= 0 if allow_zero else low > 0) and bool(jnp.all(jnp.isfinite(m)))
+            if not ok:
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ValueError(
+                    f"{name} entries must be finite and {bound}, got minimum {low} in a leaf of "
+                    f"shape {jnp.shape(m)}."
+                )
 
 
 def _is_concrete(x) -> bool:
@@ -209,66 +262,108 @@ def _normal_like(key: jax.Array, tree: PyTree) -> PyTree:
 def sgld(
     learning_rate: float | optax.Schedule,
     temperature: float = 1.0,
-    seed: int | jax.Array = 0,
-) -> optax.GradientTransformation:
+    key: int | jax.Array | None = None,
+    *,
+    preconditioner: PyTree | None = None,
+    gradient_noise: PyTree | None = None,
+    seed: int | jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Stochastic gradient Langevin dynamics (Welling & Teh, 2011).
 
     Given g = ∇U, U the minibatch estimate of the negative log posterior of the whole data set
     (the log-likelihood sum scaled by N/n), the update at step t is
 
-        u_t = −η_t g + sqrt(2 η_t T) ξ_t,    ξ_t ~ N(0, I),
+        u_t = −η_t M g + sqrt(2 η_t T M) ξ_t,    ξ_t ~ N(0, I),
 
-    so ``optax.apply_updates(params, u_t)`` is one Euler–Maruyama step of the Langevin diffusion
-    whose stationary law is ∝ exp(−U / T). η_t is ``learning_rate`` or, for a schedule,
-    ``learning_rate(t)`` with t = 0, 1, ... the number of earlier updates. Welling & Teh's step
-    ε_t is 2 η_t (see :func:`polynomial_schedule`).
+    so ``optax.apply_updates(params, u_t)`` is one Euler–Maruyama step of the (preconditioned)
+    Langevin diffusion whose stationary law is ∝ exp(−U / T). η_t is ``learning_rate`` or, for a
+    schedule, ``learning_rate(t)`` with t = 0, 1, ... the number of earlier updates. M is a fixed
+    diagonal preconditioner (all ones by default); being constant, it needs no correction term.
+    Welling & Teh's step ε_t is 2 η_t (see :func:`polynomial_schedule`).
+
+    With ``gradient_noise`` B (the variance of the minibatch estimate of ∇U per weight), the
+    update's own gradient noise, of variance η_t² M² B, is subtracted from the injected noise,
+    as in stochastic gradient Fisher scoring (Ahn et al., 2012): the injected variance is
+    max(2 η_t T M − η_t² M² B, 0), so the total stays 2 η_t T M where B is right.
+
+    The noise key: ``update(grads, state, params, key=k)`` uses ``k`` for this update's noise
+    (the sampler of :mod:`bayesnoise.sampling` hands every chain's step its own key this way);
+    without ``key=``, the key kept in the state is split, as optax's noise transforms do. The
+    state's key comes from the builder's ``key`` (``seed`` is an alias); ``key=None`` gives the
+    fixed default ``jax.random.key(0)``, so two transforms built without a key draw the same
+    noise.
+
+    Works inside ``optax.chain`` (which forwards ``key=`` to it) and under
+    ``optax.inject_hyperparams`` (the learning rate and temperature become state).
 
     Args:
         learning_rate: the step size η > 0, or an optax schedule t -> η_t.
         temperature: T >= 0; 1 samples the posterior, smaller values sharpen it (a "cold"
             posterior), 0 is gradient descent.
-        seed: an int or a PRNG key; the key is kept in the state and split on every update.
+        key: an int or a PRNG key for the state's key (None: ``jax.random.key(0)``).
+        preconditioner: a tree like the params of positive multipliers M (or None for M = 1),
+            e.g. the diagonal Laplace variance (``bn.laplace.posterior(...).variance``).
+        gradient_noise: a tree like the params of B >= 0, the variance of the stochastic
+            gradient per weight (None: no correction).
+        seed: alias of ``key``.
 
     Returns:
-        An ``optax.GradientTransformation`` whose state is :class:`SGLDState`.
+        An ``optax.GradientTransformationExtraArgs`` whose state is :class:`SGLDState`.
 
     Raises:
-        ValueError: if a constant ``learning_rate`` is not > 0 or ``temperature`` is < 0.
+        ValueError: if a constant ``learning_rate`` is not > 0, ``temperature`` is < 0, the key
+            is not an int or a key, or the preconditioner has the wrong structure or entries.
 
     Example:
-        >>> import jax.numpy as jnp, bayesnoise as bn
-        >>> opt = bn.sgld(bn.polynomial_schedule(a=1e-2, b=1.0, gamma=0.55), temperature=1.0)
+        >>> import jax, jax.numpy as jnp, bayesnoise as bn
+        >>> opt = bn.sgld(bn.polynomial_schedule(a=1e-2, b=1.0, gamma=0.55), key=0)
         >>> state = opt.init({"w": jnp.zeros(2)})
-        >>> updates, state = opt.update({"w": jnp.ones(2)}, state)
+        >>> updates, state = opt.update({"w": jnp.ones(2)}, state, key=jax.random.key(1))
         >>> updates["w"].shape
         (2,)
 
     References:
         Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin
         dynamics. ICML.
+        Ahn, S., Korattikara, A. & Welling, M. (2012). Bayesian posterior sampling via
+        stochastic gradient Fisher scoring. ICML.
     """
     _check_learning_rate(learning_rate)
     _check_temperature(temperature)
-    key0 = _as_key(seed)
+    key0 = _as_key(key, seed)
 
     def init_fn(params: PyTree) -> SGLDState:
-        del params
+        _check_preconditioner(preconditioner, params)
+        _check_preconditioner(gradient_noise, params, "gradient_noise", allow_zero=True)
         return SGLDState(count=jnp.zeros((), jnp.int32), key=key0)
 
-    def update_fn(updates: PyTree, state: SGLDState, params: PyTree | None = None):
+    def update_fn(updates: PyTree, state: SGLDState, params: PyTree | None = None, **extra):
         del params
         eta = step_size(learning_rate, state.count)
-        key, sub = jax.random.split(state.key)
+        new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
         scale = jnp.sqrt(2.0 * eta * temperature)
+        if preconditioner is None and gradient_noise is None:
 
-        def one(g, z):
-            return (-eta * g + scale * z).astype(jnp.result_type(g))
+            def one(g, z):
+                return (-eta * g + scale * z).astype(jnp.result_type(g))
 
-        new = jax.tree.map(one, updates, noise)
-        return new, SGLDState(count=optax.safe_increment(state.count), key=key)
+            new = jax.tree.map(one, updates, noise)
+        else:
+            ones = jax.tree.map(lambda g: jnp.ones((), jnp.result_type(g)), updates)
+            m_tree = ones if preconditioner is None else preconditioner
+            b_tree = (
+                jax.tree.map(jnp.zeros_like, ones) if gradient_noise is None else gradient_noise
+            )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+            def one(g, z, m, b):
+                var = jnp.maximum(2.0 * eta * temperature * m - (eta * m) ** 2 * b, 0.0)
+                return (-eta * m * g + jnp.sqrt(var) * z).astype(jnp.result_type(g))
+
+            new = jax.tree.map(one, updates, noise, m_tree, b_tree)
+        return new, SGLDState(count=optax.safe_increment(state.count), key=new_key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def psgld(
@@ -276,8 +371,10 @@ def psgld(
     decay: float = 0.99,
     eps: float = 1e-5,
     temperature: float = 1.0,
-    seed: int | jax.Array = 0,
-) -> optax.GradientTransformation:
+    key: int | jax.Array | None = None,
+    *,
+    seed: int | jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Preconditioned SGLD with the RMSprop preconditioner (Li et al., 2016).
 
     With g = ∇U as in :func:`sgld`, every update first refreshes the running average and the
@@ -303,10 +400,12 @@ def psgld(
         decay: α in [0, 1), the decay of the running average of squared gradients.
         eps: λ > 0, the damping added to sqrt(V).
         temperature: T >= 0, as in :func:`sgld`.
-        seed: an int or a PRNG key, split on every update.
+        key: an int or a PRNG key for the state's key, as in :func:`sgld` (``update`` takes a
+            per-update ``key=`` too); None gives ``jax.random.key(0)``.
+        seed: alias of ``key``.
 
     Returns:
-        An ``optax.GradientTransformation`` whose state is :class:`PSGLDState`.
+        An ``optax.GradientTransformationExtraArgs`` whose state is :class:`PSGLDState`.
 
     Raises:
         ValueError: for a constant ``learning_rate`` <= 0, ``decay`` outside [0, 1),
@@ -325,16 +424,16 @@ def psgld(
         )
     if _is_concrete(eps) and not float(eps) > 0:
         raise ValueError(f"eps (λ, the damping of the preconditioner) must be > 0, got {eps!r}.")
-    key0 = _as_key(seed)
+    key0 = _as_key(key, seed)
 
     def init_fn(params: PyTree) -> PSGLDState:
         nu = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), params)
         return PSGLDState(count=jnp.zeros((), jnp.int32), key=key0, nu=nu)
 
-    def update_fn(updates: PyTree, state: PSGLDState, params: PyTree | None = None):
+    def update_fn(updates: PyTree, state: PSGLDState, params: PyTree | None = None, **extra):
         del params
         eta = step_size(learning_rate, state.count)
-        key, sub = jax.random.split(state.key)
+        new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
         nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * g * g, state.nu, updates)
 
@@ -344,9 +443,9 @@ def psgld(
             return step.astype(jnp.result_type(g))
 
         new = jax.tree.map(one, updates, nu, noise)
-        return new, PSGLDState(count=optax.safe_increment(state.count), key=key, nu=nu)
+        return new, PSGLDState(count=optax.safe_increment(state.count), key=new_key, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def polynomial_schedule(a: float, b: float, gamma: float) -> Callable[[ArrayLike], jax.Array]:
