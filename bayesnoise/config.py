@@ -501,63 +501,132 @@ class PolynomialSchedule(_Section):
     gamma: float = _field(0.55, "a number in (0.5, 1]", lambda v: 0.5 < v <= 1)
 
 
-_DEFAULT_STEP_SIZE = 4e-5
-
-
 @dataclasses.dataclass(frozen=True)
 class SGLDConfig(_Section):
     """Posterior sampling by SGLD (:func:`bayesnoise.sampling.run`), started from the trained net.
 
-    Set either ``step_size`` or ``polynomial`` (and the other to null); with neither,
-    ``step_size`` is 4e-5. Each chain runs ``burnin + samples * thin`` steps.
+    ``step_size: auto`` (the default) lets the sampler choose settings that converge
+    (:func:`bayesnoise.sampling.auto_settings`: a diagonal Laplace preconditioner, a stable
+    step, burn-in, thinning and samples from the relaxation time, at most ``max_steps`` steps
+    per chain); ``burnin``, ``samples``, ``thin`` and ``batch_size`` given explicitly override
+    the derived values. A number sets the constant step η instead, or ``polynomial`` a decaying
+    one (with ``step_size: null``); then ``burnin``, ``samples`` and ``thin`` default to 1000,
+    500 and 4.
 
     Attributes:
-        method: sgld, or psgld (RMSprop-preconditioned).
-        step_size: the constant step η of :func:`bayesnoise.sgld` (η = ε / 2 in Welling &
-            Teh's notation); U is the negative log posterior of the whole training set, so η
-            is about a per-example learning rate divided by the number of examples.
+        method: sgld, or psgld (RMSprop-preconditioned; needs a numeric step size).
+        step_size: auto, or the constant step η of :func:`bayesnoise.sgld` (η = ε / 2 in
+            Welling & Teh's notation), or null with ``polynomial``.
         polynomial: a decaying step ε_t = a (b + t)^(−γ) instead.
-        temperature: T >= 0; 1 samples the posterior.
-        burnin: steps before the first kept state.
-        samples: states kept per chain (their running mean and variance, not the states).
-        thin: keep every ``thin``-th state.
+        temperature: T >= 0; 1 samples the posterior (auto needs T > 0).
+        burnin: steps before the first kept state (null: derived, or 1000).
+        samples: states kept per chain (null: derived, or 500).
+        thin: keep every ``thin``-th state (null: derived, or 4).
         chains: independent chains, run at once.
-        batch_size: minibatch size; null for the whole training set.
+        batch_size: minibatch size; null for the whole training set (auto: min(N, 256)).
+        max_steps: with auto, the most steps per chain.
+        rhat_threshold, ess_threshold: the convergence criteria of the diagnostics.
     """
 
     method: Literal["sgld", "psgld"] = "sgld"
-    step_size: float | None = _positive(None, "a number > 0 or null")
+    step_size: Any = _field(
+        "auto",
+        "auto, a number > 0, or null",
+        lambda v: (
+            isinstance(v, str)
+            or (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v > 0
+            )
+        ),
+    )
     polynomial: PolynomialSchedule | None = None
     temperature: float = _nonnegative(1.0)
-    burnin: int = _int(0, 1000)
-    samples: int = _int(1, 500)
-    thin: int = _int(1, 4)
+    burnin: int | None = _field(None, "an int >= 0 or null", lambda v: v >= 0)
+    samples: int | None = _field(None, "an int >= 1 or null", lambda v: v >= 1)
+    thin: int | None = _field(None, "an int >= 1 or null", lambda v: v >= 1)
     chains: int = _int(1, 4)
     batch_size: int | None = _field(64, "an int >= 1 or null", lambda v: v >= 1)
+    max_steps: int = _int(100, 20_000)
+    rhat_threshold: float = _positive(1.1)
+    ess_threshold: float = _positive(100.0)
 
     def _validate(self):
+        if isinstance(self.step_size, str) and self.step_size != "auto":
+            text = self.step_size.strip()
+            if _FLOAT_TEXT.match(text) and math.isfinite(float(text)) and float(text) > 0:
+                self._set("step_size", float(text))
+            else:
+                raise ConfigError(
+                    "step_size", f"got {self.step_size!r}; allowed: auto, a number > 0, or null."
+                )
         if self.step_size is None and self.polynomial is None:
-            self._set("step_size", _DEFAULT_STEP_SIZE)
-        elif self.step_size is not None and self.polynomial is not None:
+            raise ConfigError(
+                "step_size",
+                "got null without a polynomial schedule; allowed: auto, a number > 0, or null "
+                "with sgld.polynomial set.",
+            )
+        if self.step_size is not None and self.polynomial is not None:
             raise ConfigError(
                 "step_size",
                 f"got {self.step_size!r} and a polynomial schedule too; allowed: one of "
                 f"step_size and polynomial, the other null.",
             )
+        if self.auto and self.method == "psgld":
+            raise ConfigError(
+                "method",
+                "got psgld with step_size: auto; allowed: sgld with auto, or psgld with a "
+                "numeric step_size or a polynomial schedule.",
+            )
+        if self.auto and self.temperature == 0:
+            raise ConfigError(
+                "temperature",
+                "got 0 with step_size: auto; allowed: a temperature > 0 with auto, or a numeric "
+                "step_size for T = 0.",
+            )
 
     @property
-    def num_steps(self) -> int:
-        """Steps per chain: ``burnin + samples * thin``."""
-        return self.burnin + self.samples * self.thin
+    def auto(self) -> bool:
+        """Whether the sampler chooses its own settings."""
+        return self.step_size == "auto"
+
+    @property
+    def num_steps(self) -> int | None:
+        """Steps per chain, ``burnin + samples * thin``; None when they are derived (auto)."""
+        if self.auto and None in (self.burnin, self.samples, self.thin):
+            return None
+        burnin = 1000 if self.burnin is None else self.burnin
+        samples = 500 if self.samples is None else self.samples
+        return burnin + samples * (4 if self.thin is None else self.thin)
 
     def learning_rate(self) -> Any:
-        """The ``learning_rate`` of :func:`bayesnoise.sgld`: a float or a schedule of η_t."""
+        """The ``learning_rate`` of :func:`bayesnoise.sgld`: None (auto), a float or a schedule."""
+        if self.auto:
+            return None
         if self.polynomial is None:
             return self.step_size
         from bayesnoise.sgld import polynomial_schedule
 
         p = self.polynomial
         return polynomial_schedule(p.a, p.b, p.gamma)
+
+    def run_settings(self) -> dict:
+        """Keyword arguments of :func:`bayesnoise.sampling.run` for this section."""
+        fixed = not self.auto
+        return {
+            "learning_rate": self.learning_rate(),
+            "temperature": self.temperature,
+            "batch_size": self.batch_size,
+            "num_burnin": 1000 if fixed and self.burnin is None else self.burnin,
+            "num_samples": 500 if fixed and self.samples is None else self.samples,
+            "thin": 4 if fixed and self.thin is None else self.thin,
+            "num_chains": self.chains,
+            "rhat_threshold": self.rhat_threshold,
+            "ess_threshold": self.ess_threshold,
+            "auto": {"max_steps": self.max_steps} if self.auto else None,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import pickle
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from bayesnoise import nn as bnn
 from bayesnoise.sgld import psgld, sgld
 
 __all__ = ["run", "STAGES"]
+
+_log = logging.getLogger("bayesnoise")
 
 STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "finetune", "soft_target")
 
@@ -214,7 +217,54 @@ def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
         progress=progress,
     )
     final = scaled(res.params)
-    return {"params": final, "history": res.history, "metric": float(task.metric(final))}
+    out = {"params": final, "history": res.history, "metric": float(task.metric(final))}
+    if noise is not None and task.classification:
+        # Monte Carlo dropout's predictive, for the calibration table beside the posterior's
+        noisy = bnn.noisy_apply(task.model, noise)
+        fn = lambda k, x: noisy(res.params, x, rngs={"noise": k})
+        probs = inference.mc_predict(
+            fn, task.x_test, jax.random.fold_in(key, 2), task.cfg.eval.mc_samples
+        )
+        out["mc_dropout"] = _calibration(np.asarray(probs), task.y_test)
+    return out
+
+
+def _calibration(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> dict:
+    """Test error, negative log-likelihood and expected calibration error of class probabilities
+    (ECE: Σ_bins (n_b / n) |accuracy_b − confidence_b| over equal-width confidence bins)."""
+    probs = np.asarray(probs, np.float64)
+    y = np.asarray(y)
+    pred, conf = probs.argmax(-1), probs.max(-1)
+    nll = float(-np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12))))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.mean() * abs((pred[inside] == y[inside]).mean() - conf[inside].mean())
+    return {"error": float(np.mean(pred != y)), "nll": nll, "ece": float(ece)}
+
+
+def _prior_recovery(task: _Task, mean, variance, h) -> dict | None:
+    """For inputs that are zero in every training example: their first-layer rows' variance
+    over the prior variance σ0²λ², and their mean |μ| in prior standard deviations."""
+    x = np.asarray(task.x_train).reshape(len(task.x_train), -1)
+    dead = np.where(np.all(x == 0, axis=0))[0]
+    if dead.size == 0:
+        return None
+    prior_var = gsm.prior_variance(mean, h)
+    for m, v, pv, (_, axis) in zip(
+        jax.tree.leaves(mean), jax.tree.leaves(variance), jax.tree.leaves(prior_var), h.axes
+    ):
+        if axis is None or m.ndim != 2 or m.shape[axis] != x.shape[1]:
+            continue
+        m, v, pv = (np.moveaxis(np.asarray(a), axis, 0)[dead] for a in (m, v, pv))
+        return {
+            "inputs": int(dead.size),
+            "variance_over_prior": float(np.mean(v / pv)),
+            "mean_abs_over_prior_sd": float(np.mean(np.abs(m) / np.sqrt(pv))),
+        }
+    return None
 
 
 def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
@@ -223,36 +273,41 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     transform = psgld if sc.method == "psgld" else sgld
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
     iterations = ec.iterations if use_em else 0
+    settings = sc.run_settings()
+    if task.classification:
+        predict = lambda p, x: jax.nn.softmax(task.model.apply(p, x))
+    else:
+        predict = lambda p, x: task.model.apply(p, x)
     records = []
     state, per_chain = params, False
     for it in range(iterations + 1):
+        run_settings = dict(settings)
+        if it > 0 and settings["num_burnin"] is not None:
+            run_settings["num_burnin"] = settings["num_burnin"] // 2
         res = sampling.run(
             jax.random.fold_in(key, it),
             state,
             task.log_likelihood,
-            functools.partial(gsm.log_prior, hierarchy=h),
+            functools.partial(gsm.full_log_prior, hierarchy=h),
             (task.x_train, task.y_train),
-            learning_rate=sc.learning_rate(),
-            temperature=sc.temperature,
             transform=transform,
-            batch_size=sc.batch_size,
-            num_burnin=sc.burnin if it == 0 else sc.burnin // 2,
-            num_samples=sc.samples,
-            thin=sc.thin,
-            num_chains=sc.chains,
             params_per_chain=per_chain,
             progress=progress,
+            predict=predict,
+            predict_inputs=task.x_test,
+            **run_settings,
         )
         state, per_chain = res.params, True  # warm start the next E-step
-        mean = moments.mean(res.moments)
+        mean, variance = moments.mean(res.moments), moments.variance(res.moments)
         record = {
             "iteration": it,
             "metric_at_mean": float(task.metric(mean)),
-            "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h)),
+            "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h, variance)),
             "train_log_likelihood": float(
                 jnp.sum(task.log_likelihood(mean, task.x_train, task.y_train))
             ),
             "scales_mean": [float(jnp.mean(s)) for s in jax.tree.leaves(h.scales)],
+            "converged": bool(res.converged),
         }
         if it < iterations:  # the M-step
             second = moments.second_moment(res.moments)
@@ -261,16 +316,36 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
             h = h.replace(scales=new_scales)
         records.append(record)
         if use_em:
-            print(
-                f"[em] iteration {it}: metric at the posterior mean {record['metric_at_mean']:.4f}"
+            _log.info(
+                "[em] iteration %d: metric at the posterior mean %.4f", it, record["metric_at_mean"]
             )
+    diagnostics = {
+        k: v for k, v in res.settings.items() if k != "preconditioner" and not callable(v)
+    }
+    diagnostics["converged"] = bool(res.converged)
+    diagnostics["num_steps"] = int(res.num_steps)
+    recovery = _prior_recovery(task, mean, variance, h)
+    if recovery is not None:
+        diagnostics["prior_recovery"] = recovery
+    predictive = {}
+    if task.classification and res.predictive is not None:
+        predictive["bma"] = _calibration(np.asarray(res.predictive), task.y_test)
+        predictive["posterior_mean"] = _calibration(
+            np.asarray(jax.nn.softmax(task.model.apply(mean, task.x_test))), task.y_test
+        )
+    elif res.predictive is not None:
+        rmse = np.sqrt(np.mean((np.asarray(res.predictive)[:, 0] - task.y_test) ** 2))
+        predictive["bma"] = {"rmse": float(rmse * task.y_std)}
+        predictive["posterior_mean"] = {"rmse": float(task.metric(mean))}
     return {
-        "mean": moments.mean(res.moments),
+        "mean": mean,
         "std": moments.std(res.moments),
         "chain_mean": jax.vmap(moments.mean)(res.chain_moments),
         "chain_std": jax.vmap(moments.std)(res.chain_moments),
         "rhat": np.asarray(res.rhat),
         "ess": np.asarray(res.ess),
+        "diagnostics": diagnostics,
+        "predictive": predictive,
         "scales": h.scales,
         "em": records if use_em else [],
     }
@@ -528,6 +603,24 @@ def _table(results: dict) -> str:
             + " ".join(f"{a:>7}" for a in at)
             + spread
         )
+    sg = results.get("sgld", {})
+    if sg:
+        line = (
+            f"sgld: {'converged' if sg.get('converged') else 'NOT converged'} (max R-hat "
+            f"{sg.get('rhat_max', float('nan')):.3g}, min ESS {sg.get('ess_min', float('nan')):.3g})"
+        )
+        rec = sg.get("prior_recovery")
+        if rec:
+            line += (
+                f"; {rec['inputs']} dead inputs: variance {rec['variance_over_prior']:.2f} x prior, "
+                f"|mean| {rec['mean_abs_over_prior_sd']:.2f} prior sd"
+            )
+        lines.append(line)
+    for name, values in results.get("predictive", {}).items():
+        parts = ", ".join(
+            f"{k} {fmt(v) if k == 'error' else f'{v:.3f}'}" for k, v in values.items()
+        )
+        lines.append(f"{name:<15} {parts}")
     return "\n".join(lines)
 
 
@@ -606,7 +699,15 @@ def run(
         "breakpoints": pruned["breakpoints"],
         "per_chain": pruned.get("per_chain", {}),
         "tolerance": {"value": cfg.eval.tolerance, "relative": cfg.relative_tolerance},
-        "sgld": {"rhat_max": float(np.max(post["rhat"])), "ess_min": float(np.min(post["ess"]))},
+        "sgld": {
+            "rhat_max": float(np.nanmax(post["rhat"])),
+            "ess_min": float(np.nanmin(post["ess"])),
+            **post.get("diagnostics", {}),
+        },
+        "predictive": {
+            **post.get("predictive", {}),
+            **({"mc_dropout": trained["mc_dropout"]} if "mc_dropout" in trained else {}),
+        },
         "em": post["em"],
         "soft_target": soft["points"] if soft else [],
         "finetuned": tuned["curves"] if tuned else {},

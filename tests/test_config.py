@@ -46,7 +46,10 @@ def test_shipped_config_contents():
 def test_defaults_and_derived_fields():
     cfg = load_config({})
     assert cfg.name == "digits" and cfg.out == "runs/digits"
-    assert cfg.sgld.step_size > 0 and cfg.sgld.polynomial is None
+    assert cfg.sgld.step_size == "auto" and cfg.sgld.polynomial is None
+    fixed = load_config({"sgld": {"step_size": "1e-6"}}).sgld
+    assert fixed.step_size == 1e-6 and fixed.num_steps == 1000 + 500 * 4
+    assert fixed.run_settings()["num_burnin"] == 1000 and fixed.run_settings()["auto"] is None
     assert cfg.prune.num_fractions == 50
     assert cfg.prune.fraction_grid() == tuple(i / 50 for i in range(50))
     assert cfg.noise.keep == 0.5 and cfg.em.hyperprior.kind == "none"
@@ -128,6 +131,10 @@ def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
         ),
         ({"sgld": {"polynomial": {}, "step_size": 1e-4}}, "sgld.step_size", ["one of"]),
         ({"eval": {"tolerance": -0.01}}, "eval.tolerance", ["-0.01", ">= 0"]),
+        ({"sgld": {"step_size": "fast"}}, "sgld.step_size", ["'fast'", "auto, a number > 0"]),
+        ({"sgld": {"step_size": -1.0}}, "sgld.step_size", ["-1.0", "auto, a number > 0"]),
+        ({"sgld": {"method": "psgld"}}, "sgld.method", ["psgld", "numeric step_size"]),
+        ({"sgld": {"temperature": 0.0}}, "sgld.temperature", ["got 0", "temperature > 0"]),
         ({"prune": {"fractions": [0.2, 1.5]}}, "prune.fractions", ["1.5", "[0, 1]"]),
         ({"prune": {"fractions": [0.5, 0.2]}}, "prune.fractions", ["strictly increasing"]),
         ({"prune": {"rules": ["snr", "snr"]}}, "prune.rules", ["distinct"]),

@@ -50,6 +50,12 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
         assert len(chains["breakpoints"][rule]) == 2
     assert chains["unpruned"][0] != chains["unpruned"][1] or not np.array_equal(*per)
     assert len(res["em"]) == 2 and "q" in res["em"][0]
+    sg = res["sgld"]  # diagnostics, and the dead pixels' recovery
+    assert isinstance(sg["converged"], bool) and sg["learning_rate"] > 0
+    assert sg["prior_recovery"]["inputs"] == 4 and sg["prior_recovery"]["variance_over_prior"] > 0
+    for name in ("bma", "posterior_mean", "mc_dropout"):
+        values = res["predictive"][name]
+        assert 0 <= values["error"] <= 1 and values["nll"] > 0 and 0 <= values["ece"] <= 1
     assert len(res["soft_target"]) >= 1
     for rule, pts in res["finetuned"].items():  # retraining with the mask fixed does not hurt
         grid = np.asarray(res["curves"][rule])
