@@ -289,9 +289,12 @@ def prune_suite(num_fractions: int = 100, repeats: int = 3) -> dict[str, Any]:
 
 
 @register("em")
-def em_suite(repeats: int = 5, estep_steps: int = 500) -> dict[str, Any]:
+def em_suite(repeats: int = 5, estep_steps: int = 500, default: bool = True) -> dict[str, Any]:
     """One EM iteration on the MNIST MLP: an SGLD E-step of ``estep_steps`` steps (1 chain,
-    batch 128) and the M-step, closed form and numerical (Gamma hyperprior)."""
+    batch 128) and the M-step, closed form and numerical (Gamma hyperprior); with ``default``,
+    also :func:`bayesnoise.em.e_step` with its automatic settings (4 chains, adaptation
+    included, timed once with its compilation, as a user meets it) and the rows of the
+    always-zero pixels' variance over their prior variance."""
     from bayesnoise import em, gsm, moments, noise, sampling
 
     model = _mlp()
@@ -325,7 +328,20 @@ def em_suite(repeats: int = 5, estep_steps: int = 500) -> dict[str, Any]:
     closed = jax.jit(lambda s, h: em.m_step(s, h))
     numeric = jax.jit(lambda s, h: em.m_step(s, h, noise.Gamma(2.0, 2.0)))
     closed(second, h), numeric(second, h)
+    out: dict[str, Any] = {}
+    if default:
+        t0 = time.perf_counter()
+        res = em.e_step(jax.random.key(2), params, h, log_lik, (x, y))
+        jax.block_until_ready(res.moments)
+        out["default_e_step_s"] = time.perf_counter() - t0
+        out["default_e_step_steps"] = int(res.num_steps)
+        dead = np.where(np.all(np.asarray(x) == 0, axis=0))[0]
+        var = moments.variance(res.moments)["params"]["Dense_0"]["kernel"]
+        out["default_e_step_dead_pixel_variance_over_prior"] = float(jnp.mean(var[dead]))
+        out["default_e_step_rhat_max"] = float(np.nanmax(res.rhat))
+        out["default_e_step_ess_min"] = float(np.nanmin(res.ess))
     return {
+        **out,
         "e_step_s": e_s,
         "e_step_steps": estep_steps,
         "m_step_closed_form_s": _median_time(lambda: closed(second, h), repeats),

@@ -523,7 +523,7 @@ class SGLDConfig(_Section):
         samples: states kept per chain (null: derived, or 500).
         thin: keep every ``thin``-th state (null: derived, or 4).
         chains: independent chains, run at once.
-        batch_size: minibatch size; null for the whole training set (auto: min(N, 256)).
+        batch_size: minibatch size; null for the whole training set (auto: min(N, 128)).
         max_steps: with auto, the most steps per chain.
         rhat_threshold, ess_threshold: the convergence criteria of the diagnostics.
     """

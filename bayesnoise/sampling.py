@@ -237,39 +237,56 @@ def prior_precision(params: PyTree, log_prior: Callable[[PyTree], jax.Array]) ->
     return jax.tree.map(jnp.negative, hv)
 
 
-def _power_max(key, potential, positions, sqrt_m, sub, num_iters: int = 15) -> float:
-    """The largest |eigenvalue| of M^½ ∇²potential M^½ over ``positions``, by power iteration.
+def _norm(tree: PyTree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree)))
 
-    ``potential(params, sub)``; everything is an argument of the compiled function, so nothing
-    large is folded into it as a constant.
-    """
 
-    def norm(t):
-        return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(t)))
+@functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "num_iters"))
+def _power_iterate(key, params, sqrt_m, sub, scale, inv_t, *, log_likelihood, log_prior, num_iters):
+    """Power iteration for λ_max of M^½ ∇²U M^½, U = −(log p(θ) + scale Σ_sub log p(y|x, θ)) / T."""
 
-    @jax.jit
-    def iterate(key, params, sqrt_m, sub):
-        def hvp(v):
-            mv = jax.tree.map(jnp.multiply, sqrt_m, v)
-            _, hv = jax.jvp(jax.grad(lambda p: potential(p, sub)), (params,), (mv,))
-            return jax.tree.map(jnp.multiply, sqrt_m, hv)
+    def potential(p):
+        return -(log_prior(p) + scale * jnp.sum(log_likelihood(p, *sub))) * inv_t
 
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(key, len(leaves))
-        v = [jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
-        v = jax.tree.unflatten(treedef, v)
+    def hvp(v):
+        mv = jax.tree.map(jnp.multiply, sqrt_m, v)
+        _, hv = jax.jvp(jax.grad(potential), (params,), (mv,))
+        return jax.tree.map(jnp.multiply, sqrt_m, hv)
 
-        def body(_, carry):
-            v, _ = carry
-            v = jax.tree.map(lambda x: x / norm(v), v)
-            w = hvp(v)
-            lam = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)))
-            return w, lam
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    v = [jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+    v = jax.tree.unflatten(treedef, v)
 
-        return jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), jnp.float32)))[1]
+    def body(_, carry):
+        v, _ = carry
+        v = jax.tree.map(lambda x: x / _norm(v), v)
+        w = hvp(v)
+        lam = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)))
+        return w, lam
 
+    return jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), jnp.float32)))[1]
+
+
+def _power_max(key, positions, sqrt_m, sub, scale, inv_t, *, log_likelihood, log_prior) -> float:
+    """The largest |eigenvalue| of M^½ ∇²U M^½ over ``positions`` (one compiled iteration for
+    the same functions and shapes)."""
     return max(
-        abs(float(iterate(jax.random.fold_in(key, i), p, sqrt_m, sub)))
+        abs(
+            float(
+                _power_iterate(
+                    jax.random.fold_in(key, i),
+                    p,
+                    sqrt_m,
+                    sub,
+                    jnp.float32(scale),
+                    jnp.float32(inv_t),
+                    log_likelihood=log_likelihood,
+                    log_prior=log_prior,
+                    num_iters=15,
+                )
+            )
+        )
         for i, p in enumerate(positions)
     )
 
@@ -327,7 +344,7 @@ def auto_settings(
         log_likelihood, log_prior, data: as in :func:`run`; the prior must be proper in every
             weight (for the GSM, ``bn.gsm.full_log_prior``).
         temperature: T > 0.
-        batch_size: n (None: min(N, 256)).
+        batch_size: n (None: min(N, 128)).
         num_chains: chains that share the ESS target.
         curvature: a precomputed per-example diag GGN (a tree like ``params``), e.g. the
             elementwise maximum of the GGN at every chain's state.
@@ -354,7 +371,7 @@ def auto_settings(
         )
     T = float(temperature)
     num_data = int(jax.tree.leaves(data)[0].shape[0])
-    n = min(num_data, 256) if batch_size is None else int(batch_size)
+    n = min(num_data, 128) if batch_size is None else int(batch_size)
     k_ggn, k_pow, k_sub = jax.random.split(key, 3)
 
     prec = prior_precision(params, log_prior)
@@ -394,10 +411,6 @@ def auto_settings(
     idx = jax.random.choice(k_sub, num_data, (m,), replace=False) if m < num_data else None
     sub = tuple(a if idx is None else jnp.take(a, idx, axis=0) for a in data)
 
-    def u_sub(p, sub):
-        ll = jnp.sum(log_likelihood(p, *sub))
-        return -(log_prior(p) + (num_data / m) * ll) / T
-
     positions = [params] if positions is None else list(positions)
 
     # Per-weight steps d_k = min(max_step, c / ρ_k): weights the data barely touch (ρ_k → 0,
@@ -416,7 +429,16 @@ def auto_settings(
     for i in range(4):
         d = steps(c)
         sqrt_md = jax.tree.map(lambda mk, dk: jnp.sqrt(mk * dk), precond, d)
-        lam_max = _power_max(jax.random.fold_in(k_pow, i), u_sub, positions, sqrt_md, sub)
+        lam_max = _power_max(
+            jax.random.fold_in(k_pow, i),
+            positions,
+            sqrt_md,
+            sub,
+            num_data / m,
+            1.0 / T,
+            log_likelihood=log_likelihood,
+            log_prior=log_prior,
+        )
         if not math.isfinite(lam_max):  # a Hessian-vector product overflowed: a smaller step
             c, lam_max = 0.01 * c, float("inf")
             continue
@@ -519,11 +541,19 @@ def _tick(bar_id, done) -> None:
         bar.update(int(done) - bar.n)
 
 
+# the drift clip of the automatic settings, in noise standard deviations per step
+_MAX_DRIFT = 3.0
+
+
 def _build_transform(transform, learning_rate, temperature, precond, gnoise):
     if precond is None:
         return transform(learning_rate, temperature=temperature)
     return transform(
-        learning_rate, temperature=temperature, preconditioner=precond, gradient_noise=gnoise
+        learning_rate,
+        temperature=temperature,
+        preconditioner=precond,
+        gradient_noise=gnoise,
+        max_drift=_MAX_DRIFT,
     )
 
 
@@ -582,6 +612,7 @@ def _sample(
     precond,
     gnoise,
     predict_inputs,
+    floor,
     *,
     log_likelihood,
     log_prior,
@@ -687,7 +718,8 @@ def _sample(
         new_state, info = jax.vmap(step, in_axes=(0, 0, None if full_batch else 0))(
             keys_t, c.state, batch
         )
-        ok = alive & info.finite
+        # a runaway chain: its log posterior fell below the floor (−inf unless automatic)
+        ok = alive & info.finite & (info.log_posterior >= floor)
         if num_samples > 0:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
             moments, buf_lp, buf_tr, pred, ok = jax.lax.cond(
@@ -898,7 +930,7 @@ def run(
             :func:`bayesnoise.sgld` (default), :func:`bayesnoise.psgld` (which needs an explicit
             learning rate) or any compatible optax transform.
         batch_size: n, the minibatch size; None for the whole data set (automatic settings:
-            min(N, 256)).
+            min(N, 128)).
         num_burnin, num_samples, thin: steps before the first kept state, kept states per
             chain, keep every thin-th state.
         num_chains: the number of chains when ``key`` is a single key.
@@ -966,7 +998,7 @@ def run(
         raise ValueError("params has no array leaves to sample.")
 
     # Shapes of the user's functions, checked once before compiling the whole run.
-    n_check = batch_size or (min(num_data, 256) if is_auto else num_data)
+    n_check = batch_size or (min(num_data, 128) if is_auto else num_data)
     batch = tuple(jax.ShapeDtypeStruct((n_check,) + a.shape[1:], a.dtype) for a in data)
     ll_shape = jax.eval_shape(log_likelihood, one_params, *batch).shape
     if ll_shape != (n_check,):
@@ -1047,6 +1079,14 @@ def run(
     return _finish(result, settings, rhat_threshold, ess_threshold)
 
 
+def _start_log_posterior(params, log_likelihood, log_prior, data, n):
+    """(−U at ``params`` on the first n examples scaled to the whole data set, the standard
+    deviation of the per-example log-likelihoods there)."""
+    num_data = data[0].shape[0]
+    ll = log_likelihood(params, *(a[:n] for a in data))
+    return log_prior(params) + (num_data / n) * jnp.sum(ll), jnp.std(ll)
+
+
 def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
     """Adaptation windows, then burn-in and sampling with the last settings.
 
@@ -1101,6 +1141,20 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
             curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
         return curvature
 
+    # A chain whose minibatch log posterior falls more than 20 nats per parameter (plus 20
+    # standard deviations of its minibatch estimate) below the start's has run away: a
+    # divergence that stays finite, treated as one.
+    num_params = sum(int(np.size(a)) for a in jax.tree.leaves(one_params))
+    n_floor = min(int(data[0].shape[0]), 1024)
+    starts = chain_positions(params) if params_per_chain else [one_params]
+    start_lp, spread = np.inf, 0.0
+    for p in starts:
+        lp, sd = _start_log_posterior(p, log_likelihood, log_prior, data, n_floor)
+        start_lp, spread = min(start_lp, float(lp)), max(spread, float(sd))
+    n_batch = min(int(data[0].shape[0]), batch_size or 128)
+    noise_sd = data[0].shape[0] * spread / math.sqrt(n_batch)
+    floor = start_lp - 20.0 * num_params * max(float(temperature), 1.0) - 20.0 * noise_sd
+
     def attempt(settings, state, per_chain, salt, **run):
         return _run_fixed(
             jax.vmap(lambda k: jax.random.fold_in(k, salt))(chain_keys),
@@ -1111,6 +1165,7 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
             params_per_chain=per_chain,
             precond=settings.preconditioner,
             gnoise=settings.gradient_noise,
+            floor=floor,
             **run,
         )
 
@@ -1140,12 +1195,11 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
             scale,
         )
 
+    window_length = max(25, settings.num_burnin // num_windows)
     w = 0
     while w < num_windows:
-        # windows of 1/8, 1/8, 1/4, 1/2 of the burn-in (for four windows): early, short windows
-        # catch the growth of the curvature as the chains leave the start
-        share = 2.0 ** (w - num_windows) if w > 0 else 2.0 ** (-num_windows + 1)
-        length = max(25, int(settings.num_burnin * share))
+        # equal windows (one compiled scan for all of them) that share the burn-in
+        length = window_length
         try:
             out = attempt(
                 settings,
@@ -1227,6 +1281,7 @@ def _run_fixed(
     progress_every,
     predict,
     predict_inputs,
+    floor=-np.inf,
 ):
     n_chains = chain_keys.shape[0]
     total = num_burnin + num_samples * thin
@@ -1258,6 +1313,7 @@ def _run_fixed(
             precond,
             gnoise,
             predict_inputs,
+            jax.device_put(np.float32(floor)),
             log_likelihood=log_likelihood,
             log_prior=log_prior,
             transform=transform,
@@ -1314,7 +1370,8 @@ def _run_fixed(
         lr_text = "a schedule" if callable(learning_rate) else repr(learning_rate)
         raise DivergenceError(
             f"SGLD diverged at step {step_t} ({phase}, chain {chain}) with step size "
-            f"η_t = {eta:g}: the log posterior, its gradient or the parameters became NaN or inf. "
+            f"η_t = {eta:g}: the log posterior, its gradient or the parameters became NaN or inf"
+            f"{'' if not np.isfinite(floor) else ', or the log posterior fell below ' + format(floor, '.4g')}. "
             f"Lower the learning rate (now {lr_text}), or check log_likelihood and log_prior at "
             f"the last finite state (the error's .result.params). "
             f"{int((bad >= 0).sum())} of {n_chains} chains diverged.",

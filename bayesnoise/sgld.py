@@ -266,6 +266,7 @@ def sgld(
     *,
     preconditioner: PyTree | None = None,
     gradient_noise: PyTree | None = None,
+    max_drift: float | None = None,
     seed: int | jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic gradient Langevin dynamics (Welling & Teh, 2011).
@@ -286,6 +287,13 @@ def sgld(
     as in stochastic gradient Fisher scoring (Ahn et al., 2012): the injected variance is
     max(2 η_t T M − η_t² M² B, 0), so the total stays 2 η_t T M where B is right.
 
+    With ``max_drift`` K, each weight's drift η_t M g is clipped to ±K sqrt(2 η_t T M), K
+    standard deviations of its injected noise (a tamed Euler step, Hutzenthaler, Jentzen &
+    Kloeden, 2012; Brosse et al., 2019): where the posterior is reached the clip almost never
+    binds (for a Gaussian weight at step d it binds beyond sqrt(2/d)·K of its standard
+    deviation), while a weight that meets far more curvature than its step was chosen for
+    moves at most K noise deviations per step instead of running away.
+
     The noise key: ``update(grads, state, params, key=k)`` uses ``k`` for this update's noise
     (the sampler of :mod:`bayesnoise.sampling` hands every chain's step its own key this way);
     without ``key=``, the key kept in the state is split, as optax's noise transforms do. The
@@ -305,6 +313,8 @@ def sgld(
             e.g. the diagonal Laplace variance (``bn.laplace.posterior(...).variance``).
         gradient_noise: a tree like the params of B >= 0, the variance of the stochastic
             gradient per weight (None: no correction).
+        max_drift: K > 0, the largest drift per step in standard deviations of the injected
+            noise (None: no clip).
         seed: alias of ``key``.
 
     Returns:
@@ -327,9 +337,13 @@ def sgld(
         dynamics. ICML.
         Ahn, S., Korattikara, A. & Welling, M. (2012). Bayesian posterior sampling via
         stochastic gradient Fisher scoring. ICML.
+        Brosse, N., Durmus, A., Moulines, É. & Sabanis, S. (2019). The tamed unadjusted
+        Langevin algorithm. Stochastic Processes and their Applications.
     """
     _check_learning_rate(learning_rate)
     _check_temperature(temperature)
+    if max_drift is not None and _is_concrete(max_drift) and not float(max_drift) > 0:
+        raise ValueError(f"max_drift (K noise deviations per step) must be > 0, got {max_drift!r}.")
     key0 = _as_key(key, seed)
 
     def init_fn(params: PyTree) -> SGLDState:
@@ -343,7 +357,7 @@ def sgld(
         new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
         scale = jnp.sqrt(2.0 * eta * temperature)
-        if preconditioner is None and gradient_noise is None:
+        if preconditioner is None and gradient_noise is None and max_drift is None:
 
             def one(g, z):
                 return (-eta * g + scale * z).astype(jnp.result_type(g))
@@ -358,7 +372,11 @@ def sgld(
 
             def one(g, z, m, b):
                 var = jnp.maximum(2.0 * eta * temperature * m - (eta * m) ** 2 * b, 0.0)
-                return (-eta * m * g + jnp.sqrt(var) * z).astype(jnp.result_type(g))
+                drift = -eta * m * g
+                if max_drift is not None:
+                    cap = max_drift * jnp.sqrt(2.0 * eta * temperature * m)
+                    drift = jnp.clip(drift, -cap, cap)
+                return (drift + jnp.sqrt(var) * z).astype(jnp.result_type(g))
 
             new = jax.tree.map(one, updates, noise, m_tree, b_tree)
         return new, SGLDState(count=optax.safe_increment(state.count), key=new_key)

@@ -33,9 +33,11 @@ def test_shipped_config_loads_and_round_trips(path):
 def test_shipped_config_contents():
     digits, mnist = load_config(DIGITS), load_config(DIGITS.parent / "mnist.yaml")
     assert digits.model.hidden_sizes == (128, 128) and digits.sgld.chains in (2, 3, 4)
-    assert len(digits.prune.fraction_grid()) == 50 and digits.sgld.num_steps <= 5000
+    assert len(digits.prune.fraction_grid()) == 50 and digits.sgld.auto
+    assert digits.sgld.num_steps is None and digits.sgld.max_steps == 12_000
     assert mnist.model.hidden_sizes == (400, 400) and mnist.train.epochs == 20
-    assert mnist.sgld.num_steps == 10_000 and len(mnist.prune.fraction_grid()) == 100
+    assert mnist.sgld.auto and mnist.sgld.run_settings()["learning_rate"] is None
+    assert mnist.sgld.max_steps == 3000 and len(mnist.prune.fraction_grid()) == 100
     expected = {"Dense_0/": bnoise.Bernoulli(0.8), "": bnoise.Bernoulli(0.5)}
     assert bconfig.build_noise(mnist) == expected
     msd = load_config(DIGITS.parent / "msd.yaml")

@@ -14,6 +14,7 @@ SMALL = [
     "sgld.samples=10",
     "sgld.thin=1",
     "sgld.chains=2",
+    "sgld.max_steps=300",
     "em.iterations=1",
     "prune.num_fractions=5",
     "prune.soft_target.enabled=true",
@@ -52,6 +53,8 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
     assert len(res["em"]) == 2 and "q" in res["em"][0]
     sg = res["sgld"]  # diagnostics, and the dead pixels' recovery
     assert isinstance(sg["converged"], bool) and sg["learning_rate"] > 0
+    # the explicit settings override the derived ones (burn-in halved after the first E-step)
+    assert sg["num_burnin"] == 10 and sg["num_samples"] == 10 and sg["thin"] == 1
     assert sg["prior_recovery"]["inputs"] == 4 and sg["prior_recovery"]["variance_over_prior"] > 0
     for name in ("bma", "posterior_mean", "mc_dropout"):
         values = res["predictive"][name]

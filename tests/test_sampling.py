@@ -115,6 +115,14 @@ def test_preconditioned_sgld_update_moments():
     se_mean = np.sqrt(var / len(keys))
     assert np.all(np.abs(np.asarray(u.mean(0) + eta * m)) < 5 * se_mean)
     np.testing.assert_allclose(u.var(0), var, rtol=0.05)
+    # the drift clip: a huge gradient moves a weight at most K noise deviations
+    clipped = bn.sgld(eta, preconditioner={"w": m}, max_drift=3.0, temperature=1.0)
+    u = clipped.update({"w": jnp.array([1e6, -1e6])}, clipped.init(g), key=jax.random.key(1))[0]
+    cap = 3.0 * np.sqrt(2 * eta * np.asarray(m))
+    assert np.all(np.abs(np.asarray(u["w"])) <= cap + 6 * np.sqrt(2 * eta * np.asarray(m)))
+    assert np.all(np.abs(np.asarray(u["w"])) >= cap - 6 * np.sqrt(2 * eta * np.asarray(m)))
+    with pytest.raises(ValueError, match="max_drift"):
+        bn.sgld(eta, max_drift=0.0)
     with pytest.raises(ValueError, match="preconditioner must have the structure"):
         bn.sgld(eta, preconditioner={"v": m}).init(g)
     with pytest.raises(ValueError, match="finite and > 0"):
