@@ -689,6 +689,12 @@ class PruneConfig(_Section):
             the kept weights this many epochs with the mask held fixed; 0 turns it off.
         finetune_learning_rate: Adam's initial step size of that retraining, decayed to 0 by a
             cosine schedule (null: ``train.learning_rate``).
+        moments: the moments the scores read. laplace (the default): the diagonal Laplace
+            posterior at the trained network under the learned scales, at the sampler's
+            temperature: mean the trained weights, variance T / (N·GGN + 1/(σ0²λ²)), the local
+            posterior around the network being pruned. sgld: the chains' running moments, which
+            describe the local posterior only while the chains stay near the trained network
+            (small fixed steps); chains that mix leave it, and their mean is then no network.
     """
 
     rules: tuple[PruneRule, ...] = _field(
@@ -705,6 +711,7 @@ class PruneConfig(_Section):
     soft_target: SoftTargetConfig = _section(SoftTargetConfig)
     finetune_epochs: int = _int(0, 0)
     finetune_learning_rate: float | None = _positive(None, "a number > 0 or null")
+    moments: Literal["laplace", "sgld"] = "laplace"
 
     def _validate(self):
         if not self.rules or len(set(self.rules)) != len(self.rules):

@@ -32,7 +32,18 @@ import numpy as np
 import optax
 
 from bayesnoise import config as bconfig
-from bayesnoise import distill, em, gsm, inference, moments, penalties, prune, sampling, train
+from bayesnoise import (
+    distill,
+    em,
+    gsm,
+    inference,
+    laplace,
+    moments,
+    penalties,
+    prune,
+    sampling,
+    train,
+)
 from bayesnoise import nn as bnn
 from bayesnoise.sgld import psgld, sgld
 
@@ -49,14 +60,14 @@ STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "finetune", "
 # The config sections each stage depends on: changing others keeps its checkpoint valid.
 _POSTERIOR = ("data", "model", "noise", "train", "sgld", "em")
 _GRID = ("prune.num_fractions", "prune.fractions")
-_MASKS = ("prune.rules", *_GRID, "prune.scope", "prune.include_biases")
+_MASKS = ("prune.rules", *_GRID, "prune.scope", "prune.include_biases", "prune.moments")
 _DEPENDS = {
     "train": ("data", "model", "noise", "train"),
     "reference": ("data", "model", "train"),
     "sgld": _POSTERIOR,
     "sgld_reference": ("data", "model", "train", "sgld", "em.sigma0"),
     "prune": (*_POSTERIOR, *_MASKS, "eval"),
-    "soft_target": (*_POSTERIOR, *_GRID, "prune.soft_target"),
+    "soft_target": (*_POSTERIOR, *_GRID, "prune.soft_target", "prune.moments"),
     "finetune": (*_POSTERIOR, *_MASKS, "prune.finetune_epochs", "prune.finetune_learning_rate"),
 }
 
@@ -337,7 +348,18 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         rmse = np.sqrt(np.mean((np.asarray(res.predictive)[:, 0] - task.y_test) ** 2))
         predictive["bma"] = {"rmse": float(rmse * task.y_std)}
         predictive["posterior_mean"] = {"rmse": float(task.metric(mean))}
+    lap = laplace.posterior(
+        params,
+        h,
+        task.log_likelihood,
+        (task.x_train, task.y_train),
+        temperature=max(sc.temperature, 1e-8),
+        key=jax.random.fold_in(key, 1000),
+    )
     return {
+        "laplace_mean": params,
+        "laplace_std": jax.tree.map(jnp.sqrt, lap.variance),
+        "laplace_log_evidence": float(lap.log_evidence),
         "mean": mean,
         "std": moments.std(res.moments),
         "chain_mean": jax.vmap(moments.mean)(res.chain_moments),
@@ -387,13 +409,23 @@ def _rule_curves(task: _Task, mean, std, fractions, unpruned, batched: bool = Fa
     return curves, breakpoints
 
 
+def _pruning_moments(task: _Task, post) -> tuple[Any, Any]:
+    """(mean, std) the pruning scores read: the Laplace posterior at the trained network, or the
+    chains' moments (``prune.moments``)."""
+    if task.cfg.prune.moments == "laplace" and "laplace_std" in post:
+        return post["laplace_mean"], post["laplace_std"]
+    return post["mean"], post["std"]
+
+
 def _prune(task: _Task, post):
     fractions = np.asarray(task.cfg.prune.fraction_grid(), np.float32)
-    unpruned = float(task.metric(post["mean"]))
-    curves, breakpoints = _rule_curves(task, post["mean"], post["std"], fractions, unpruned)
+    mean, std = _pruning_moments(task, post)
+    unpruned = float(task.metric(mean))
+    curves, breakpoints = _rule_curves(task, mean, std, fractions, unpruned)
     out = {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints, "per_chain": {}}
+    out["moments"] = task.cfg.prune.moments if "laplace_std" in post else "sgld"
     cm = post.get("chain_mean")
-    if cm is not None and jax.tree.leaves(cm)[0].shape[0] > 1:
+    if out["moments"] == "sgld" and cm is not None and jax.tree.leaves(cm)[0].shape[0] > 1:
         # every chain's own moments, all chains in one batched evaluation: the spread
         chain_unpruned = np.asarray(jax.vmap(task.metric)(cm), np.float64)
         c_curves, c_breakpoints = _rule_curves(
@@ -411,7 +443,7 @@ def _finetune(task: _Task, post, key, progress: bool):
     """One-shot pruning then retraining the kept weights with the mask held fixed."""
     pc, tc = task.cfg.prune, task.cfg.train
     fractions = [f for f in (0.5, 0.75, 0.9, 0.95) if f <= max(pc.fraction_grid())]
-    mean, std = post["mean"], post["std"]
+    mean, std = _pruning_moments(task, post)
     loss_fn = task.loss(lambda p, x, k: task.model.apply(p, x))
     steps = pc.finetune_epochs * (len(task.x_train) // tc.batch_size)
     lr = pc.finetune_learning_rate or tc.learning_rate
@@ -685,7 +717,9 @@ def run(
             ckpt,
             timings,
             "soft_target",
-            lambda: _soft_target(task, post["mean"], jax.random.fold_in(key, 5), progress),
+            lambda: _soft_target(
+                task, _pruning_moments(task, post)[0], jax.random.fold_in(key, 5), progress
+            ),
         )
 
     results = {
@@ -704,6 +738,8 @@ def run(
             "ess_min": float(np.nanmin(post["ess"])),
             **post.get("diagnostics", {}),
         },
+        "pruning_moments": pruned.get("moments", "sgld"),
+        "laplace_log_evidence": post.get("laplace_log_evidence"),
         "predictive": {
             **post.get("predictive", {}),
             **({"mc_dropout": trained["mc_dropout"]} if "mc_dropout" in trained else {}),

@@ -43,13 +43,10 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
         assert np.all((pts[:, 1] >= 0) & (pts[:, 1] <= 1))
         assert pts[0, 1] == pytest.approx(res["unpruned"])  # fraction 0 is the unpruned net
         assert 0.0 <= res["breakpoints"][rule] <= 0.8
-    chains = res["per_chain"]  # the curves of each of the 2 chains' own moments
-    for rule in ("snr", "spr", "magnitude"):
-        per = np.asarray(chains["curves"][rule])
-        assert per.shape == (2, 5) and np.all((per >= 0) & (per <= 1))
-        np.testing.assert_allclose(per[:, 0], chains["unpruned"], atol=1e-6)
-        assert len(chains["breakpoints"][rule]) == 2
-    assert chains["unpruned"][0] != chains["unpruned"][1] or not np.array_equal(*per)
+    # by default the scores read the Laplace posterior at the trained network
+    assert res["pruning_moments"] == "laplace" and res["per_chain"] == {}
+    assert res["unpruned"] == pytest.approx(res["trained_metric"], abs=1e-6)
+    assert np.isfinite(res["laplace_log_evidence"])
     assert len(res["em"]) == 2 and "q" in res["em"][0]
     sg = res["sgld"]  # diagnostics, and the dead pixels' recovery
     assert isinstance(sg["converged"], bool) and sg["learning_rate"] > 0
@@ -95,14 +92,24 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
     assert run_cli(out) == 0
     assert "[train] checkpoint was made under another config" in capsys.readouterr().out
 
-    # changing the pruning settings keeps the training and SGLD checkpoints, not pruning's
-    assert run_cli(out, "prune.num_fractions=4") == 0
+    # changing the pruning settings keeps the training and SGLD checkpoints, not pruning's;
+    # with the chains' moments, every chain's own curve comes too
+    assert run_cli(out, "prune.num_fractions=4", "prune.moments=sgld") == 0
     third = capsys.readouterr().out
     assert "[sgld] resumed" in third and "[prune] checkpoint was made under another config" in third
-    assert len(json.loads((out / "results.json").read_text())["curves"]["spr"]) == 4
+    res3 = json.loads((out / "results.json").read_text())
+    assert len(res3["curves"]["spr"]) == 4 and res3["pruning_moments"] == "sgld"
+    chains = res3["per_chain"]  # the curves of each of the 2 chains' own moments
+    for rule in ("snr", "spr", "magnitude"):
+        per = np.asarray(chains["curves"][rule])
+        assert per.shape == (2, 4) and np.all((per >= 0) & (per <= 1))
+        np.testing.assert_allclose(per[:, 0], chains["unpruned"], atol=1e-6)
+        assert len(chains["breakpoints"][rule]) == 2
 
     # longer fine-tuning reruns only the fine-tuning
-    assert run_cli(out, "prune.num_fractions=4", "prune.finetune_epochs=2") == 0
+    assert (
+        run_cli(out, "prune.num_fractions=4", "prune.moments=sgld", "prune.finetune_epochs=2") == 0
+    )
     fourth = capsys.readouterr().out
     assert "[prune] resumed" in fourth and "[soft_target] resumed" in fourth
     assert "[finetune] checkpoint was made under another config" in fourth
