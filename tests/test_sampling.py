@@ -189,38 +189,25 @@ def test_full_log_prior_and_prior_variance_against_scipy():
 
 def test_model_average_and_diagnostics(caplog):
     x_new = jnp.asarray(_rng.normal(size=(7, D)).astype(np.float32))
+    run = functools.partial(
+        sampling.run,
+        jax.random.key(4),
+        PARAMS,
+        lin_ll,
+        lin_lp,
+        (X, Y),
+        learning_rate=1e-4,
+        predict=lambda p, x: x @ p["w"],
+    )
     with caplog.at_level(logging.WARNING, logger="bayesnoise"):
-        res = sampling.run(
-            jax.random.key(4),
-            PARAMS,
-            lin_ll,
-            lin_lp,
-            (X, Y),
-            learning_rate=1e-4,
-            batch_size=50,
-            num_burnin=10,
-            num_samples=30,
-            num_chains=2,
-            predict=lambda p, x: x @ p["w"],
-            predict_inputs=x_new,
-        )
+        res = run(batch_size=50, num_burnin=10, num_samples=30, num_chains=2, predict_inputs=x_new)
     # the average of a linear predictor over kept states is the predictor at the mean
     mean = bn.moments.mean(res.moments)["w"]
     np.testing.assert_allclose(res.predictive, x_new @ mean, rtol=1e-4, atol=1e-5)
     assert not res.converged and "have not converged" in caplog.text
     assert res.trace.shape[-1] == len(res.trace_names) >= D
     with pytest.raises(ValueError, match="predict_inputs must hold examples"):
-        sampling.run(
-            jax.random.key(4),
-            PARAMS,
-            lin_ll,
-            lin_lp,
-            (X, Y),
-            learning_rate=1e-4,
-            num_samples=5,
-            predict=lambda p, x: x @ p["w"],
-            predict_inputs=jnp.ones((7, D + 1)),
-        )
+        run(num_samples=5, predict_inputs=jnp.ones((7, D + 1)))
 
 
 def test_traced_weights_cover_every_leaf():
