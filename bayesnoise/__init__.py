@@ -4,7 +4,6 @@ Multiplicative noise on a layer's inputs is, with a Gaussian prior on the weight
 scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise as bn``.
 """
 
-from bayesnoise import config as config
 from bayesnoise import data as data
 from bayesnoise import distill as distill
 from bayesnoise import em as em
@@ -15,7 +14,6 @@ from bayesnoise import moments as moments
 from bayesnoise import nn as nn
 from bayesnoise import noise as noise
 from bayesnoise import penalties as penalties
-from bayesnoise import pipeline as pipeline
 from bayesnoise import prune as prune
 from bayesnoise import sampling as sampling
 from bayesnoise import train as train
@@ -24,3 +22,15 @@ from bayesnoise.sgld import psgld as psgld
 from bayesnoise.sgld import sgld as sgld
 
 __version__ = "0.1.0"
+
+# The application (typed configs, the experiment pipeline) needs pyyaml and matplotlib: loaded on
+# first use of ``bn.config`` / ``bn.pipeline``, so that importing the core loads neither.
+_LAZY = ("config", "pipeline")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"bayesnoise.{name}")
+    raise AttributeError(f"module 'bayesnoise' has no attribute {name!r}")

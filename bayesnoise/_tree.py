@@ -114,3 +114,32 @@ def sum_except(x: jax.Array, axis: int) -> jax.Array:
     """Sums ``x`` over all axes but ``axis``: one value per row."""
     axes = tuple(i for i in range(x.ndim) if i != axis)
     return x.sum(axis=axes)
+
+
+def data_tuple(data: Any) -> tuple[tuple[Any, ...], int]:
+    """The data as a tuple of arrays with a common leading axis of N > 0 examples, and N.
+
+    Raises:
+        ValueError: a bare array instead of a tuple, no arrays, mismatched or missing leading
+            axes, or no examples.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    if isinstance(data, (jax.Array, np.ndarray)):
+        raise ValueError(
+            "data must be a tuple of arrays such as (x, y), unpacked into log_likelihood(params, "
+            "*batch); wrap a single array as (x,)."
+        )
+    arrays = tuple(jnp.asarray(a) for a in data)
+    if not arrays:
+        raise ValueError("data is empty: pass a tuple of arrays such as (x, y).")
+    sizes = [a.shape[0] if a.ndim else None for a in arrays]
+    if None in sizes or len(set(sizes)) != 1:
+        shapes = [tuple(a.shape) for a in arrays]
+        raise ValueError(
+            f"every array in data needs the same leading axis of examples; got shapes {shapes}."
+        )
+    if sizes[0] == 0:
+        raise ValueError("data holds no examples.")
+    return arrays, int(sizes[0])

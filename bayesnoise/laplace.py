@@ -87,7 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bayesnoise import gsm
+from bayesnoise import _tree, gsm
 from bayesnoise import moments as bmoments
 from bayesnoise._tree import PyTree, path_str
 
@@ -137,26 +137,6 @@ class LaplacePosterior(NamedTuple):
 
 def _concrete(*xs: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
-
-
-def _check_data(data: Any) -> tuple[tuple[jax.Array, ...], int]:
-    """The data as a tuple of arrays with a common leading axis, and that axis's length."""
-    if isinstance(data, (tuple, list)):
-        arrays = tuple(jnp.asarray(a) for a in data)
-    else:
-        arrays = (jnp.asarray(data),)
-    if not arrays:
-        raise ValueError("data is empty: pass a tuple of arrays such as (x, y).")
-    sizes = [a.shape[0] if a.ndim else None for a in arrays]
-    if None in sizes or len(set(sizes)) != 1:
-        shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
-        raise ValueError(
-            f"the arrays of data must share their leading (example) axis; got shapes {shapes}. "
-            f"Pass a tuple such as (x, y) with x.shape[0] == y.shape[0]."
-        )
-    if sizes[0] == 0:
-        raise ValueError("data has no examples (leading axis of length 0).")
-    return arrays, int(sizes[0])
 
 
 def _check_method(method: Any) -> None:
@@ -424,7 +404,7 @@ def _curvature(params, log_likelihood, data, kind, key, num_classes, chunk_size,
     """Shared driver of :func:`diag_ggn` and :func:`empirical_fisher`."""
     _check_method(method)
     _check_chunk_size(chunk_size)
-    arrays, n = _check_data(data)
+    arrays, n = _tree.data_tuple(data)
     _check_output(log_likelihood, params, arrays)
     y = arrays[-1]
     if kind == "ggn":
@@ -603,7 +583,7 @@ def _evidence(params, ggn, prior_var, total_ll, n) -> jax.Array:
 
 
 def _setup(params, hierarchy, log_likelihood, data, ggn, prior_variance, key, diag_ggn_kwargs):
-    arrays, n = _check_data(data)
+    arrays, n = _tree.data_tuple(data)
     prior_var = _prior_variance(params, hierarchy, prior_variance)
     if ggn is None:
         ggn = diag_ggn(params, log_likelihood, arrays, key=key, **diag_ggn_kwargs)

@@ -88,6 +88,7 @@ __all__ = [
     "init",
     "step",
     "auto_settings",
+    "prior_precision",
     "make_mesh",
     "run",
 ]
@@ -834,27 +835,6 @@ def _mesh(devices, num_chains: int, batch_size: int) -> Mesh | None:
     return mesh
 
 
-def _check_data(data) -> tuple:
-    if isinstance(data, (jax.Array, np.ndarray)):
-        raise ValueError(
-            "data must be a tuple of arrays such as (x, y), unpacked into log_likelihood(params, "
-            "*batch); wrap a single array as (x,)."
-        )
-    data = tuple(jnp.asarray(a) for a in data)
-    if not data:
-        raise ValueError("data is empty: pass a tuple of arrays such as (x, y).")
-    num_data = data[0].shape[0] if data[0].ndim else 0
-    for a in data:
-        if a.ndim == 0 or a.shape[0] != num_data:
-            shapes = [tuple(b.shape) for b in data]
-            raise ValueError(
-                f"every array in data needs the same leading axis of examples; got shapes {shapes}."
-            )
-    if num_data == 0:
-        raise ValueError("data holds no examples.")
-    return data
-
-
 def run(
     key: jax.Array,
     params: PyTree,
@@ -963,8 +943,7 @@ def run(
     n_chains = chain_keys.shape[0]
     if not callable(log_likelihood) or not callable(log_prior):
         raise ValueError("log_likelihood and log_prior must be callables.")
-    data = _check_data(data)
-    num_data = data[0].shape[0]
+    data, num_data = _tree.data_tuple(data)
     if batch_size is not None:
         batch_size = _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
         if batch_size > num_data:
