@@ -23,14 +23,18 @@ from bayesnoise.sgld import sgld as sgld
 
 __version__ = "0.1.0"
 
-# The application (typed configs, the experiment pipeline) needs pyyaml and matplotlib: loaded on
-# first use of ``bn.config`` / ``bn.pipeline``, so that importing the core loads neither.
-_LAZY = ("config", "pipeline")
+# The application (the experiment pipeline and its config, the benchmarks) lives in subpackages
+# loaded on first use of ``bn.pipeline`` / ``bn.bench``; ``bn.config`` is the pipeline's config.
+_LAZY = {
+    "pipeline": "bayesnoise.pipeline",
+    "config": "bayesnoise.pipeline.config",
+    "bench": "bayesnoise.bench",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f"bayesnoise.{name}")
+        return importlib.import_module(_LAZY[name])
     raise AttributeError(f"module 'bayesnoise' has no attribute {name!r}")

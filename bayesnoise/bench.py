@@ -356,7 +356,7 @@ def pipeline_suite(config: str | None = None) -> dict[str, Any]:
     fresh, into a temporary folder: seconds per stage."""
     import tempfile
 
-    from bayesnoise import config as bconfig
+    from bayesnoise.pipeline import config as bconfig
     from bayesnoise import pipeline
 
     path = config or os.environ.get("BAYESNOISE_BENCH_CONFIG")

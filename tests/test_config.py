@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bayesnoise import config as bconfig
+from bayesnoise.pipeline import config as bconfig
 from bayesnoise import noise as bnoise
-from bayesnoise.config import ConfigError, load_config
+from bayesnoise.pipeline.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 DIGITS = CONFIGS[0].parent / "digits.yaml"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bayesnoise.experiments import mnist_noise_run
+from bayesnoise.pipeline.experiments import mnist_noise_run
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.pkl.gz"
 MNIST = os.environ.get("BAYESNOISE_MNIST") or (str(SHARED) if SHARED.exists() else None)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bayesnoise import cli
+from bayesnoise.pipeline import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -11,7 +11,8 @@ import optax
 import pytest
 from numpyro.diagnostics import effective_sample_size
 
-from bayesnoise import bench, cli, moments, sampling
+from bayesnoise import bench, moments, sampling
+from bayesnoise.pipeline import cli
 from bayesnoise.sgld import (
     _normal,
     _random_bits,

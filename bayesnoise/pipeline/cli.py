@@ -7,7 +7,8 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bayesnoise import config, pipeline
+    from bayesnoise import pipeline
+    from bayesnoise.pipeline import config
 
     try:
         cfg = config.load_config(args.config, args.set or ())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesnoise import config as bconfig
 from bayesnoise import (
     distill,
     em,
@@ -45,6 +43,9 @@ from bayesnoise import (
     train,
 )
 from bayesnoise import nn as bnn
+from bayesnoise.pipeline import config as bconfig
+from bayesnoise.pipeline import report
+from bayesnoise.pipeline.checkpoints import Checkpoints, staged
 from bayesnoise.sgld import psgld, sgld
 
 __all__ = ["run", "STAGES"]
@@ -52,91 +53,6 @@ __all__ = ["run", "STAGES"]
 _log = logging.getLogger("bayesnoise")
 
 STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "finetune", "soft_target")
-
-
-# ------------------------------------------------------------------------------ checkpoints
-
-
-# The config sections each stage depends on: changing others keeps its checkpoint valid.
-_POSTERIOR = ("data", "model", "noise", "train", "sgld", "em")
-_GRID = ("prune.num_fractions", "prune.fractions")
-_MASKS = ("prune.rules", *_GRID, "prune.scope", "prune.include_biases", "prune.moments")
-_DEPENDS = {
-    "train": ("data", "model", "noise", "train"),
-    "reference": ("data", "model", "train"),
-    "sgld": _POSTERIOR,
-    "sgld_reference": ("data", "model", "train", "sgld", "em.sigma0"),
-    "prune": (*_POSTERIOR, *_MASKS, "eval"),
-    "soft_target": (*_POSTERIOR, *_GRID, "prune.soft_target", "prune.moments"),
-    "finetune": (*_POSTERIOR, *_MASKS, "prune.finetune_epochs", "prune.finetune_learning_rate"),
-}
-
-
-def _setting(cfg: dict, key: str) -> Any:
-    """A config section ("prune") or one field of it ("em.sigma0") of a config dict."""
-    section, _, field = key.partition(".")
-    value = cfg.get(section)
-    return value.get(field) if field and isinstance(value, dict) else value
-
-
-class _Checkpoints:
-    def __init__(self, out: Path, cfg: dict, resume: bool):
-        self.dir = out / "checkpoints"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.cfg = cfg
-        self.resume = resume
-
-    def load(self, stage: str):
-        path = self.dir / f"{stage}.pkl"
-        if not (self.resume and path.exists()):
-            return None
-        with open(path, "rb") as f:
-            saved = pickle.load(f)
-        if self._as_now(saved.get("config")) != self._relevant(stage):
-            print(f"[{stage}] checkpoint was made under another config: running it again")
-            return None
-        print(f"[{stage}] resumed from {path}")
-        return saved["value"]
-
-    def _relevant(self, stage: str) -> dict:
-        return {key: _setting(self.cfg, key) for key in _DEPENDS[stage]}
-
-    def _as_now(self, saved: Any) -> dict | None:
-        """A saved stage's settings read by today's config schema: fields added since it was
-        saved take their defaults, so a checkpoint stays valid when only those are new."""
-        if not isinstance(saved, dict):
-            return None
-        merged = dict(self.cfg)
-        for key, value in saved.items():
-            section, _, field = key.partition(".")
-            if field:
-                merged[section] = {**(merged.get(section) or {}), field: value}
-            else:
-                merged[section] = value
-        try:
-            full = bconfig.load_config(merged).to_dict()
-        except (bconfig.ConfigError, TypeError):
-            return None
-        return {key: _setting(full, key) for key in saved}
-
-    def save(self, stage: str, value: Any) -> None:
-        path = self.dir / f"{stage}.pkl"
-        partial = path.with_suffix(".part")
-        with open(partial, "wb") as f:
-            pickle.dump({"config": self._relevant(stage), "value": jax.device_get(value)}, f)
-        partial.replace(path)
-
-
-def _staged(ckpt: _Checkpoints, timings: dict, stage: str, fn):
-    value = ckpt.load(stage)
-    if value is not None:
-        return value
-    print(f"[{stage}] running")
-    t0 = time.perf_counter()
-    value = jax.device_get(fn())
-    timings[stage] = round(time.perf_counter() - t0, 2)
-    ckpt.save(stage, value)
-    return value
 
 
 # ------------------------------------------------------------------------------ the model
@@ -515,147 +431,6 @@ def _soft_target(task: _Task, teacher, key, progress: bool):
     return {"points": points}
 
 
-# ------------------------------------------------------------------------------ the report
-
-
-def _plots(out: Path, task: _Task, results: dict, post, ref) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    metric = results["metric"]
-    label = "test error (%)" if metric == "error" else "test RMSE"
-    scale = 100.0 if metric == "error" else 1.0
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {
-        "spr": ("SPR |μ|+σ", "C0"),
-        "snr": ("SNR |μ|/σ", "C3"),
-        "magnitude": ("magnitude |μ|", "C2"),
-    }
-    for rule, pts in results["curves"].items():
-        pts = np.asarray(pts)
-        name, color = styles[rule]
-        bp = results["breakpoints"][rule]
-        ax.plot(
-            100 * pts[:, 0],
-            scale * pts[:, 1],
-            label=f"{name} (flat to {100 * bp:.0f}%)",
-            color=color,
-        )
-        per_chain = results.get("per_chain", {}).get("curves", {}).get(rule)
-        if per_chain:  # the range of the curves of the chains' own moments
-            v = scale * np.asarray(per_chain, np.float64)
-            ax.fill_between(100 * pts[:, 0], v.min(0), v.max(0), color=color, alpha=0.15, lw=0)
-    if results.get("per_chain", {}).get("curves"):
-        ax.fill_between([], [], [], color="gray", alpha=0.3, lw=0, label="range over chains")
-    for rule, pts in results.get("finetuned", {}).items():
-        pts = np.asarray(pts, np.float64)
-        name, color = styles[rule]
-        ax.plot(100 * pts[:, 0], scale * pts[:, 1], "o:", color=color, label=f"{name}, fine-tuned")
-    if results.get("soft_target"):
-        st = np.asarray([p[:2] for p in results["soft_target"]], np.float64)
-        ax.plot(100 * st[:, 0], scale * st[:, 1], "ks--", label="soft targets (retrained)")
-    ax.axhline(scale * results["unpruned"], color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("weights removed (%)")
-    ax.set_ylabel(label)
-    top = scale * max(
-        results["unpruned"] * 3,
-        results["unpruned"] + 0.05 * (1 if metric == "error" else results["unpruned"]),
-    )
-    ax.set_ylim(0, top)
-    ax.set_title(f"{results['dataset']}: pruning from SGLD posterior moments")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(str(out / "pruning_curves.png"))
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharex=True, sharey=True)
-    rng = np.random.default_rng(0)
-    for ax, (title, p) in zip(
-        axes, (("trained under noise", post), ("trained without noise", ref))
-    ):
-        mu = np.concatenate([np.abs(np.ravel(a)) for a in _kernels(p["mean"])])
-        sd = np.concatenate([np.ravel(a) for a in _kernels(p["std"])])
-        pick = rng.choice(mu.size, min(mu.size, 5000), replace=False)
-        ax.scatter(mu[pick], sd[pick], s=2, alpha=0.4)
-        ax.set_title(title)
-        ax.set_xlabel("|posterior mean|")
-    axes[0].set_ylabel("posterior std")
-    fig.suptitle(f"{results['dataset']}: SGLD posterior moments of the weights")
-    fig.tight_layout()
-    files.append(str(out / "mean_vs_std.png"))
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
-
-    if results.get("em"):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        its = [r["iteration"] for r in results["em"]]
-        scales = np.asarray([r["scales_mean"] for r in results["em"]])
-        for j in range(scales.shape[1]):
-            ax.plot(its, scales[:, j], marker="o", label=f"layer {j}")
-        ax.set_xlabel("EM iteration")
-        ax.set_ylabel("mean scale λ")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(str(out / "em_scales.png"))
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
-    return files
-
-
-def _kernels(tree):
-    return [leaf for path, leaf in _flat(tree) if path.endswith("kernel")]
-
-
-def _flat(tree):
-    from bayesnoise._tree import path_str
-
-    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _table(results: dict) -> str:
-    m = results["metric"]
-    fmt = (lambda v: f"{100 * v:.2f}%") if m == "error" else (lambda v: f"{v:.3f}")
-    lines = [
-        f"{results['dataset']}: unpruned {m} {fmt(results['unpruned'])} "
-        f"(trained net {fmt(results['trained_metric'])})",
-        f"{'rule':<10} {'breakpoint':>10} "
-        + " ".join(f"{int(100 * f):>6}%" for f in (0.5, 0.75, 0.9, 0.95)),
-    ]
-    for rule, pts in results["curves"].items():
-        pts = np.asarray(pts)
-        at = [fmt(float(np.interp(f, pts[:, 0], pts[:, 1]))) for f in (0.5, 0.75, 0.9, 0.95)]
-        chains = results.get("per_chain", {}).get("breakpoints", {}).get(rule)
-        spread = f"   chains {100 * min(chains):.0f}-{100 * max(chains):.0f}%" if chains else ""
-        lines.append(
-            f"{rule:<10} {100 * results['breakpoints'][rule]:>9.0f}% "
-            + " ".join(f"{a:>7}" for a in at)
-            + spread
-        )
-    sg = results.get("sgld", {})
-    if sg:
-        line = (
-            f"sgld: {'converged' if sg.get('converged') else 'NOT converged'} (max R-hat "
-            f"{sg.get('rhat_max', float('nan')):.3g}, min ESS {sg.get('ess_min', float('nan')):.3g})"
-        )
-        rec = sg.get("prior_recovery")
-        if rec:
-            line += (
-                f"; {rec['inputs']} dead inputs: variance {rec['variance_over_prior']:.2f} x prior, "
-                f"|mean| {rec['mean_abs_over_prior_sd']:.2f} prior sd"
-            )
-        lines.append(line)
-    for name, values in results.get("predictive", {}).items():
-        parts = ", ".join(
-            f"{k} {fmt(v) if k == 'error' else f'{v:.3f}'}" for k, v in values.items()
-        )
-        lines.append(f"{name:<15} {parts}")
-    return "\n".join(lines)
-
-
 def run(
     cfg: bconfig.Config,
     out: str | Path | None = None,
@@ -672,23 +447,23 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = cfg.to_dict()
     (out / "config.yaml").write_text(cfg.to_yaml())
-    ckpt = _Checkpoints(out, cfg_dict, resume)
+    ckpt = Checkpoints(out, cfg_dict, resume)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     task = _Task(cfg)
     timings["data"] = round(time.perf_counter() - t0, 2)
     key = jax.random.key(cfg.train.seed)
 
-    trained = _staged(
+    trained = staged(
         ckpt,
         timings,
         "train",
         lambda: _train(task, task.noise, jax.random.fold_in(key, 1), progress),
     )
-    reference = _staged(
+    reference = staged(
         ckpt, timings, "reference", lambda: _train(task, None, jax.random.fold_in(key, 2), progress)
     )
-    post = _staged(
+    post = staged(
         ckpt,
         timings,
         "sgld",
@@ -696,16 +471,16 @@ def run(
             task, trained["params"], jax.random.fold_in(key, 3), progress, cfg.em.enabled
         ),
     )
-    ref_post = _staged(
+    ref_post = staged(
         ckpt,
         timings,
         "sgld_reference",
         lambda: _sgld(task, reference["params"], jax.random.fold_in(key, 4), progress, False),
     )
-    pruned = _staged(ckpt, timings, "prune", lambda: _prune(task, post))
+    pruned = staged(ckpt, timings, "prune", lambda: _prune(task, post))
     tuned = None
     if cfg.prune.finetune_epochs > 0:
-        tuned = _staged(
+        tuned = staged(
             ckpt,
             timings,
             "finetune",
@@ -713,7 +488,7 @@ def run(
         )
     soft = None
     if cfg.prune.soft_target.enabled and task.classification:
-        soft = _staged(
+        soft = staged(
             ckpt,
             timings,
             "soft_target",
@@ -749,11 +524,11 @@ def run(
         "finetuned": tuned["curves"] if tuned else {},
         "timings": timings,
     }
-    results["plots"] = _plots(out, task, results, post, ref_post)
+    results["plots"] = report.plots(out, task, results, post, ref_post)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 2)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)
-    print(_table(results))
+    print(report.table(results))
     print(f"results: {out / 'results.json'}")
     print("plots:   " + ", ".join(results["plots"]))
     return results

@@ -23,14 +23,14 @@ Numbers such as ``1e-3``, which YAML 1.1 (PyYAML) reads as strings, are accepted
 float is expected. Integers must be written as integers.
 
 Example:
-    >>> from bayesnoise.config import load_config
+    >>> from bayesnoise.pipeline.config import load_config
     >>> cfg = load_config({"train": {"epochs": 3}}, overrides=["noise.kind=gaussian"])
     >>> cfg.train.epochs, cfg.noise.kind, cfg.noise.alpha
     (3, 'gaussian', 1.0)
     >>> load_config({"train": {"epochs": 0}})
     Traceback (most recent call last):
     ...
-    bayesnoise.config.ConfigError: train.epochs: got 0; allowed: an int >= 1.
+    bayesnoise.pipeline.config.ConfigError: train.epochs: got 0; allowed: an int >= 1.
 """
 
 from __future__ import annotations

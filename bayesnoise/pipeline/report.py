@@ -1,0 +1,150 @@
+"""The run's report: PNG plots and the summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bayesnoise._tree import path_str
+
+
+def _figure(**kwargs):
+    """A figure and its axes drawn without pyplot, so no global backend is chosen or changed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize"))
+    return fig, fig.subplots(**kwargs)
+
+
+def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
+    """Writes the run's PNG plots into ``out`` and returns their paths."""
+
+    files = []
+    metric = results["metric"]
+    label = "test error (%)" if metric == "error" else "test RMSE"
+    scale = 100.0 if metric == "error" else 1.0
+    fig, ax = _figure(figsize=(6, 4))
+    styles = {
+        "spr": ("SPR |μ|+σ", "C0"),
+        "snr": ("SNR |μ|/σ", "C3"),
+        "magnitude": ("magnitude |μ|", "C2"),
+    }
+    for rule, pts in results["curves"].items():
+        pts = np.asarray(pts)
+        name, color = styles[rule]
+        bp = results["breakpoints"][rule]
+        ax.plot(
+            100 * pts[:, 0],
+            scale * pts[:, 1],
+            label=f"{name} (flat to {100 * bp:.0f}%)",
+            color=color,
+        )
+        per_chain = results.get("per_chain", {}).get("curves", {}).get(rule)
+        if per_chain:  # the range of the curves of the chains' own moments
+            v = scale * np.asarray(per_chain, np.float64)
+            ax.fill_between(100 * pts[:, 0], v.min(0), v.max(0), color=color, alpha=0.15, lw=0)
+    if results.get("per_chain", {}).get("curves"):
+        ax.fill_between([], [], [], color="gray", alpha=0.3, lw=0, label="range over chains")
+    for rule, pts in results.get("finetuned", {}).items():
+        pts = np.asarray(pts, np.float64)
+        name, color = styles[rule]
+        ax.plot(100 * pts[:, 0], scale * pts[:, 1], "o:", color=color, label=f"{name}, fine-tuned")
+    if results.get("soft_target"):
+        st = np.asarray([p[:2] for p in results["soft_target"]], np.float64)
+        ax.plot(100 * st[:, 0], scale * st[:, 1], "ks--", label="soft targets (retrained)")
+    ax.axhline(scale * results["unpruned"], color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("weights removed (%)")
+    ax.set_ylabel(label)
+    top = scale * max(
+        results["unpruned"] * 3,
+        results["unpruned"] + 0.05 * (1 if metric == "error" else results["unpruned"]),
+    )
+    ax.set_ylim(0, top)
+    ax.set_title(f"{results['dataset']}: pruning from SGLD posterior moments")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(str(out / "pruning_curves.png"))
+    fig.savefig(files[-1], dpi=120)
+
+    fig, axes = _figure(nrows=1, ncols=2, figsize=(9, 4), sharex=True, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, (title, p) in zip(
+        axes, (("trained under noise", post), ("trained without noise", ref))
+    ):
+        mu = np.concatenate([np.abs(np.ravel(a)) for a in _kernels(p["mean"])])
+        sd = np.concatenate([np.ravel(a) for a in _kernels(p["std"])])
+        pick = rng.choice(mu.size, min(mu.size, 5000), replace=False)
+        ax.scatter(mu[pick], sd[pick], s=2, alpha=0.4)
+        ax.set_title(title)
+        ax.set_xlabel("|posterior mean|")
+    axes[0].set_ylabel("posterior std")
+    fig.suptitle(f"{results['dataset']}: SGLD posterior moments of the weights")
+    fig.tight_layout()
+    files.append(str(out / "mean_vs_std.png"))
+    fig.savefig(files[-1], dpi=120)
+
+    if results.get("em"):
+        fig, ax = _figure(figsize=(5, 3.5))
+        its = [r["iteration"] for r in results["em"]]
+        scales = np.asarray([r["scales_mean"] for r in results["em"]])
+        for j in range(scales.shape[1]):
+            ax.plot(its, scales[:, j], marker="o", label=f"layer {j}")
+        ax.set_xlabel("EM iteration")
+        ax.set_ylabel("mean scale λ")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(str(out / "em_scales.png"))
+        fig.savefig(files[-1], dpi=120)
+        return files
+
+
+def _kernels(tree):
+    return [leaf for path, leaf in _flat(tree) if path.endswith("kernel")]
+
+
+def _flat(tree):
+    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def table(results: dict) -> str:
+    """The run's summary as text: breakpoints, metrics at a few fractions, diagnostics."""
+    m = results["metric"]
+    fmt = (lambda v: f"{100 * v:.2f}%") if m == "error" else (lambda v: f"{v:.3f}")
+    lines = [
+        f"{results['dataset']}: unpruned {m} {fmt(results['unpruned'])} "
+        f"(trained net {fmt(results['trained_metric'])})",
+        f"{'rule':<10} {'breakpoint':>10} "
+        + " ".join(f"{int(100 * f):>6}%" for f in (0.5, 0.75, 0.9, 0.95)),
+    ]
+    for rule, pts in results["curves"].items():
+        pts = np.asarray(pts)
+        at = [fmt(float(np.interp(f, pts[:, 0], pts[:, 1]))) for f in (0.5, 0.75, 0.9, 0.95)]
+        chains = results.get("per_chain", {}).get("breakpoints", {}).get(rule)
+        spread = f"   chains {100 * min(chains):.0f}-{100 * max(chains):.0f}%" if chains else ""
+        lines.append(
+            f"{rule:<10} {100 * results['breakpoints'][rule]:>9.0f}% "
+            + " ".join(f"{a:>7}" for a in at)
+            + spread
+        )
+    sg = results.get("sgld", {})
+    if sg:
+        line = (
+            f"sgld: {'converged' if sg.get('converged') else 'NOT converged'} (max R-hat "
+            f"{sg.get('rhat_max', float('nan')):.3g}, min ESS {sg.get('ess_min', float('nan')):.3g})"
+        )
+        rec = sg.get("prior_recovery")
+        if rec:
+            line += (
+                f"; {rec['inputs']} dead inputs: variance {rec['variance_over_prior']:.2f} x prior, "
+                f"|mean| {rec['mean_abs_over_prior_sd']:.2f} prior sd"
+            )
+        lines.append(line)
+    for name, values in results.get("predictive", {}).items():
+        parts = ", ".join(
+            f"{k} {fmt(v) if k == 'error' else f'{v:.3f}'}" for k, v in values.items()
+        )
+        lines.append(f"{name:<15} {parts}")
+    return "\n".join(lines)
