@@ -356,8 +356,8 @@ def pipeline_suite(config: str | None = None) -> dict[str, Any]:
     fresh, into a temporary folder: seconds per stage."""
     import tempfile
 
-    from bayesnoise.pipeline import config as bconfig
     from bayesnoise import pipeline
+    from bayesnoise.pipeline import config as bconfig
 
     path = config or os.environ.get("BAYESNOISE_BENCH_CONFIG")
     if path is None:

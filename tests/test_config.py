@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bayesnoise.pipeline import config as bconfig
 from bayesnoise import noise as bnoise
+from bayesnoise.pipeline import config as bconfig
 from bayesnoise.pipeline.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
