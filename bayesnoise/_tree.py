@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any, Union
@@ -9,10 +10,44 @@ from typing import Any, Union
 import jax
 
 PyTree = Any
-# `where` chooses the noised leaves. None: the default rule (kernels). A string: a regular
-# expression searched in the leaf's path ("Dense_0/kernel"). A callable (path, leaf) returning
-# True (use the default axis), False/None (not noised), or an int (that axis indexes the rows).
-Where = Union[None, str, Callable[[str, Any], bool | int | None]]
+# `Where` chooses leaves or layers, the same way everywhere (bn.gsm, bn.prune, bn.inference,
+# bn.nn). None: the default rule (kernels with at least two axes). A string: a regular
+# expression searched in the path ("params/Dense_0/kernel"). A predicate `where(path)` or
+# `where(path, leaf)` returning True (chosen, default axis), False/None (not chosen) or, where
+# rows are chosen, an int (that axis indexes the rows). In `bn.nn`, which chooses layers before
+# their parameters exist, a two-argument predicate gets leaf=None.
+Where = Union[None, str, Callable[[str], Any], Callable[[str, Any], bool | int | None]]
+
+
+def call_where(where: Callable, path: str, leaf: Any) -> Any:
+    """``where(path, leaf)``, or ``where(path)`` for a one-argument predicate."""
+    try:
+        params = inspect.signature(where).parameters.values()
+    except (TypeError, ValueError):
+        return where(path, leaf)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if len(positional) == 1 and not varargs:
+        return where(path)
+    return where(path, leaf)
+
+
+def matches(where: Where, path: str, leaf: Any) -> bool:
+    """Whether ``where`` chooses ``path``: None chooses everything offered."""
+    if where is None:
+        return True
+    if isinstance(where, str):
+        return re.search(where, path) is not None
+    choice = call_where(where, path, leaf)
+    return choice is not None and choice is not False
+
+
+def check_where(where: Any) -> None:
+    if where is not None and not isinstance(where, str) and not callable(where):
+        raise TypeError(
+            f"where must be None, a regular expression string, or a predicate where(path) or "
+            f"where(path, leaf); got {type(where).__name__}: {where!r}."
+        )
 
 
 def path_str(path: tuple) -> str:
@@ -64,19 +99,15 @@ def _choose(name: str, leaf: Any, where: Where) -> int | None:
             return None
         axis = rows_of(name, leaf)
         if axis is None:
-            axis = _fallback_axis(name, leaf)
+            axis = fallback_axis(name, leaf)
         return axis
-    if not callable(where):
-        raise TypeError(
-            f"where must be None, a regular expression string, or a callable (path, leaf) -> "
-            f"bool | int | None; got {type(where).__name__}: {where!r}."
-        )
-    choice = where(name, leaf)
+    check_where(where)
+    choice = call_where(where, name, leaf)
     if choice is None or choice is False:
         return None
     if choice is True:
         axis = rows_of(name, leaf)
-        return _fallback_axis(name, leaf) if axis is None else axis
+        return fallback_axis(name, leaf) if axis is None else axis
     if isinstance(choice, int):
         ndim = getattr(leaf, "ndim", 0)
         if not -ndim <= choice < ndim:
@@ -91,7 +122,7 @@ def _choose(name: str, leaf: Any, where: Where) -> int | None:
     )
 
 
-def _fallback_axis(name: str, leaf: Any) -> int:
+def fallback_axis(name: str, leaf: Any) -> int:
     ndim = getattr(leaf, "ndim", 0)
     if ndim >= 2:
         return ndim - 2

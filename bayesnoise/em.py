@@ -67,7 +67,7 @@ def row_statistics(second_moments: PyTree, hierarchy: gsm.Hierarchy) -> tuple[Py
         ValueError: the moments' structure does not match the hierarchy, or a second moment is
             negative (the message names the leaf).
     """
-    triples, _ = gsm._triples(second_moments, hierarchy)
+    triples, _ = gsm.scaled_leaves(second_moments, hierarchy)
     for name, leaf, s, _ in triples:
         if s is None or isinstance(leaf, jax.core.Tracer):
             continue
@@ -276,9 +276,10 @@ def e_step(
 
 class FitResult(NamedTuple):
     hierarchy: gsm.Hierarchy  # the learned scales
-    moments: bmoments.MomentsState  # the last E-step's posterior moments (merged over chains)
+    moments: bmoments.MomentsState  # the final E-step's moments, under the learned scales
     params: PyTree  # the chains' final states, leaves (C, ...)
-    history: dict  # per iteration: "scales" (list of trees), "q", "penalty_eq14", "log_likelihood"
+    history: dict  # one entry per E-step in every list; see :func:`fit`
+    result: Any = None  # the final E-step's bayesnoise.sampling.SamplingResult
 
 
 def fit(
@@ -292,37 +293,64 @@ def fit(
     where: Any = None,
     hyperprior: bnoise.Noise | None = None,
     extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
+    settings: Callable[[int], dict] | None = None,
+    eval_fn: Callable[[PyTree], Any] | None = None,
+    callback: Callable[[dict], None] | None = None,
     **sampling_kwargs,
 ) -> FitResult:
-    """Runs ``iterations`` rounds of EM: an SGLD E-step (warm-started), then the M-step.
+    """Type-II maximum likelihood of the scales: E-step, M-step, ..., and a final E-step.
 
-    Each E-step is one compiled scan over all chains (:func:`bayesnoise.sampling.run`, with its
-    automatic settings unless ``learning_rate`` is given); the scales enter it as a new prior,
-    so it compiles once per iteration. Records per iteration the scales, Q at the new scales,
-    the eq. 14 penalty (with the posterior variance), the data log-likelihood of the posterior
-    mean and whether the chains converged.
+    Runs ``iterations`` rounds of an SGLD E-step (:func:`e_step`) followed by the M-step
+    (:func:`m_step`), then one more E-step under the learned scales, so the returned moments
+    are the posterior's under the returned hierarchy. ``iterations=0`` is a single E-step.
+    Every E-step after the first is warm-started from the previous chains' final states; with
+    an explicit ``num_burnin``, those warm-started E-steps burn in for half as long. Each
+    E-step is one compiled scan over all chains, with the sampler's automatic settings unless
+    ``learning_rate`` is given; the scales enter as a new prior, so it compiles once per step.
 
     Args:
         key: PRNG key.
         params: initial v (e.g. a network trained under noise, weight-scaled).
         log_likelihood: per-example ``log_likelihood(params, *batch)``.
         data: tuple of arrays with a common leading axis.
-        iterations: EM rounds (>= 1).
+        iterations: M-steps (>= 0).
         sigma0, where: as in :func:`bayesnoise.gsm.hierarchy`.
         hyperprior: passed to :func:`m_step`.
-        extra_log_prior: added to the GSM log prior (e.g. a prior on biases).
+        extra_log_prior: replaces the bias part of the prior (see :func:`e_step`).
+        settings: ``settings(i)`` returns sampler keyword arguments for E-step ``i``
+            (0-based), overriding ``sampling_kwargs`` for that step.
+        eval_fn: ``eval_fn(posterior mean)``, a scalar recorded per E-step (e.g. test error).
+        callback: called with each E-step's record (a dict, the entries listed below).
         **sampling_kwargs: learning_rate, batch_size, num_burnin, num_samples, thin,
-            num_chains, ... of :func:`bayesnoise.sampling.run`.
+            num_chains, transform, predict, predict_inputs, progress, ... of
+            :func:`bayesnoise.sampling.run`.
+
+    Returns:
+        a :class:`FitResult`. ``history`` holds one entry per E-step in each list:
+        ``iteration``; ``scales`` and ``scales_mean`` (the scales the E-step ran under, and
+        their mean per leaf); ``q`` (Q at the scales of the M-step that followed; None after
+        the final E-step); ``penalty_eq14`` (eq. 14 with the posterior variance);
+        ``log_likelihood`` (the data log-likelihood of the posterior mean); ``converged``;
+        and ``metric`` when ``eval_fn`` is given.
     """
-    if int(iterations) < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}.")
+    if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}.")
+    if settings is not None and not callable(settings):
+        raise TypeError(f"settings must be a callable i -> dict, got {settings!r}.")
     _check_hyperprior(hyperprior)
-    h = gsm.hierarchy(params, sigma0, where)
-    history = {"scales": [], "q": [], "penalty_eq14": [], "log_likelihood": [], "converged": []}
-    state, per_chain = params, False
     from bayesnoise import penalties
 
-    for it in range(int(iterations)):
+    h = gsm.hierarchy(params, sigma0, where)
+    keys = ("iteration", "scales", "scales_mean", "q", "penalty_eq14", "log_likelihood")
+    history: dict[str, list] = {k: [] for k in (*keys, "converged")}
+    if eval_fn is not None:
+        history["metric"] = []
+    state, per_chain = params, False
+    for it in range(int(iterations) + 1):
+        kwargs = dict(sampling_kwargs)
+        if it > 0 and kwargs.get("num_burnin") is not None:
+            kwargs["num_burnin"] = int(kwargs["num_burnin"]) // 2
+        kwargs.update(settings(it) if settings is not None else {})
         res = e_step(
             jax.random.fold_in(key, it),
             state,
@@ -331,20 +359,31 @@ def fit(
             data,
             extra_log_prior=extra_log_prior,
             params_per_chain=per_chain,
-            **sampling_kwargs,
+            **kwargs,
         )
         state, per_chain = res.params, True
         second = bmoments.second_moment(res.moments)
-        new = m_step(second, h, hyperprior)
-        mean = bmoments.mean(res.moments)
-        history["q"].append(float(q_value(second, h, hyperprior, new)))
-        variance = bmoments.variance(res.moments)
-        history["penalty_eq14"].append(float(penalties.ml2_neg_log_prior(mean, h, variance)))
-        history["log_likelihood"].append(float(jnp.sum(log_likelihood(mean, *data))))
-        history["converged"].append(bool(res.converged))
-        h = h.replace(scales=new)
-        history["scales"].append(jax.device_get(new))
-    return FitResult(h, res.moments, state, history)
+        mean, variance = bmoments.mean(res.moments), bmoments.variance(res.moments)
+        record = {
+            "iteration": it,
+            "scales": jax.device_get(h.scales),
+            "scales_mean": [float(jnp.mean(s)) for s in jax.tree.leaves(h.scales)],
+            "q": None,
+            "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h, variance)),
+            "log_likelihood": float(jnp.sum(log_likelihood(mean, *data))),
+            "converged": bool(res.converged),
+        }
+        if eval_fn is not None:
+            record["metric"] = float(eval_fn(mean))
+        if it < iterations:  # the M-step
+            new = m_step(second, h, hyperprior)
+            record["q"] = float(q_value(second, h, hyperprior, new))
+            h = h.replace(scales=new)
+        for k, v in record.items():
+            history[k].append(v)
+        if callback is not None:
+            callback(record)
+    return FitResult(h, res.moments, state, history, res)
 
 
 # --------------------------------------------------------------- exact E-step: linear models

@@ -107,7 +107,7 @@ def hierarchy(params: PyTree, sigma0: ArrayLike = 1.0, where: Where = None) -> H
     return Hierarchy(scales=scales, sigma0=sigma0, axes=axes)
 
 
-def _triples(params: PyTree, scales: PyTree | Hierarchy):
+def scaled_leaves(params: PyTree, scales: PyTree | Hierarchy):
     """(path, leaf, scale, axis) for every leaf, checking that scales fit their leaves."""
     if isinstance(scales, Hierarchy):
         axes = scales.axes
@@ -133,7 +133,7 @@ def _triples(params: PyTree, scales: PyTree | Hierarchy):
         else:
             axis = _tree.rows_of(name, leaf)
             if axis is None:
-                axis = _tree._fallback_axis(name, leaf)
+                axis = _tree.fallback_axis(name, leaf)
         s = jnp.asarray(s)
         if axis is None or s.ndim != 1 or s.shape[0] != leaf.shape[axis]:
             rows = "none" if axis is None else f"{leaf.shape[axis]} (axis {axis})"
@@ -147,7 +147,7 @@ def _triples(params: PyTree, scales: PyTree | Hierarchy):
 
 
 def _map_rows(fn, params: PyTree, scales: PyTree | Hierarchy) -> PyTree:
-    triples, treedef = _triples(params, scales)
+    triples, treedef = scaled_leaves(params, scales)
     new = [
         leaf if s is None else fn(leaf, _tree.broadcast_rows(s, leaf.ndim, a))
         for _, leaf, s, a in triples
@@ -181,7 +181,7 @@ def log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
 
     Per weight: −½ log(2π σ0² λ²) − v² / (2 σ0² λ²).
     """
-    triples, _ = _triples(v_params, hierarchy)
+    triples, _ = scaled_leaves(v_params, hierarchy)
     sigma0 = jnp.asarray(hierarchy.sigma0)
     total = jnp.zeros((), jnp.result_type(float))
     for _, v, s, a in triples:
@@ -198,7 +198,7 @@ def prior_variance(params: PyTree, hierarchy: Hierarchy) -> PyTree:
     σ0² λ_row² for the weights of noised leaves; σ0² for every other leaf (biases and leaves not
     noised), the proper prior N(0, σ0²) that :func:`full_log_prior` puts on them.
     """
-    triples, treedef = _triples(params, hierarchy)
+    triples, treedef = scaled_leaves(params, hierarchy)
     sigma0 = jnp.asarray(hierarchy.sigma0, jnp.result_type(float))
     out = []
     for _, leaf, s, a in triples:
@@ -219,7 +219,7 @@ def full_log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
     biases and leaves that are not noised get the unscaled weight prior, so the posterior is
     proper whatever the data.
     """
-    triples, _ = _triples(v_params, hierarchy)
+    triples, _ = scaled_leaves(v_params, hierarchy)
     sigma0 = jnp.asarray(hierarchy.sigma0)
     total = log_prior(v_params, hierarchy)
     for _, b, s, _ in triples:
@@ -233,7 +233,7 @@ def full_log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
 
 def row_sizes(params: PyTree, hierarchy: Hierarchy) -> PyTree:
     """d: the number of weights in each row, a tree like ``hierarchy.scales`` (int leaves)."""
-    triples, treedef = _triples(params, hierarchy)
+    triples, treedef = scaled_leaves(params, hierarchy)
     return jax.tree.unflatten(
         treedef, [None if s is None else leaf.size // leaf.shape[a] for _, leaf, s, a in triples]
     )
@@ -241,7 +241,7 @@ def row_sizes(params: PyTree, hierarchy: Hierarchy) -> PyTree:
 
 def row_sums(values: PyTree, hierarchy: Hierarchy) -> PyTree:
     """Σ_k values_{jk}: the sum of a per-weight tree over each row, a tree like the scales."""
-    triples, treedef = _triples(values, hierarchy)
+    triples, treedef = scaled_leaves(values, hierarchy)
     return jax.tree.unflatten(
         treedef, [None if s is None else _tree.sum_except(x, a) for _, x, s, a in triples]
     )

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesnoise import _tree, gsm
-from bayesnoise.nn import _resolve
+from bayesnoise import noise as bnoise
 from bayesnoise.noise import Noise
 
 __all__ = ["weight_scale", "mc_predict", "geometric_predict", "mc_logits"]
@@ -44,18 +44,39 @@ def weight_scale(params: Any, noise: Noise | Mapping[str, Noise], where: _tree.W
     leaves, treedef = jax.tree.flatten(h.scales, is_leaf=lambda x: x is None)
     factors = []
     for (path, _), s in zip(h.axes, leaves):
-        layer_noise = None if s is None else _resolve(noise, path)
+        layer_noise = None if s is None else bnoise.resolve(noise, path)
         factors.append(None if layer_noise is None else s * layer_noise.scale_factor)
     return gsm.to_identifiable(params, h.replace(scales=jax.tree.unflatten(treedef, factors)))
 
 
+def _key_first(key, apply_fn, x, name):
+    """(key, apply_fn, x), accepting the old order (apply_fn, x, key) with a warning."""
+    if callable(key) and not callable(apply_fn):
+        import warnings
+
+        warnings.warn(
+            f"bn.inference.{name}(apply_fn, x, key, ...) is deprecated: the key comes first, "
+            f"{name}(key, apply_fn, x, ...).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return x, key, apply_fn
+    if not callable(apply_fn):
+        raise TypeError(
+            f"{name}(key, apply_fn, x, ...): apply_fn must be a callable (key, x) -> logits, got "
+            f"{type(apply_fn).__name__}."
+        )
+    return key, apply_fn, x
+
+
 def mc_logits(
+    key: jax.Array,
     apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
     x: jax.Array,
-    key: jax.Array,
     num_samples: int,
 ) -> jax.Array:
     """``apply_fn(key, x)`` for S keys at once (vmapped, one compile): shape (S, ...)."""
+    key, apply_fn, x = _key_first(key, apply_fn, x, "mc_logits")
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     keys = jax.random.split(key, num_samples)
@@ -63,9 +84,9 @@ def mc_logits(
 
 
 def mc_predict(
+    key: jax.Array,
     apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
     x: jax.Array,
-    key: jax.Array,
     num_samples: int = 32,
 ) -> jax.Array:
     """Monte Carlo rule: (1/S) Σ_s softmax(f(x; λ_s)). ``apply_fn(key, x)`` returns noisy logits.
@@ -73,16 +94,18 @@ def mc_predict(
     Returns:
         class probabilities, shape (..., classes).
     """
-    logits = mc_logits(apply_fn, x, key, num_samples)
+    key, apply_fn, x = _key_first(key, apply_fn, x, "mc_predict")
+    logits = mc_logits(key, apply_fn, x, num_samples)
     return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
 
 
 def geometric_predict(
+    key: jax.Array,
     apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
     x: jax.Array,
-    key: jax.Array,
     num_samples: int = 32,
 ) -> jax.Array:
     """Geometric-mean rule: softmax((1/S) Σ_s log softmax(f(x; λ_s))), renormalised."""
-    logits = mc_logits(apply_fn, x, key, num_samples)
+    key, apply_fn, x = _key_first(key, apply_fn, x, "geometric_predict")
+    logits = mc_logits(key, apply_fn, x, num_samples)
     return jax.nn.softmax(jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=0), axis=-1)

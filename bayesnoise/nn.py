@@ -25,8 +25,7 @@ parameters: one λ per weight, shared by the minibatch.
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bayesnoise import _tree
+from bayesnoise import noise as bnoise
 from bayesnoise.noise import Noise, require_continuous
 
 __all__ = [
@@ -50,37 +50,7 @@ __all__ = [
     "MLP",
 ]
 
-# A noise for every selected layer, or a mapping from a regular expression on the kernel's path
-# (e.g. "Dense_0/kernel") to a noise: the first pattern found in the path wins.
-NoiseSpec = Noise | Mapping[str, Noise]
-
-
-def _check_noise(noise: Any, what: str = "noise") -> None:
-    if not isinstance(noise, Noise):
-        raise TypeError(
-            f"{what} must be a bayesnoise.noise distribution (Bernoulli, Gaussian, Beta, ...), "
-            f"got {type(noise).__name__}: {noise!r}."
-        )
-
-
-def _resolve(spec: NoiseSpec, path: str) -> Noise | None:
-    """The noise for a kernel path, or None when the spec does not cover it."""
-    if isinstance(spec, Noise):
-        return spec
-    for pattern, noise in spec.items():
-        if re.search(pattern, path):
-            return noise
-    return None
-
-
-def _check_spec(spec: NoiseSpec) -> None:
-    if isinstance(spec, Mapping):
-        if not spec:
-            raise ValueError("the noise mapping is empty: give at least one pattern -> noise.")
-        for pattern, noise in spec.items():
-            _check_noise(noise, f"noise for pattern {pattern!r}")
-    else:
-        _check_noise(spec)
+NoiseSpec = bnoise.NoiseSpec
 
 
 def _noise_shape(shape: tuple[int, ...], broadcast_dims) -> tuple[int, ...]:
@@ -141,7 +111,7 @@ class MultiplicativeNoise(nn.Module):
         self, x: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
     ) -> jax.Array:
         """Args: x; deterministic (overrides the attribute); rng: an explicit key to draw with."""
-        _check_noise(self.noise)
+        bnoise.check_noise(self.noise)
         if self.reparameterized:
             require_continuous(self.noise, "MultiplicativeNoise(reparameterized=True)")
         if deterministic is None:
@@ -180,7 +150,7 @@ class NNXMultiplicativeNoise(nnx.Module):
         rng_collection: str = "noise",
         rngs: nnx.Rngs | None = None,
     ):
-        _check_noise(noise)
+        bnoise.check_noise(noise)
         self.noise = noise
         self.broadcast_dims = tuple(broadcast_dims)
         self.deterministic = deterministic
@@ -230,7 +200,7 @@ def _conv_broadcast(x: jax.Array, module: nn.Module) -> tuple[int, ...]:
 @contextlib.contextmanager
 def input_noise(
     noise: NoiseSpec,
-    where: str | Callable[[str], bool] | None = None,
+    where: _tree.Where = None,
     *,
     rng_collection: str = "noise",
     deterministic: bool = False,
@@ -250,22 +220,20 @@ def input_noise(
     Raises:
         ValueError (at apply time): the noisy apply was given no rng for ``rng_collection``.
     """
-    _check_spec(noise)
+    bnoise.check_spec(noise)
     matched: list[str] = []
 
+    _tree.check_where(where)
+
     def selected(path: str) -> bool:
-        if where is None:
-            return True
-        if isinstance(where, str):
-            return re.search(where, path) is not None
-        return bool(where(path))
+        return _tree.matches(where, path, None)
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, layers) or not args:
             return next_fun(*args, **kwargs)
         path = _linen_kernel_path(module)
-        layer_noise = _resolve(noise, path) if selected(path) else None
+        layer_noise = bnoise.resolve(noise, path) if selected(path) else None
         if layer_noise is None:
             return next_fun(*args, **kwargs)
         matched.append(path)
@@ -289,7 +257,7 @@ def input_noise(
 def noisy_apply(
     model: nn.Module,
     noise: NoiseSpec,
-    where: str | Callable[[str], bool] | None = None,
+    where: _tree.Where = None,
     *,
     rng_collection: str = "noise",
     layers: tuple[type, ...] = (nn.Dense, nn.Conv),
@@ -307,7 +275,7 @@ def noisy_apply(
         >>> apply = bn.nn.noisy_apply(model, bn.noise.Bernoulli(0.8))
         >>> y = apply(params, jnp.ones((3, 4)), rngs={"noise": jax.random.key(1)})
     """
-    _check_spec(noise)
+    bnoise.check_spec(noise)
     checked = []
 
     def apply(variables, *args, rngs=None, deterministic: bool = False, **kwargs):
@@ -376,7 +344,7 @@ def add_input_noise(
     model: nnx.Module,
     noise: NoiseSpec,
     rngs: nnx.Rngs,
-    where: str | Callable[[str], bool] | None = None,
+    where: _tree.Where = None,
     *,
     rng_collection: str = "noise",
     layers: tuple[type, ...] = (nnx.Linear, nnx.Conv),
@@ -397,7 +365,7 @@ def add_input_noise(
     Raises:
         ValueError: no layer is selected (the message lists the model's layer paths).
     """
-    _check_spec(noise)
+    bnoise.check_spec(noise)
     stream_rngs = rngs
     _stream(rngs, rng_collection, "add_input_noise")
     found = []
@@ -405,11 +373,9 @@ def add_input_noise(
         if not isinstance(module, layers) or type(module).__name__.startswith("Noisy"):
             continue
         kpath = "/".join(str(p) for p in path + ("kernel",))
-        if where is not None and not (
-            re.search(where, kpath) if isinstance(where, str) else where(kpath)
-        ):
+        if not _tree.matches(where, kpath, getattr(module, "kernel", None)):
             continue
-        layer_noise = _resolve(noise, kpath)
+        layer_noise = bnoise.resolve(noise, kpath)
         if layer_noise is None:
             continue
         module.input_noise = NNXMultiplicativeNoise(
@@ -441,14 +407,25 @@ def set_deterministic(model: nnx.Module, deterministic: bool = True) -> nnx.Modu
 # ----------------------------------------------------------------------------- DropConnect
 
 
-def dropconnect(params: Any, key: jax.Array, noise: Noise, where: _tree.Where = None) -> Any:
+def dropconnect(key: jax.Array, params: Any, noise: Noise, where: _tree.Where = None) -> Any:
     """Per-weight noise: every weight of a selected leaf multiplied by its own λ.
 
     The draw is shared by the whole minibatch (the usual implementation of DropConnect). Works
     on any params tree (linen variables, NNX state); leaves are chosen as in
-    :func:`bayesnoise.gsm.hierarchy` (kernels by default).
+    :func:`bayesnoise.gsm.hierarchy` (kernels by default). The old order
+    ``dropconnect(params, key, ...)`` still works, with a DeprecationWarning.
     """
-    _check_noise(noise)
+    if _is_key(params) and not _is_key(key):
+        import warnings
+
+        warnings.warn(
+            "bn.nn.dropconnect(params, key, ...) is deprecated: the key comes first, "
+            "dropconnect(key, params, noise, where).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        key, params = params, key
+    bnoise.check_noise(noise)
     axes = _tree.row_axes(params, where)
     if all(a is None for _, a in axes):
         raise ValueError(
@@ -461,6 +438,15 @@ def dropconnect(params: Any, key: jax.Array, noise: Noise, where: _tree.Where = 
         for leaf, (_, a), k in zip(leaves, axes, keys)
     ]
     return jax.tree.unflatten(treedef, out)
+
+
+def _is_key(x: Any) -> bool:
+    """A typed PRNG key, or a raw uint32 key of shape (2,)."""
+    if not hasattr(x, "dtype"):
+        return False
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return True
+    return x.dtype == jnp.uint32 and tuple(x.shape) == (2,)
 
 
 class MLP(nn.Module):

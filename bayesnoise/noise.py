@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import re
+from collections.abc import Mapping
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,10 @@ __all__ = [
     "LogNormal",
     "InverseGammaScale",
     "require_continuous",
+    "NoiseSpec",
+    "check_noise",
+    "check_spec",
+    "resolve",
 ]
 
 
@@ -338,3 +344,40 @@ class InverseGammaScale(Noise):
     def student_t(self) -> tuple[float, float]:
         """(degrees of freedom, scale / σ0) of the Student-t marginal of λw."""
         return 2.0 * self.a, math.sqrt(self.b / self.a)
+
+
+# ------------------------------------------------------------------ noise for many layers
+
+# A noise for every selected layer, or a mapping from a regular expression on the kernel's path
+# (e.g. "Dense_0/kernel") to a noise: the first pattern found in the path wins.
+NoiseSpec = Union[Noise, Mapping[str, Noise]]
+
+
+def check_noise(noise: Any, what: str = "noise") -> None:
+    """Raises a TypeError unless ``noise`` is a bayesnoise noise distribution."""
+    if not isinstance(noise, Noise):
+        raise TypeError(
+            f"{what} must be a bayesnoise.noise distribution (Bernoulli, Gaussian, Beta, ...), "
+            f"got {type(noise).__name__}: {noise!r}."
+        )
+
+
+def check_spec(spec: Any) -> None:
+    """Raises unless ``spec`` is a noise or a non-empty mapping {path regex: noise}."""
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError("the noise mapping is empty: give at least one pattern -> noise.")
+        for pattern, noise in spec.items():
+            check_noise(noise, f"noise for pattern {pattern!r}")
+    else:
+        check_noise(spec)
+
+
+def resolve(spec: NoiseSpec, path: str) -> Noise | None:
+    """The noise a spec gives the kernel at ``path``, or None when the spec does not cover it."""
+    if isinstance(spec, Noise):
+        return spec
+    for pattern, noise in spec.items():
+        if re.search(pattern, path):
+            return noise
+    return None

@@ -53,6 +53,7 @@ __all__ = [
     "apply",
     "sparsity",
     "curve",
+    "breakpoint_fraction",
     "breakpoint",
     "masked_updates",
     "to_sparse",
@@ -133,12 +134,8 @@ def _prunable(name: str, leaf: Any, where: Where, include_biases: bool) -> bool:
         return _tree.rows_of(name, leaf) is not None or is_bias
     if isinstance(where, str):
         return re.search(where, name) is not None or is_bias
-    if not callable(where):
-        raise TypeError(
-            f"where must be None, a regular expression string, or a callable (path, leaf) -> "
-            f"bool | int | None; got {type(where).__name__}: {where!r}."
-        )
-    choice = where(name, leaf)
+    _tree.check_where(where)
+    choice = _tree.call_where(where, name, leaf)
     return (choice is not None and choice is not False) or is_bias
 
 
@@ -499,7 +496,7 @@ def _curve(eval_fn, params, scores, fractions, scope, where, include_biases, bat
     return jax.vmap(one)(params, scores) if batched else one(params, scores)
 
 
-def breakpoint(
+def breakpoint_fraction(
     fractions: ArrayLike,
     metric: ArrayLike,
     unpruned: float,
@@ -533,7 +530,7 @@ def breakpoint(
 
     Example:
         >>> import bayesnoise as bn
-        >>> bn.prune.breakpoint([0.0, 0.5, 0.8, 0.9], [0.02, 0.025, 0.04, 0.028], 0.02)
+        >>> bn.prune.breakpoint_fraction([0.0, 0.5, 0.8, 0.9], [0.02, 0.025, 0.04, 0.028], 0.02)
         0.5
     """
     f = np.asarray(fractions, np.float64)
@@ -694,3 +691,16 @@ def stored_bytes(tree: PyTree) -> int:
         else:
             total += int(np.asarray(leaf).nbytes)
     return total
+
+
+def breakpoint(*args, **kwargs) -> float:  # noqa: A001
+    """Deprecated alias of :func:`breakpoint_fraction` (the name shadowed a builtin)."""
+    import warnings
+
+    warnings.warn(
+        "bn.prune.breakpoint is renamed bn.prune.breakpoint_fraction; the old name goes in the "
+        "next release.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return breakpoint_fraction(*args, **kwargs)

@@ -19,9 +19,29 @@ import optax
 
 from bayesnoise._tree import PyTree
 
-__all__ = ["classification_loss", "regression_loss", "make_step", "fit", "FitResult"]
+__all__ = [
+    "categorical_log_likelihood",
+    "classification_loss",
+    "regression_loss",
+    "make_step",
+    "fit",
+    "FitResult",
+]
 
 LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+def categorical_log_likelihood(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example log p(y | logits) of a categorical likelihood: ``log_softmax(logits)[y]``.
+
+    Args:
+        logits: shape (n, classes).
+        labels: integer labels, shape (n,).
+
+    Returns:
+        shape (n,): the log-probability of each example's label.
+    """
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
 
 
 def classification_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:

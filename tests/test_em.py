@@ -251,20 +251,85 @@ def test_em_fit_in_a_network_keeps_robust_rows_and_shrinks_irrelevant_ones():
     )
     lam0 = np.asarray(res.hierarchy.scales["params"]["Dense_0"]["kernel"])
     assert lam0[:2].min() > lam0[2:].max()  # relevant inputs keep the largest scales
-    assert len(res.history["q"]) == 3 and np.all(np.isfinite(res.history["penalty_eq14"]))
-    # sparse or robust: the learned scales rank rows like |μ| + σ (robust rows with a large
-    # posterior spread keep large scales), not like the signal-to-noise ratio |μ| / σ
+    assert len(res.history["q"]) == 4 and res.history["q"][-1] is None
+    assert np.all(np.isfinite(res.history["penalty_eq14"]))
+    assert np.all(np.isfinite(res.history["q"][:-1]))
+    # sparse or robust: the M-step's scales rank rows like |μ| + σ (robust rows with a large
+    # posterior spread keep large scales), not like the signal-to-noise ratio |μ| / σ. The
+    # returned moments are the final E-step's, under the learned scales: the next M-step's input.
     from scipy.stats import spearmanr
+
+    next_scales = bn.em.m_step(bn.moments.second_moment(res.moments), res.hierarchy)
 
     std = bn.moments.std(res.moments)["params"]
     mean = bn.moments.mean(res.moments)["params"]
     for layer in ("Dense_0", "Dense_1"):
         row_sd = np.sqrt((np.asarray(std[layer]["kernel"]) ** 2).mean(1))
         row_mu = np.sqrt((np.asarray(mean[layer]["kernel"]) ** 2).mean(1))
-        lam = np.asarray(res.hierarchy.scales["params"][layer]["kernel"])
+        lam = np.asarray(next_scales["params"][layer]["kernel"])
         with_spr = spearmanr(row_mu + row_sd, lam).correlation
         with_snr = spearmanr(row_mu / row_sd, lam).correlation
         assert with_spr > 0.9 and with_spr >= with_snr, (layer, with_spr, with_snr)
     # and the rows of irrelevant inputs are pulled toward zero in the posterior mean too
     energy = (np.asarray(mean["Dense_0"]["kernel"]) ** 2).sum(1)
     assert energy[2:].max() < energy[:2].min()
+
+
+def test_em_fit_ends_with_an_e_step_under_the_learned_scales():
+    """One driver: per-E-step settings, a callback per record, and final moments that are the
+    posterior's under the returned hierarchy (a linear-Gaussian model, whose posterior under any
+    scales is known in closed form)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    y = (x @ np.array([1.5, -1.0, 0.0]) + 0.5 * rng.normal(size=200)).astype(np.float32)
+    params = {"kernel": jnp.zeros((3, 1))}
+
+    def log_lik(p, xb, yb):
+        return -0.5 * ((xb @ p["kernel"])[:, 0] - yb) ** 2 / 0.25
+
+    seen, burnins = [], []
+
+    def settings(i):
+        burnins.append(i)
+        return {"num_samples": 400 + 100 * i}
+
+    res = bn.em.fit(
+        jax.random.key(0),
+        params,
+        log_lik,
+        (jnp.asarray(x), jnp.asarray(y)),
+        iterations=2,
+        settings=settings,
+        eval_fn=lambda p: jnp.sum(p["kernel"] ** 2),
+        callback=seen.append,
+        learning_rate=2e-4,
+        num_burnin=400,
+        num_chains=4,
+        progress=False,
+    )
+    assert burnins == [0, 1, 2] and [r["iteration"] for r in seen] == [0, 1, 2]
+    assert res.history["q"][-1] is None and all(q is not None for q in res.history["q"][:-1])
+    assert len(res.history["metric"]) == 3
+    # the last E-step ran under the returned scales, and its moments are that posterior's
+    last = np.asarray(res.history["scales"][-1]["kernel"])
+    np.testing.assert_allclose(last, np.asarray(res.hierarchy.scales["kernel"]))
+    prior_var = np.asarray(res.hierarchy.sigma0) ** 2 * last**2
+    cov = np.linalg.inv(x.T @ x / 0.25 + np.diag(1.0 / prior_var))
+    mu = cov @ (x.T @ y / 0.25)
+    mean = np.asarray(bn.moments.mean(res.moments)["kernel"])[:, 0]
+    np.testing.assert_allclose(mean, mu, atol=4 * np.sqrt(np.diag(cov)).max())
+    # the irrelevant third input's scale shrinks below the others
+    assert last[2] < min(last[0], last[1])
+
+
+def test_em_fit_zero_iterations_is_one_e_step_and_bad_iterations_are_rejected():
+    params = {"kernel": jnp.zeros((2, 1))}
+    data = (jnp.ones((16, 2)), jnp.ones(16))
+    log_lik = lambda p, xb, yb: -0.5 * ((xb @ p["kernel"])[:, 0] - yb) ** 2
+    kw = dict(learning_rate=1e-3, num_burnin=10, num_samples=20, num_chains=2, progress=False)
+    res = bn.em.fit(jax.random.key(0), params, log_lik, data, iterations=0, **kw)
+    assert res.history["iteration"] == [0] and res.history["q"] == [None]
+    np.testing.assert_allclose(np.asarray(res.hierarchy.scales["kernel"]), 1.0)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises((ValueError, TypeError), match="iterations"):
+            bn.em.fit(jax.random.key(0), params, log_lik, data, iterations=bad, **kw)

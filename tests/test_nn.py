@@ -208,7 +208,7 @@ def test_noise_mapping_by_path():
 
 def test_dropconnect_per_weight():
     params = {"kernel": jnp.ones((300, 200)), "bias": jnp.ones(200)}
-    out = bn.nn.dropconnect(params, jax.random.key(0), bn.noise.Bernoulli(0.6))
+    out = bn.nn.dropconnect(jax.random.key(0), params, bn.noise.Bernoulli(0.6))
     k = np.asarray(out["kernel"])
     assert abs(k.mean() - 0.6) < 5 * math.sqrt(0.24 / k.size)
     assert np.abs(np.corrcoef(k[:, 0], k[:, 1])[0, 1]) < 5 / math.sqrt(300)  # not per row
@@ -225,8 +225,8 @@ def test_mc_predict_is_vmapped_loop_and_geometric_is_renormalised():
     noisy = lambda k, x: apply(params, x, rngs={"noise": k})
     x = jax.random.normal(jax.random.key(1), (9, 6))
     key, s = jax.random.key(2), 12
-    mc = bn.inference.mc_predict(noisy, x, key, s)
-    geo = bn.inference.geometric_predict(noisy, x, key, s)
+    mc = bn.inference.mc_predict(key, noisy, x, s)
+    geo = bn.inference.geometric_predict(key, noisy, x, s)
     keys = jax.random.split(key, s)
     probs = np.stack([np.asarray(jax.nn.softmax(noisy(k, x))) for k in keys])
     np.testing.assert_allclose(mc, probs.mean(0), rtol=1e-5, atol=1e-6)
@@ -234,7 +234,7 @@ def test_mc_predict_is_vmapped_loop_and_geometric_is_renormalised():
     np.testing.assert_allclose(geo, g / g.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(geo).sum(-1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
-        bn.inference.mc_predict(noisy, x, key, 0)
+        bn.inference.mc_predict(key, noisy, x, 0)
 
 
 # ---------------------------------------------------------------- training
@@ -381,3 +381,39 @@ def test_mlp_mixed_precision_keeps_float32_params_and_output():
     assert np.abs(np.asarray(out - ref)).max() > 0  # the matmuls did run in bfloat16
     grads = jax.grad(lambda p: model.apply(p, x).sum())(params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_old_argument_orders_warn_and_agree():
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    key, noise = jax.random.key(0), bn.noise.Bernoulli(0.5)
+    with pytest.warns(DeprecationWarning, match="key comes first"):
+        old = bn.nn.dropconnect(params, key, noise)
+    new = bn.nn.dropconnect(key, params, noise)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, old, new))
+    fn = lambda k, x: x + jax.random.normal(k, x.shape)
+    x = jnp.zeros((4, 3))
+    with pytest.warns(DeprecationWarning, match="key comes first"):
+        old = bn.inference.mc_predict(fn, x, key, 8)
+    np.testing.assert_allclose(old, bn.inference.mc_predict(key, fn, x, 8))
+
+
+def test_one_where_everywhere():
+    """A path regex, a one-argument and a two-argument predicate choose the same leaves in gsm,
+    prune and nn."""
+    model = bn.nn.MLP(features=(5, 3))
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    k1 = "Dense_1/kernel"
+    choices = (k1, lambda path: k1 in path, lambda path, leaf: k1 in path)
+    for where in choices:
+        h = bn.gsm.hierarchy(params, where=where)
+        noised = [s is not None for s in jax.tree.leaves(h.scales, is_leaf=lambda s: s is None)]
+        assert sum(noised) == 1
+        scores = bn.prune.magnitude(params)
+        m = bn.prune.mask(scores, 0.5, where=where)
+        assert bool(jnp.all(m["params"]["Dense_0"]["kernel"]))
+        assert not bool(jnp.all(m["params"]["Dense_1"]["kernel"]))
+        with bn.nn.input_noise(bn.noise.Bernoulli(0.5), where=where) as matched:
+            model.apply(params, jnp.ones((2, 4)), rngs={"noise": jax.random.key(1)})
+        assert matched == ["params/Dense_1/kernel"]
+    with pytest.raises(TypeError, match="where must be"):
+        bn.gsm.hierarchy(params, where=3)

@@ -293,19 +293,19 @@ def test_curve_under_outer_jit():
 def test_breakpoint_hand_made_curves():
     f = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     err = [0.020, 0.021, 0.030, 0.031, 0.025, 0.5]
-    assert prune.breakpoint(f, err, 0.02) == 0.4  # 0.030 ≤ 0.02 + 0.01 (inclusive)
-    assert prune.breakpoint(f, err, 0.02, tolerance=0.005) == 0.2
+    assert prune.breakpoint_fraction(f, err, 0.02) == 0.4  # 0.030 ≤ 0.02 + 0.01 (inclusive)
+    assert prune.breakpoint_fraction(f, err, 0.02, tolerance=0.005) == 0.2
     # the prefix before the first failure: the recovery at 0.8 does not count
-    assert prune.breakpoint(f, err, 0.02, tolerance=0.0105) == 0.4
+    assert prune.breakpoint_fraction(f, err, 0.02, tolerance=0.0105) == 0.4
     # unsorted input gives the same answer
-    assert prune.breakpoint(f[::-1], err[::-1], 0.02) == 0.4
-    assert prune.breakpoint(f, [0.5] * 6, 0.02) == 0.0
-    assert prune.breakpoint(f, [0.02] * 6, 0.02) == 1.0
-    assert prune.breakpoint(f, [0.02, 0.02, np.nan, 0.02, 0.02, 0.02], 0.02) == 0.2
+    assert prune.breakpoint_fraction(f[::-1], err[::-1], 0.02) == 0.4
+    assert prune.breakpoint_fraction(f, [0.5] * 6, 0.02) == 0.0
+    assert prune.breakpoint_fraction(f, [0.02] * 6, 0.02) == 1.0
+    assert prune.breakpoint_fraction(f, [0.02, 0.02, np.nan, 0.02, 0.02, 0.02], 0.02) == 0.2
     # relative: +1% of an RMSE of 2.0 allows 2.02
     rmse = np.float32([2.0, 2.01, 2.02, 2.03, 2.0, 2.0])
-    assert prune.breakpoint(f, rmse, 2.0, relative=True) == 0.4
-    assert prune.breakpoint(f, rmse, 2.0, tolerance=0.02, relative=True) == 1.0
+    assert prune.breakpoint_fraction(f, rmse, 2.0, relative=True) == 0.4
+    assert prune.breakpoint_fraction(f, rmse, 2.0, tolerance=0.02, relative=True) == 1.0
 
 
 # --- fine-tuning ------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_bad_inputs_name_the_value():
     with pytest.raises(ValueError, match="chunk_size"):
         prune.curve(EVAL, params, scores, jnp.array([0.5]), chunk_size=0)
     with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)"):
-        prune.breakpoint([0, 0.5, 1], [0.1, 0.2], 0.1)
+        prune.breakpoint_fraction([0, 0.5, 1], [0.1, 0.2], 0.1)
 
 
 # --- soft targets -----------------------------------------------------------------------------
@@ -481,3 +481,10 @@ def test_soft_target_bad_inputs():
         distill.soft_target_loss(z, z, jnp.zeros(2, int), alpha=1.5)
     with pytest.raises(ValueError, match=r"\(7,\)"):
         distill.student_sizes((7,), 100)
+
+
+def test_breakpoint_old_name_warns_and_agrees():
+    f, err = [0.0, 0.5, 0.9], [0.02, 0.025, 0.05]
+    with pytest.warns(DeprecationWarning, match="breakpoint_fraction"):
+        old = prune.breakpoint(f, err, 0.02)
+    assert old == prune.breakpoint_fraction(f, err, 0.02) == 0.5

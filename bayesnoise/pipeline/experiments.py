@@ -76,8 +76,8 @@ def mnist_noise_run(
     probs_mc, probs_geo = [], []
     for chunk in np.array_split(np.arange(len(yte)), 10):
         xc = xte[chunk]
-        probs_mc.append(inference.mc_predict(noisy, xc, mc_key, mc_samples))
-        probs_geo.append(inference.geometric_predict(noisy, xc, mc_key, mc_samples))
+        probs_mc.append(inference.mc_predict(mc_key, noisy, xc, mc_samples))
+        probs_geo.append(inference.geometric_predict(mc_key, noisy, xc, mc_samples))
     mc = float(jnp.mean(jnp.argmax(jnp.concatenate(probs_mc), -1) != yte))
     geo = float(jnp.mean(jnp.argmax(jnp.concatenate(probs_geo), -1) != yte))
     return {

@@ -18,7 +18,6 @@ stage depends on is ignored and the stage runs again):
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -37,9 +36,7 @@ from bayesnoise import (
     inference,
     laplace,
     moments,
-    penalties,
     prune,
-    sampling,
     train,
 )
 from bayesnoise import nn as bnn
@@ -102,7 +99,7 @@ class _Task:
         standardised target."""
         out = self.model.apply(params, x)
         if self.classification:
-            return jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], axis=-1)[:, 0]
+            return train.categorical_log_likelihood(out, y)
         return -0.5 * (out[:, 0] - y) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
 
 
@@ -150,7 +147,7 @@ def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
         noisy = bnn.noisy_apply(task.model, noise)
         fn = lambda k, x: noisy(res.params, x, rngs={"noise": k})
         probs = inference.mc_predict(
-            fn, task.x_test, jax.random.fold_in(key, 2), task.cfg.eval.mc_samples
+            jax.random.fold_in(key, 2), fn, task.x_test, task.cfg.eval.mc_samples
         )
         out["mc_dropout"] = _calibration(np.asarray(probs), task.y_test)
     return out
@@ -196,7 +193,6 @@ def _prior_recovery(task: _Task, mean, variance, h) -> dict | None:
 
 def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     sc, ec = task.cfg.sgld, task.cfg.em
-    h = gsm.hierarchy(params, sigma0=ec.sigma0)
     transform = psgld if sc.method == "psgld" else sgld
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
     iterations = ec.iterations if use_em else 0
@@ -205,47 +201,46 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         predict = lambda p, x: jax.nn.softmax(task.model.apply(p, x))
     else:
         predict = lambda p, x: task.model.apply(p, x)
-    records = []
-    state, per_chain = params, False
-    for it in range(iterations + 1):
-        run_settings = dict(settings)
-        if it > 0 and settings["num_burnin"] is not None:
-            run_settings["num_burnin"] = settings["num_burnin"] // 2
-        res = sampling.run(
-            jax.random.fold_in(key, it),
-            state,
-            task.log_likelihood,
-            functools.partial(gsm.full_log_prior, hierarchy=h),
-            (task.x_train, task.y_train),
-            transform=transform,
-            params_per_chain=per_chain,
-            progress=progress,
-            predict=predict,
-            predict_inputs=task.x_test,
-            **run_settings,
-        )
-        state, per_chain = res.params, True  # warm start the next E-step
-        mean, variance = moments.mean(res.moments), moments.variance(res.moments)
-        record = {
-            "iteration": it,
-            "metric_at_mean": float(task.metric(mean)),
-            "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h, variance)),
-            "train_log_likelihood": float(
-                jnp.sum(task.log_likelihood(mean, task.x_train, task.y_train))
-            ),
-            "scales_mean": [float(jnp.mean(s)) for s in jax.tree.leaves(h.scales)],
-            "converged": bool(res.converged),
-        }
-        if it < iterations:  # the M-step
-            second = moments.second_moment(res.moments)
-            new_scales = em.m_step(second, h, hyperprior)
-            record["q"] = float(em.q_value(second, h, hyperprior, new_scales))
-            h = h.replace(scales=new_scales)
-        records.append(record)
+
+    def report(record: dict) -> None:
         if use_em:
             _log.info(
-                "[em] iteration %d: metric at the posterior mean %.4f", it, record["metric_at_mean"]
+                "[em] iteration %d: metric at the posterior mean %.4f",
+                record["iteration"],
+                record["metric"],
             )
+
+    fitted = em.fit(
+        key,
+        params,
+        task.log_likelihood,
+        (task.x_train, task.y_train),
+        iterations=iterations,
+        sigma0=ec.sigma0,
+        hyperprior=hyperprior,
+        eval_fn=task.metric,
+        callback=report,
+        transform=transform,
+        progress=progress,
+        predict=predict,
+        predict_inputs=task.x_test,
+        **settings,
+    )
+    res, h = fitted.result, fitted.hierarchy
+    mean, variance = moments.mean(res.moments), moments.variance(res.moments)
+    hist = fitted.history
+    records = [
+        {
+            "iteration": hist["iteration"][i],
+            "metric_at_mean": hist["metric"][i],
+            "penalty_eq14": hist["penalty_eq14"][i],
+            "train_log_likelihood": hist["log_likelihood"][i],
+            "scales_mean": hist["scales_mean"][i],
+            "converged": hist["converged"][i],
+            **({"q": hist["q"][i]} if hist["q"][i] is not None else {}),
+        }
+        for i in range(len(hist["iteration"]))
+    ]
     diagnostics = {
         k: v for k, v in res.settings.items() if k != "preconditioner" and not callable(v)
     }
@@ -314,7 +309,11 @@ def _rule_curves(task: _Task, mean, std, fractions, unpruned, batched: bool = Fa
         values = np.asarray(values, np.float64)
         rows = zip(np.atleast_2d(values), np.atleast_1d(unpruned))
         found = [
-            float(prune.breakpoint(fractions, v, u, ec.tolerance, task.cfg.relative_tolerance))
+            float(
+                prune.breakpoint_fraction(
+                    fractions, v, u, ec.tolerance, task.cfg.relative_tolerance
+                )
+            )
             for v, u in rows
         ]
         if batched:
