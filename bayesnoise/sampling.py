@@ -72,7 +72,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bayesnoise import _tree
+from bayesnoise import _loop, _tree
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
 from bayesnoise.sgld import sgld as _sgld
@@ -530,18 +530,6 @@ class _Carry(NamedTuple):
     pred_sum: Any  # (C, M, ...) sum of the predictive over kept states, or () without one
 
 
-# Progress bars of running calls, keyed by an id passed into the compiled scan (the compiled
-# function stays the same from call to call; the callback looks its bar up here).
-_BARS: dict[int, Any] = {}
-_BAR_IDS = itertools.count()
-
-
-def _tick(bar_id, done) -> None:
-    bar = _BARS.get(int(bar_id))
-    if bar is not None:
-        bar.update(int(done) - bar.n)
-
-
 # the drift clip of the automatic settings, in noise standard deviations per step
 _MAX_DRIFT = 3.0
 
@@ -586,30 +574,102 @@ def _traced(params: PyTree, spec) -> jax.Array:
     return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "log_likelihood",
-        "log_prior",
-        "transform",
-        "learning_rate",
-        "temperature",
-        "batch_size",
-        "num_burnin",
-        "num_samples",
-        "thin",
-        "trace_spec",
-        "mesh",
-        "progress_every",
-        "params_per_chain",
-        "predict",
-    ),
+_merge_chains = jax.jit(_moments.merge_chains)
+
+
+class _Arrays(NamedTuple):
+    """A chain's state without its static kernel, as it crosses a jit boundary."""
+
+    params: PyTree
+    opt_state: PyTree
+    count: jax.Array
+
+_COMMON_STATIC = (
+    "log_likelihood",
+    "log_prior",
+    "transform",
+    "learning_rate",
+    "temperature",
+    "batch_size",
+    "num_samples",
+    "trace_spec",
+    "mesh",
+    "predict",
 )
-def _sample(
+
+
+def _axes(mesh):
+    """The mesh axes chains and minibatches are split over (None where the mesh has none)."""
+    chain_axis = "chain" if mesh is not None and "chain" in mesh.axis_names else None
+    data_axis = "data" if mesh is not None and "data" in mesh.axis_names else None
+
+    def constrain(tree, *spec):
+        if mesh is None:
+            return tree
+        sharding = NamedSharding(mesh, P(*spec))
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+    return chain_axis, data_axis, constrain
+
+
+@functools.partial(jax.jit, static_argnames=(*_COMMON_STATIC, "num_data", "params_per_chain"))
+def _init_carry(
     chain_keys,
     params,
+    precond,
+    gnoise,
+    predict_inputs,
+    *,
+    log_likelihood,
+    log_prior,
+    transform,
+    learning_rate,
+    temperature,
+    batch_size,
+    num_samples,
+    trace_spec,
+    mesh,
+    predict,
+    num_data,
+    params_per_chain,
+):
+    """Every chain's state before its first step: sampler state, empty moments and buffers."""
+    num_chains = chain_keys.shape[0]
+    full_batch = batch_size >= num_data
+    chain_axis, _, constrain = _axes(mesh)
+    optimizer = _build_transform(transform, learning_rate, temperature, precond, gnoise)
+    if not params_per_chain:
+        params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
+    states = jax.vmap(lambda p: init(p, log_likelihood, log_prior, num_data, transform=optimizer))(
+        params
+    )
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
+    num_traced = sum(len(idx) for _, idx in trace_spec)
+    if predict is not None:
+        shape = jax.eval_shape(predict, jax.tree.map(lambda x: x[0], params), predict_inputs)
+        pred_sum = jnp.zeros((num_chains,) + shape.shape, jnp.float32)
+    else:
+        pred_sum = ()
+    steps_per_epoch = 1 if full_batch else num_data // batch_size
+    carry = _Carry(
+        state=_Arrays(states.params, states.opt_state, states.count),
+        moments=jax.vmap(_moments.init)(params),
+        step_key=keys[:, 0],
+        data_key=keys[:, 1],
+        perm=jnp.zeros((num_chains, 0 if full_batch else steps_per_epoch, batch_size), jnp.int32),
+        bad_step=jnp.full((num_chains,), -1, jnp.int32),
+        log_post=jnp.zeros((num_chains, num_samples), jnp.float32),
+        trace=jnp.zeros((num_chains, num_samples, num_traced), jnp.float32),
+        pred_sum=pred_sum,
+    )
+    return constrain(carry, chain_axis)
+
+
+@functools.partial(jax.jit, static_argnames=(*_COMMON_STATIC, "num_burnin", "thin", "length"))
+def _sample(
+    carry,
+    start,
     data,
-    bar_id,
     precond,
     gnoise,
     predict_inputs,
@@ -626,64 +686,33 @@ def _sample(
     thin,
     trace_spec,
     mesh,
-    progress_every,
-    params_per_chain,
     predict,
+    length,
 ):
-    num_chains = chain_keys.shape[0]
+    """Steps start .. start + length of every chain, in one scan (compiled once per length)."""
     num_data = jax.tree.leaves(data)[0].shape[0]
     full_batch = batch_size >= num_data
     steps_per_epoch = 1 if full_batch else num_data // batch_size
-    total = num_burnin + num_samples * thin
-
-    # Chains split over the mesh's "chain" axis, every minibatch over its "data" axis; the
-    # gradient's sum over the batch then becomes a cross-device reduction.
-    chain_axis = "chain" if mesh is not None and "chain" in mesh.axis_names else None
-    data_axis = "data" if mesh is not None and "data" in mesh.axis_names else None
-
-    def constrain(tree, *spec):
-        if mesh is None:
-            return tree
-        sharding = NamedSharding(mesh, P(*spec))
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
-
+    chain_axis, data_axis, constrain = _axes(mesh)
+    # the chains' states cross the jit boundary as arrays; the kernel is rebuilt here
     optimizer = _build_transform(transform, learning_rate, temperature, precond, gnoise)
-    if not params_per_chain:
-        params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
-    states = jax.vmap(lambda p: init(p, log_likelihood, log_prior, num_data, transform=optimizer))(
-        params
-    )
-    keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
-    num_traced = sum(len(idx) for _, idx in trace_spec)
-    if predict is not None:
-        shape = jax.eval_shape(predict, jax.tree.map(lambda x: x[0], params), predict_inputs)
-        pred_sum = jnp.zeros((num_chains,) + shape.shape, jnp.float32)
-    else:
-        pred_sum = ()
-    carry = _Carry(
-        state=states,
-        moments=jax.vmap(_moments.init)(params),
-        step_key=keys[:, 0],
-        data_key=keys[:, 1],
-        perm=jnp.zeros((num_chains, 0 if full_batch else num_data), jnp.int32),
-        bad_step=jnp.full((num_chains,), -1, jnp.int32),
-        log_post=jnp.zeros((num_chains, num_samples), jnp.float32),
-        trace=jnp.zeros((num_chains, num_samples, num_traced), jnp.float32),
-        pred_sum=pred_sum,
-    )
-    carry = constrain(carry, chain_axis)
+    kernel = init(
+        jax.tree.map(lambda x: x[0], carry.state.params),
+        log_likelihood,
+        log_prior,
+        num_data,
+        transform=optimizer,
+    ).kernel
+    carry = carry._replace(state=SamplerState(*carry.state, kernel))
 
     def shuffle(data_key, epoch):
-        return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_data).astype(
-            jnp.int32
-        )
+        return _loop.shuffled_batches(jax.random.fold_in(data_key, epoch), num_data, batch_size)
 
     def minibatches(t, perm):
         # This step's minibatch of every chain, leaves (C, n, ...); or the whole data set.
         if full_batch:
             return constrain(data, data_axis)
-        start = (t % steps_per_epoch) * batch_size
-        idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size, axis=1)
+        idx = perm[:, t % steps_per_epoch]
         batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return constrain(batch, chain_axis, data_axis)
 
@@ -733,18 +762,12 @@ def _sample(
         bad_step = jnp.where(alive & ~ok, t, c.bad_step)
         keep = jax.vmap(lambda a, n, o: jax.tree.map(lambda x, y: jnp.where(a, x, y), n, o))
         c = c._replace(state=keep(ok, new_state, c.state), bad_step=bad_step)
-        if progress_every > 0:
-            done = t + 1
-            jax.lax.cond(
-                (done % progress_every == 0) | (done == total),
-                lambda: jax.debug.callback(_tick, bar_id, done),
-                lambda: None,
-            )
         return constrain(c, chain_axis), None
 
-    carry, _ = jax.lax.scan(body, carry, jnp.arange(total, dtype=jnp.int32))
-    merged = _moments.merge_chains(carry.moments)
-    return carry, merged
+    carry = constrain(carry, chain_axis)
+    carry, _ = jax.lax.scan(body, carry, start + jnp.arange(length, dtype=jnp.int32))
+    s = carry.state
+    return carry._replace(state=_Arrays(s.params, s.opt_state, s.count)), None
 
 
 def _check_positive_int(name: str, value: Any, minimum: int, meaning: str) -> int:
@@ -1274,46 +1297,52 @@ def _run_fixed(
         if precond is not None:
             precond, gnoise = jax.device_put((precond, gnoise), replicated)
 
-    if progress and total > 0:
-        every = progress_every or max(1, total // 100)
-        every = _check_positive_int("progress_every", every, 1, "steps between bar updates")
-        from tqdm.auto import tqdm
+    if progress_every is not None:
+        _check_positive_int("progress_every", progress_every, 1, "steps between bar updates")
+    common = dict(
+        log_likelihood=log_likelihood,
+        log_prior=log_prior,
+        transform=transform,
+        learning_rate=learning_rate,
+        temperature=temperature,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        trace_spec=trace_spec,
+        mesh=mesh,
+        predict=predict,
+    )
+    carry = _init_carry(
+        chain_keys,
+        params,
+        precond,
+        gnoise,
+        predict_inputs,
+        num_data=int(jax.tree.leaves(data)[0].shape[0]),
+        params_per_chain=params_per_chain,
+        **common,
+    )
+    floor = jax.device_put(np.float32(floor))
 
-        bar_id = next(_BAR_IDS)
-        _BARS[bar_id] = tqdm(total=total, desc="sgld", unit="step")
-    else:
-        every, bar_id = 0, -1
-    try:
-        carry, merged = _sample(
-            chain_keys,
-            params,
+    def run_chunk(carry, start, length):
+        return _sample(
+            carry,
+            start,
             data,
-            jax.device_put(np.int32(bar_id)),
             precond,
             gnoise,
             predict_inputs,
-            jax.device_put(np.float32(floor)),
-            log_likelihood=log_likelihood,
-            log_prior=log_prior,
-            transform=transform,
-            learning_rate=learning_rate,
-            temperature=temperature,
-            batch_size=batch_size,
+            floor,
             num_burnin=num_burnin,
-            num_samples=num_samples,
             thin=thin,
-            trace_spec=trace_spec,
-            mesh=mesh,
-            progress_every=every,
-            params_per_chain=params_per_chain,
-            predict=predict,
+            length=length,
+            **common,
         )
-        jax.block_until_ready(carry)
-        if every:
-            jax.effects_barrier()
-    finally:
-        if every:
-            _BARS.pop(bar_id).close()
+
+    lengths = _loop.chunk_lengths(total, progress_every, bool(progress))
+    carry, _ = _loop.run_chunked(
+        run_chunk, carry, lengths, progress=bool(progress), desc="sgld", unit="step"
+    )
+    merged = _merge_chains(carry.moments)
 
     predictive = None
     if predict is not None and num_samples > 0:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bayesnoise import _loop
 from bayesnoise._tree import PyTree
 
 __all__ = [
@@ -121,7 +122,8 @@ def fit(
         epochs, batch_size: positive ints, batch_size ≤ len(x).
         eval_fn: jit-able ``params -> {name: scalar}`` evaluated after every epoch.
         opt_state: resume from this optimizer state (default: a fresh one).
-        progress: show a progress bar (a host callback once per epoch).
+        progress: show a progress bar, advanced once per epoch (the run is then compiled
+            per epoch and called once per epoch from the host).
 
     Returns:
         :class:`FitResult` with the history of per-epoch means.
@@ -136,46 +138,59 @@ def fit(
     if y.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {y.shape[0]}.")
     x, y = jnp.asarray(x), jnp.asarray(y)
-    if progress:
-        _open_bar(epochs)
-    try:
-        params, opt_state, history = _fit(
-            key,
+    if opt_state is None:
+        opt_state = _init_state(params, optimizer=optimizer)
+
+    def run_chunk(carry, start, length):
+        params, opt_state = carry
+        return _epochs(
             params,
             opt_state,
             x,
             y,
+            key,
+            start,
+            epochs=int(epochs),
+            length=length,
             loss_fn=loss_fn,
             optimizer=optimizer,
             eval_fn=eval_fn,
-            epochs=int(epochs),
             batch_size=int(batch_size),
-            progress=bool(progress),
         )
-    finally:
-        if progress:
-            _BAR.pop().close()
+
+    lengths = _loop.chunk_lengths(int(epochs), 1, bool(progress))
+    (params, opt_state), records = _loop.run_chunked(
+        run_chunk, (params, opt_state), lengths, progress=bool(progress), desc="train", unit="epoch"
+    )
+    history = (
+        records[0] if len(records) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *records)
+    )
     return FitResult(params, opt_state, history)
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer",))
+def _init_state(params, *, optimizer):
+    return optimizer.init(params)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "optimizer", "eval_fn", "epochs", "batch_size", "progress"),
+    static_argnames=("epochs", "length", "loss_fn", "optimizer", "eval_fn", "batch_size"),
 )
-def _fit(
-    key, params, opt_state, x, y, *, loss_fn, optimizer, eval_fn, epochs, batch_size, progress
+def _epochs(
+    params, opt_state, x, y, key, start, *, epochs, length, loss_fn, optimizer, eval_fn, batch_size
 ):
-    """The whole run, compiled once per (functions, sizes): later calls reuse it."""
+    """Epochs start .. start + length of ``epochs`` in one scan, compiled once per (functions,
+    sizes): epoch e always draws from the e-th of ``epochs`` keys split from ``key``."""
+    epoch_keys = jax.lax.dynamic_slice_in_dim(jax.random.split(key, epochs), start, length)
     n = x.shape[0]
     steps = n // batch_size
     step = make_step(loss_fn, optimizer)
-    if opt_state is None:
-        opt_state = optimizer.init(params)
 
     def epoch_body(carry, epoch_key):
         params, opt_state = carry
         perm_key, step_key = jax.random.split(epoch_key)
-        perm = jax.random.permutation(perm_key, n)[: steps * batch_size].reshape(steps, batch_size)
+        batches = _loop.shuffled_batches(perm_key, n, batch_size)
 
         def batch_body(c, inp):
             p, s = c
@@ -184,32 +199,11 @@ def _fit(
             return (p, s), m
 
         (params, opt_state), metrics = jax.lax.scan(
-            batch_body, (params, opt_state), (perm, jax.random.split(step_key, steps))
+            batch_body, (params, opt_state), (batches, jax.random.split(step_key, steps))
         )
         record = jax.tree.map(jnp.mean, metrics)
         if eval_fn is not None:
             record.update(eval_fn(params))
-        if progress:
-            jax.debug.callback(_tick, record)
         return (params, opt_state), record
 
-    (params, opt_state), history = jax.lax.scan(
-        epoch_body, (params, opt_state), jax.random.split(key, epochs)
-    )
-    return params, opt_state, history
-
-
-# The open progress bar (a host-side object the compiled loop reports to once per epoch).
-_BAR: list[Any] = []
-
-
-def _open_bar(total: int) -> None:
-    from tqdm.auto import tqdm
-
-    _BAR.append(tqdm(total=total, desc="train", unit="epoch"))
-
-
-def _tick(record) -> None:
-    if _BAR:
-        _BAR[-1].set_postfix({k: f"{float(v):.4f}" for k, v in record.items()})
-        _BAR[-1].update(1)
+    return jax.lax.scan(epoch_body, (params, opt_state), epoch_keys)

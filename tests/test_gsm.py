@@ -1,5 +1,6 @@
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,8 +111,7 @@ def test_round_trip_is_exact():
     )
     assert v["params"]["Dense_0"]["bias"] is params["params"]["Dense_0"]["bias"]
     back = bn.gsm.from_identifiable(v, scales)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    chex.assert_trees_all_close(back, params, rtol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -389,7 +390,7 @@ def test_old_argument_orders_warn_and_agree():
     with pytest.warns(DeprecationWarning, match="key comes first"):
         old = bn.nn.dropconnect(params, key, noise)
     new = bn.nn.dropconnect(key, params, noise)
-    assert jax.tree.all(jax.tree.map(jnp.array_equal, old, new))
+    chex.assert_trees_all_equal(old, new)
     fn = lambda k, x: x + jax.random.normal(k, x.shape)
     x = jnp.zeros((4, 3))
     with pytest.warns(DeprecationWarning, match="key comes first"):

@@ -1,5 +1,6 @@
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,8 +220,7 @@ def test_eq15_is_eq14_without_constants():
     mean, var = _tree_and_hierarchy(1.0)[0], _posterior_variance()
     g14 = jax.grad(bn.penalties.ml2_neg_log_prior, argnums=(0, 2))(mean, h, var)
     g15 = jax.grad(bn.penalties.log_norm, argnums=(0, 2))(mean, h, var)
-    for a, b in zip(jax.tree.leaves(g14), jax.tree.leaves(g15)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(g14, g15, rtol=1e-5, atol=1e-7)
     # d eq15 / d Var[v_jk] = d_j / (2 S_j): variance counts like squared signal
     mu, s2 = _kernels(mean)[0], _kernels(var)[0]
     want = np.broadcast_to(0.5 * 4 / (mu**2 + s2).sum(1, keepdims=True), mu.shape)

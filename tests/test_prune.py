@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,9 +137,8 @@ def test_mask_jit_and_vmap_traced_fraction(scope):
 
 
 def check_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal_structs(a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 def test_ties_are_deterministic():
