@@ -9,6 +9,7 @@ from bayesnoise import distill as distill
 from bayesnoise import em as em
 from bayesnoise import gsm as gsm
 from bayesnoise import inference as inference
+from bayesnoise import io as io
 from bayesnoise import laplace as laplace
 from bayesnoise import moments as moments
 from bayesnoise import nn as nn
@@ -17,6 +18,7 @@ from bayesnoise import penalties as penalties
 from bayesnoise import prune as prune
 from bayesnoise import sampling as sampling
 from bayesnoise import train as train
+from bayesnoise._tree import Where as Where
 from bayesnoise.sgld import polynomial_schedule as polynomial_schedule
 from bayesnoise.sgld import psgld as psgld
 from bayesnoise.sgld import sgld as sgld

@@ -300,22 +300,22 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(_BREAK.sub(" ", text.lower()))
 
 
-def _env_path(path: str | os.PathLike | None, env: str) -> Path | None:
+def _given_path(path: str | os.PathLike | None, env: str, what: str) -> Path:
+    """``path``, else the environment variable ``env``; a FileNotFoundError naming ``what``
+    (the data set, where to get it, how to pass it) when neither is given."""
     if path is None and os.environ.get(env):
         path = os.environ[env]
-    return None if path is None else Path(path).expanduser()
+    if path is None:
+        raise FileNotFoundError(f"not included and never downloaded: {what}")
+    return Path(path).expanduser()
 
 
 def _imdb_root(path: str | os.PathLike | None) -> Path:
-    p = _env_path(path, "BAYESNOISE_IMDB")
     how = (
         "Pass its path (the aclImdb folder, or the folder holding it) as `path`, or set "
         "BAYESNOISE_IMDB=/path/to/aclImdb."
     )
-    if p is None:
-        raise FileNotFoundError(
-            f"the IMDB reviews are not included and are never downloaded. Get {_IMDB_SOURCE}. {how}"
-        )
+    p = _given_path(path, "BAYESNOISE_IMDB", f"the IMDB reviews. Get {_IMDB_SOURCE}. {how}")
     for root in (p, p / "aclImdb"):
         if (root / "train").is_dir() and (root / "test").is_dir():
             return root
@@ -455,15 +455,11 @@ _MSD_SOURCE = (
 
 
 def _msd_file(path: str | os.PathLike | None) -> Path:
-    p = _env_path(path, "BAYESNOISE_MSD")
     how = (
         "Pass its path (the .txt, the .zip, or their folder) as `path`, or set "
         "BAYESNOISE_MSD=/path/to/YearPredictionMSD.txt."
     )
-    if p is None:
-        raise FileNotFoundError(
-            f"YearPredictionMSD is not included and is never downloaded. Get {_MSD_SOURCE}. {how}"
-        )
+    p = _given_path(path, "BAYESNOISE_MSD", f"YearPredictionMSD. Get {_MSD_SOURCE}. {how}")
     if p.is_dir():
         for name in (_MSD_FILE, _MSD_FILE + ".zip", "YearPredictionMSD.zip"):
             if (p / name).is_file():

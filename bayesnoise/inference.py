@@ -69,43 +69,34 @@ def _key_first(key, apply_fn, x, name):
     return key, apply_fn, x
 
 
-def mc_logits(
-    key: jax.Array,
-    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    x: jax.Array,
-    num_samples: int,
-) -> jax.Array:
+# apply_fn(key, x): the network's logits under one draw of the noise
+ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def mc_logits(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_samples: int) -> jax.Array:
     """``apply_fn(key, x)`` for S keys at once (vmapped, one compile): shape (S, ...)."""
     key, apply_fn, x = _key_first(key, apply_fn, x, "mc_logits")
+    return _draws(key, apply_fn, x, num_samples)
+
+
+def _draws(key, apply_fn, x, num_samples):
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     keys = jax.random.split(key, num_samples)
     return jax.vmap(lambda k: apply_fn(k, x))(keys)
 
 
-def mc_predict(
-    key: jax.Array,
-    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    x: jax.Array,
-    num_samples: int = 32,
-) -> jax.Array:
+def mc_predict(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_samples: int = 32):
     """Monte Carlo rule: (1/S) Σ_s softmax(f(x; λ_s)). ``apply_fn(key, x)`` returns noisy logits.
 
     Returns:
         class probabilities, shape (..., classes).
     """
-    key, apply_fn, x = _key_first(key, apply_fn, x, "mc_predict")
-    logits = mc_logits(key, apply_fn, x, num_samples)
+    logits = _draws(*_key_first(key, apply_fn, x, "mc_predict"), num_samples)
     return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
 
 
-def geometric_predict(
-    key: jax.Array,
-    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    x: jax.Array,
-    num_samples: int = 32,
-) -> jax.Array:
+def geometric_predict(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_samples: int = 32):
     """Geometric-mean rule: softmax((1/S) Σ_s log softmax(f(x; λ_s))), renormalised."""
-    key, apply_fn, x = _key_first(key, apply_fn, x, "geometric_predict")
-    logits = mc_logits(key, apply_fn, x, num_samples)
+    logits = _draws(*_key_first(key, apply_fn, x, "geometric_predict"), num_samples)
     return jax.nn.softmax(jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=0), axis=-1)

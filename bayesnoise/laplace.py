@@ -525,9 +525,9 @@ def empirical_fisher(
     log_likelihood: Callable[..., jax.Array],
     data: Sequence[ArrayLike],
     *,
+    method: str = "auto",
     key: jax.Array | None = None,
     chunk_size: int | None = None,
-    method: str = "auto",
 ) -> PyTree:
     """The diagonal empirical Fisher (1/N) Σ_i g_i², g_i = ∇_θ log p(y_i | x_i, θ).
 

@@ -73,14 +73,23 @@ def require_continuous(noise: Noise, what: str) -> None:
 
 
 class Noise:
-    """Base class of the noise distributions. Subclasses define ``dist`` and the moments."""
+    """Base class of the noise distributions. Subclasses define ``dist`` and the moments, and
+    name in ``_positive`` the parameters that must be > 0 (checked on construction)."""
 
     continuous: bool = True
+    _positive: tuple[str, ...] = ()
+    _numpyro: Any = None  # a numpyro distribution class taking the fields in order, if any
+
+    def __post_init__(self):
+        for name in self._positive:
+            _check_positive(type(self).__name__, name, getattr(self, name))
 
     @property
     def dist(self) -> dist.Distribution:
         """The numpyro distribution of λ."""
-        raise NotImplementedError
+        if self._numpyro is None:
+            raise NotImplementedError
+        return self._numpyro(*(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     def sample(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
         """Draws λ of the given shape, i.i.d., as float32."""
@@ -173,9 +182,7 @@ class Gaussian(Noise):
     """
 
     alpha: float = 1.0
-
-    def __post_init__(self):
-        _check_positive("Gaussian", "alpha (the variance of the noise)", self.alpha)
+    _positive = ("alpha",)
 
     @property
     def dist(self):
@@ -201,14 +208,8 @@ class Beta(Noise):
 
     a: float = 1.0
     b: float = 1.0
-
-    def __post_init__(self):
-        _check_positive("Beta", "a", self.a)
-        _check_positive("Beta", "b", self.b)
-
-    @property
-    def dist(self):
-        return dist.Beta(self.a, self.b)
+    _positive = ("a", "b")
+    _numpyro = dist.Beta
 
     def sample(self, key, shape=()):
         # Exact inverse-CDF draws when one concentration is 1 (far cheaper than gamma draws):
@@ -243,23 +244,14 @@ class Beta(Noise):
 class Gamma(Noise):
     """Gamma noise λ ~ Gamma(concentration, rate): mean c/r, variance c/r².
 
-    ``Gamma(c, c)`` has mean 1 and variance 1/c.
-
-    Args:
-        concentration: shape parameter, > 0.
-        rate: inverse scale, > 0.
+    ``Gamma(c, c)`` has mean 1 and variance 1/c. Both parameters must be > 0: the
+    concentration (shape) and the rate (inverse scale).
     """
 
+    _numpyro = dist.Gamma
+    _positive = ("concentration", "rate")
     concentration: float = 1.0
     rate: float = 1.0
-
-    def __post_init__(self):
-        _check_positive("Gamma", "concentration", self.concentration)
-        _check_positive("Gamma", "rate", self.rate)
-
-    @property
-    def dist(self):
-        return dist.Gamma(self.concentration, self.rate)
 
     @property
     def mean(self):
@@ -283,13 +275,8 @@ class LogNormal(Noise):
 
     loc: float = 0.0
     scale: float = 1.0
-
-    def __post_init__(self):
-        _check_positive("LogNormal", "scale", self.scale)
-
-    @property
-    def dist(self):
-        return dist.LogNormal(self.loc, self.scale)
+    _positive = ("scale",)
+    _numpyro = dist.LogNormal
 
     @property
     def mean(self):
@@ -315,10 +302,7 @@ class InverseGammaScale(Noise):
 
     a: float = 2.0
     b: float = 1.0
-
-    def __post_init__(self):
-        _check_positive("InverseGammaScale", "a", self.a)
-        _check_positive("InverseGammaScale", "b", self.b)
+    _positive = ("a", "b")
 
     @property
     def dist(self):

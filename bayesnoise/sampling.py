@@ -584,18 +584,23 @@ class _Arrays(NamedTuple):
     opt_state: PyTree
     count: jax.Array
 
-_COMMON_STATIC = (
-    "log_likelihood",
-    "log_prior",
-    "transform",
-    "learning_rate",
-    "temperature",
-    "batch_size",
-    "num_samples",
-    "trace_spec",
-    "mesh",
-    "predict",
-)
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The settings the compiled loop is specialised to (hashable: a jit static argument)."""
+
+    log_likelihood: Callable[..., jax.Array]
+    log_prior: Callable[[PyTree], jax.Array]
+    transform: Any
+    learning_rate: Any
+    temperature: float
+    batch_size: int
+    num_burnin: int
+    num_samples: int
+    thin: int
+    trace_spec: tuple
+    mesh: Any
+    predict: Any
 
 
 def _axes(mesh):
@@ -612,39 +617,24 @@ def _axes(mesh):
     return chain_axis, data_axis, constrain
 
 
-@functools.partial(jax.jit, static_argnames=(*_COMMON_STATIC, "num_data", "params_per_chain"))
+@functools.partial(jax.jit, static_argnames=("static", "num_data", "params_per_chain"))
 def _init_carry(
-    chain_keys,
-    params,
-    precond,
-    gnoise,
-    predict_inputs,
-    *,
-    log_likelihood,
-    log_prior,
-    transform,
-    learning_rate,
-    temperature,
-    batch_size,
-    num_samples,
-    trace_spec,
-    mesh,
-    predict,
-    num_data,
-    params_per_chain,
+    chain_keys, params, precond, gnoise, predict_inputs, *, static, num_data, params_per_chain
 ):
     """Every chain's state before its first step: sampler state, empty moments and buffers."""
+    s = static
+    batch_size, num_samples, predict, mesh = s.batch_size, s.num_samples, s.predict, s.mesh
     num_chains = chain_keys.shape[0]
     full_batch = batch_size >= num_data
     chain_axis, _, constrain = _axes(mesh)
-    optimizer = _build_transform(transform, learning_rate, temperature, precond, gnoise)
+    optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
     if not params_per_chain:
         params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
-    states = jax.vmap(lambda p: init(p, log_likelihood, log_prior, num_data, transform=optimizer))(
-        params
-    )
+    states = jax.vmap(
+        lambda p: init(p, s.log_likelihood, s.log_prior, num_data, transform=optimizer)
+    )(params)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
-    num_traced = sum(len(idx) for _, idx in trace_spec)
+    num_traced = sum(len(idx) for _, idx in s.trace_spec)
     if predict is not None:
         shape = jax.eval_shape(predict, jax.tree.map(lambda x: x[0], params), predict_inputs)
         pred_sum = jnp.zeros((num_chains,) + shape.shape, jnp.float32)
@@ -665,44 +655,20 @@ def _init_carry(
     return constrain(carry, chain_axis)
 
 
-@functools.partial(jax.jit, static_argnames=(*_COMMON_STATIC, "num_burnin", "thin", "length"))
-def _sample(
-    carry,
-    start,
-    data,
-    precond,
-    gnoise,
-    predict_inputs,
-    floor,
-    *,
-    log_likelihood,
-    log_prior,
-    transform,
-    learning_rate,
-    temperature,
-    batch_size,
-    num_burnin,
-    num_samples,
-    thin,
-    trace_spec,
-    mesh,
-    predict,
-    length,
-):
+@functools.partial(jax.jit, static_argnames=("static", "length"))
+def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, static, length):
     """Steps start .. start + length of every chain, in one scan (compiled once per length)."""
+    s = static
+    batch_size, num_burnin, num_samples, thin = s.batch_size, s.num_burnin, s.num_samples, s.thin
+    trace_spec, mesh, predict = s.trace_spec, s.mesh, s.predict
     num_data = jax.tree.leaves(data)[0].shape[0]
     full_batch = batch_size >= num_data
     steps_per_epoch = 1 if full_batch else num_data // batch_size
     chain_axis, data_axis, constrain = _axes(mesh)
     # the chains' states cross the jit boundary as arrays; the kernel is rebuilt here
-    optimizer = _build_transform(transform, learning_rate, temperature, precond, gnoise)
-    kernel = init(
-        jax.tree.map(lambda x: x[0], carry.state.params),
-        log_likelihood,
-        log_prior,
-        num_data,
-        transform=optimizer,
-    ).kernel
+    optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
+    one = jax.tree.map(lambda x: x[0], carry.state.params)
+    kernel = init(one, s.log_likelihood, s.log_prior, num_data, transform=optimizer).kernel
     carry = carry._replace(state=SamplerState(*carry.state, kernel))
 
     def shuffle(data_key, epoch):
@@ -1264,30 +1230,24 @@ def _run_fixed(
     params,
     data,
     *,
-    log_likelihood,
-    log_prior,
-    transform,
-    learning_rate,
-    temperature,
-    batch_size,
-    num_burnin,
-    num_samples,
-    thin,
     params_per_chain,
-    trace_spec,
     trace_names,
     precond,
     gnoise,
     devices,
     progress,
     progress_every,
-    predict,
     predict_inputs,
     floor=-np.inf,
+    **settings,
 ):
+    """One compiled run of the chains; ``settings`` are the fields of :class:`_Static` but the
+    mesh (log_likelihood, log_prior, transform, learning_rate, ..., predict)."""
     n_chains = chain_keys.shape[0]
+    mesh = _mesh(devices, n_chains, settings["batch_size"])
+    static = _Static(mesh=mesh, **settings)
+    num_burnin, num_samples, thin = static.num_burnin, static.num_samples, static.thin
     total = num_burnin + num_samples * thin
-    mesh = _mesh(devices, n_chains, batch_size)
     if mesh is not None:
         by_chain = NamedSharding(mesh, P("chain" if "chain" in mesh.axis_names else None))
         replicated = NamedSharding(mesh, P())
@@ -1299,29 +1259,17 @@ def _run_fixed(
 
     if progress_every is not None:
         _check_positive_int("progress_every", progress_every, 1, "steps between bar updates")
-    common = dict(
-        log_likelihood=log_likelihood,
-        log_prior=log_prior,
-        transform=transform,
-        learning_rate=learning_rate,
-        temperature=temperature,
-        batch_size=batch_size,
-        num_samples=num_samples,
-        trace_spec=trace_spec,
-        mesh=mesh,
-        predict=predict,
-    )
     carry = _init_carry(
         chain_keys,
         params,
         precond,
         gnoise,
         predict_inputs,
+        static=static,
         num_data=int(jax.tree.leaves(data)[0].shape[0]),
         params_per_chain=params_per_chain,
-        **common,
     )
-    floor = jax.device_put(np.float32(floor))
+    floor_on_device = jax.device_put(np.float32(floor))
 
     def run_chunk(carry, start, length):
         return _sample(
@@ -1331,11 +1279,9 @@ def _run_fixed(
             precond,
             gnoise,
             predict_inputs,
-            floor,
-            num_burnin=num_burnin,
-            thin=thin,
+            floor_on_device,
+            static=static,
             length=length,
-            **common,
         )
 
     lengths = _loop.chunk_lengths(total, progress_every, bool(progress))
@@ -1345,7 +1291,7 @@ def _run_fixed(
     merged = _merge_chains(carry.moments)
 
     predictive = None
-    if predict is not None and num_samples > 0:
+    if static.predict is not None and num_samples > 0:
         kept = jnp.maximum(jnp.sum(carry.moments.count), 1.0)
         predictive = jnp.sum(carry.pred_sum, axis=0) / kept
     result = SamplingResult(
@@ -1369,13 +1315,13 @@ def _run_fixed(
         steps = np.where(bad >= 0, bad, np.iinfo(np.int32).max)
         chain = int(np.argmin(steps))
         step_t = int(steps[chain])
-        eta = float(_step_size(learning_rate, step_t))
+        eta = float(_step_size(static.learning_rate, step_t))
         phase = (
             f"burn-in step {step_t}"
             if step_t < num_burnin
             else f"sampling step {step_t - num_burnin}"
         )
-        lr_text = "a schedule" if callable(learning_rate) else repr(learning_rate)
+        lr_text = "a schedule" if callable(static.learning_rate) else repr(static.learning_rate)
         raise DivergenceError(
             f"SGLD diverged at step {step_t} ({phase}, chain {chain}) with step size "
             f"η_t = {eta:g}: the log posterior, its gradient or the parameters became NaN or inf"

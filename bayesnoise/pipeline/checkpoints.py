@@ -1,15 +1,24 @@
-"""Stage checkpoints of a run folder: a stage's value with the config settings it depends on."""
+"""Stage checkpoints of a run folder: a stage's value with the config settings it depends on.
+
+Each finished stage is saved as ``OUT/checkpoints/STAGE.msgpack`` by :mod:`bayesnoise.io`
+(``{"config": the settings it depends on, "value": its value}``). A checkpoint that cannot be
+read (truncated, corrupt) counts as missing: the stage runs again, with a warning. Pickles left
+by older versions (``STAGE.pkl``) are never read.
+"""
 
 from __future__ import annotations
 
-import pickle
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from bayesnoise import io as bio
 from bayesnoise.pipeline import config as bconfig
+
+_log = logging.getLogger("bayesnoise")
 
 # The config sections each stage depends on: changing others keeps its checkpoint valid.
 _POSTERIOR = ("data", "model", "noise", "train", "sgld", "em")
@@ -40,16 +49,32 @@ class Checkpoints:
         self.cfg = cfg
         self.resume = resume
 
+    def path(self, stage: str) -> Path:
+        return self.dir / f"{stage}.msgpack"
+
     def load(self, stage: str):
-        path = self.dir / f"{stage}.pkl"
-        if not (self.resume and path.exists()):
+        path = self.path(stage)
+        if not self.resume:
             return None
-        with open(path, "rb") as f:
-            saved = pickle.load(f)
+        if not path.exists():
+            old = path.with_suffix(".pkl")
+            if old.exists():
+                _log.info("[%s] %s is a pickle of an older version, not read", stage, old)
+            return None
+        try:
+            saved = bio.load(path)
+        except (OSError, ValueError) as e:
+            _log.warning(
+                "[%s] cannot read the checkpoint %s (%s): running it again", stage, path, e
+            )
+            return None
+        if not (isinstance(saved, dict) and "value" in saved):
+            _log.warning("[%s] %s is not a stage checkpoint: running it again", stage, path)
+            return None
         if self._as_now(saved.get("config")) != self._relevant(stage):
-            print(f"[{stage}] checkpoint was made under another config: running it again")
+            _log.info("[%s] checkpoint was made under another config: running it again", stage)
             return None
-        print(f"[{stage}] resumed from {path}")
+        _log.info("[%s] resumed from %s", stage, path)
         return saved["value"]
 
     def _relevant(self, stage: str) -> dict:
@@ -74,18 +99,14 @@ class Checkpoints:
         return {key: _setting(full, key) for key in saved}
 
     def save(self, stage: str, value: Any) -> None:
-        path = self.dir / f"{stage}.pkl"
-        partial = path.with_suffix(".part")
-        with open(partial, "wb") as f:
-            pickle.dump({"config": self._relevant(stage), "value": jax.device_get(value)}, f)
-        partial.replace(path)
+        bio.save(self.path(stage), {"config": self._relevant(stage), "value": value})
 
 
 def staged(ckpt: Checkpoints, timings: dict, stage: str, fn):
     value = ckpt.load(stage)
     if value is not None:
         return value
-    print(f"[{stage}] running")
+    _log.info("[%s] running", stage)
     t0 = time.perf_counter()
     value = jax.device_get(fn())
     timings[stage] = round(time.perf_counter() - t0, 2)

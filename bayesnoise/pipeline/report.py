@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from bayesnoise import io as bio
 from bayesnoise._tree import path_str
 
 
@@ -17,6 +19,13 @@ def _figure(**kwargs):
 
     fig = Figure(figsize=kwargs.pop("figsize"))
     return fig, fig.subplots(**kwargs)
+
+
+def _save(fig, path: str) -> None:
+    """Writes a figure as PNG, atomically (see :func:`bayesnoise.io.write_bytes`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    bio.write_bytes(path, buffer.getvalue())
 
 
 def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
@@ -67,7 +76,7 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     files.append(str(out / "pruning_curves.png"))
-    fig.savefig(files[-1], dpi=120)
+    _save(fig, files[-1])
 
     fig, axes = _figure(nrows=1, ncols=2, figsize=(9, 4), sharex=True, sharey=True)
     rng = np.random.default_rng(0)
@@ -84,7 +93,7 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
     fig.suptitle(f"{results['dataset']}: SGLD posterior moments of the weights")
     fig.tight_layout()
     files.append(str(out / "mean_vs_std.png"))
-    fig.savefig(files[-1], dpi=120)
+    _save(fig, files[-1])
 
     if results.get("em"):
         fig, ax = _figure(figsize=(5, 3.5))
@@ -97,7 +106,7 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         files.append(str(out / "em_scales.png"))
-        fig.savefig(files[-1], dpi=120)
+        _save(fig, files[-1])
         return files
 
 

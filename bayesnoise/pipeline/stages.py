@@ -39,6 +39,7 @@ from bayesnoise import (
     prune,
     train,
 )
+from bayesnoise import io as bio
 from bayesnoise import nn as bnn
 from bayesnoise.pipeline import config as bconfig
 from bayesnoise.pipeline import report
@@ -116,6 +117,24 @@ def _optimizer(tc: bconfig.TrainConfig, steps: int) -> optax.GradientTransformat
     return builders[tc.optimizer]()
 
 
+def _fit(task: _Task, key, params, loss_fn, targets, epochs: int, progress: bool, eval_fn=None):
+    """``bn.train.fit`` on the training inputs with the config's optimizer and batch size."""
+    tc = task.cfg.train
+    steps = epochs * (len(task.x_train) // tc.batch_size)
+    return train.fit(
+        key,
+        params,
+        loss_fn,
+        _optimizer(tc, steps),
+        task.x_train,
+        targets,
+        epochs=epochs,
+        batch_size=tc.batch_size,
+        eval_fn=eval_fn,
+        progress=progress,
+    )
+
+
 def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
     tc = task.cfg.train
     epochs = epochs or tc.epochs
@@ -126,19 +145,16 @@ def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
         noisy = bnn.noisy_apply(task.model, noise)
         apply = lambda p, x, k: noisy(p, x, rngs={"noise": k})
     loss_fn = task.loss(apply)
-    steps = epochs * (len(task.x_train) // tc.batch_size)
     scaled = (lambda p: inference.weight_scale(p, noise)) if noise is not None else (lambda p: p)
-    res = train.fit(
+    res = _fit(
+        task,
         jax.random.fold_in(key, 1),
         params,
         loss_fn,
-        _optimizer(tc, steps),
-        task.x_train,
         task.y_train,
-        epochs=epochs,
-        batch_size=tc.batch_size,
+        epochs,
+        progress,
         eval_fn=lambda p: {"test_metric": task.metric(scaled(p))},
-        progress=progress,
     )
     final = scaled(res.params)
     out = {"params": final, "history": res.history, "metric": float(task.metric(final))}
@@ -412,18 +428,7 @@ def _soft_target(task: _Task, teacher, key, progress: bool):
             return loss, {}
 
         epochs = sc.epochs or tc.epochs
-        steps = epochs * (len(idx) // tc.batch_size)
-        res = train.fit(
-            jax.random.fold_in(key, 7),
-            params,
-            loss_fn,
-            _optimizer(tc, steps),
-            task.x_train,
-            idx,
-            epochs=epochs,
-            batch_size=tc.batch_size,
-            progress=progress,
-        )
+        res = _fit(task, jax.random.fold_in(key, 7), params, loss_fn, idx, epochs, progress)
         out = student.apply(res.params, task.x_test)
         err = float(jnp.mean(jnp.argmax(out, -1) != task.y_test))
         points.append([f, err, list(sizes)])
@@ -445,7 +450,7 @@ def run(
     out = Path(out or cfg.out or f"runs/{cfg.name}")
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = cfg.to_dict()
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    bio.write_text(out / "config.yaml", cfg.to_yaml())
     ckpt = Checkpoints(out, cfg_dict, resume)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -525,9 +530,8 @@ def run(
     }
     results["plots"] = report.plots(out, task, results, post, ref_post)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 2)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    print(report.table(results))
-    print(f"results: {out / 'results.json'}")
-    print("plots:   " + ", ".join(results["plots"]))
+    bio.write_text(out / "results.json", json.dumps(results, indent=2))
+    _log.info("%s", report.table(results))
+    _log.info("results: %s", out / "results.json")
+    _log.info("plots:   %s", ", ".join(results["plots"]))
     return results

@@ -1,0 +1,260 @@
+"""Saving and loading pytrees: one msgpack file per tree, written atomically.
+
+A tree is written with Flax's msgpack encoding (``flax.serialization.msgpack_serialize``):
+arrays as (shape, dtype, bytes), Python scalars, strings and ``None`` as msgpack's own types.
+Flax msgpack rather than Orbax because a checkpoint here is one small tree: a single file, no
+dependency beyond Flax, no async or multi-host machinery, and a file that any msgpack reader
+(``flax.serialization.msgpack_restore``) turns into plain dicts and arrays without this library's
+classes. Loading never runs code from the file, unlike ``pickle``.
+
+The file holds the tree's state dict, named as ``flax.serialization.to_state_dict`` names it:
+dicts by their keys, NamedTuples and dataclasses by their field names (any other JAX pytree node
+by its key path entries), so a tree of dicts and NamedTuples is written byte for byte as
+``flax.serialization.to_bytes`` writes it, and read back by ``from_bytes``. The walk over the
+tree is done here rather than by ``to_state_dict`` / ``from_state_dict``, for two reasons. Flax
+has no handler for a dataclass registered only with JAX (``bn.gsm.Hierarchy``): it would pass
+the object itself to msgpack, and hand back the raw dict when restoring. And Flax turns a list
+or tuple into a dict keyed ``"0"``, ``"1"``, ...; here they are kept as
+``{"__list__": {"0": ..., ...}}`` (``"__tuple__"`` for a tuple), so that a value made of dicts,
+lists, floats, strings and ``None`` reads back as the same types. A dict whose only key is one
+of these tags is escaped as ``{"__dict__": dict}``.
+
+Every write (:func:`save`, :func:`write_bytes`, :func:`write_text`) goes to a temporary file in
+the target's folder, is flushed to disk, then renamed over the target (``os.replace``), so a
+reader sees the old file or the new one, never half of one.
+
+Example:
+    >>> import os, tempfile, jax.numpy as jnp, bayesnoise as bn
+    >>> path = os.path.join(tempfile.mkdtemp(), "moments.msgpack")
+    >>> state = bn.moments.init({"w": jnp.zeros(2)})
+    >>> bn.io.save(path, state)
+    >>> bn.io.load(path)["count"]
+    array(0., dtype=float32)
+    >>> type(bn.io.load(path, like=state)).__name__
+    'MomentsState'
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+from bayesnoise._tree import PyTree
+
+__all__ = ["save", "load", "write_bytes", "write_text"]
+
+_LIST, _TUPLE, _DICT = "__list__", "__tuple__", "__dict__"
+_TAGS = (_LIST, _TUPLE, _DICT)
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def save(path: str | os.PathLike, tree: PyTree) -> None:
+    """Writes a pytree to ``path`` as msgpack, atomically.
+
+    Args:
+        path: the file to write; its folder must exist. An existing file is replaced.
+        tree: dicts (keys are written as ``str(key)``), lists, tuples, NamedTuples, dataclasses
+            registered as pytrees (``bn.gsm.Hierarchy``, ``flax.struct`` dataclasses), with
+            leaves that are NumPy or JAX arrays, NumPy scalars, ``None``, or Python bools, ints,
+            floats, complex numbers, strings and bytes.
+
+    Raises:
+        TypeError: if a leaf is none of those (the message names its path), or is an array of
+            typed PRNG keys (save ``jax.random.key_data(key)`` instead).
+        ValueError: if two keys of a dict have the same ``str``.
+    """
+    write_bytes(path, serialization.msgpack_serialize(_encode(tree, ()), in_place=True))
+
+
+def load(path: str | os.PathLike, like: PyTree | None = None) -> Any:
+    """Reads a pytree written by :func:`save`.
+
+    Args:
+        path: the file.
+        like: a template. ``None``: the tree comes back as plain dicts, lists, tuples, arrays
+            and scalars (a NamedTuple or dataclass as a dict of its fields). Otherwise a pytree
+            of the saved structure (e.g. ``bn.moments.init(params)``, ``bn.gsm.hierarchy(params)``,
+            a Flax variables dict, or ``jax.eval_shape`` of one): the result has its structure,
+            its node types and static fields, and the file's leaves (NumPy arrays and scalars).
+            Entries of the file that ``like`` lacks are ignored, as in
+            ``flax.serialization.from_state_dict``; a list position or field named in ``like``
+            may also be keyed ``"0"``, ``"1"``, ..., so files written by
+            ``flax.serialization.to_bytes`` load as well.
+
+    Returns:
+        The tree.
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        ValueError: if the file is not a msgpack pytree (truncated, corrupt), or does not match
+            ``like`` (a missing entry, another list length, another array shape); the message
+            names the file and the place in the tree.
+    """
+    data = Path(path).read_bytes()
+    try:
+        state = serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack's and NumPy's errors, MemoryError on a bogus length
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable msgpack pytree (truncated or corrupt?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    tree = _decode(state, (), path)
+    return tree if like is None else _restore(like, tree, (), path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically: a temporary file beside it, fsync, rename.
+
+    If writing fails midway, the target is left as it was and the temporary file is removed.
+    """
+    path = Path(path)
+    folder = path.parent
+    # A fresh name per process and call, created with O_EXCL and the usual 0o666 & ~umask mode,
+    # so the replaced file keeps the permissions a plain open() would have given it.
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+
+
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Writes ``text`` to ``path`` atomically (see :func:`write_bytes`)."""
+    write_bytes(path, text.encode(encoding))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes the rename itself durable, where the platform allows opening a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _where(path: tuple) -> str:
+    return "".join(f"[{k!r}]" for k in path) or "the root"
+
+
+def _encode(x: Any, path: tuple) -> Any:
+    """The msgpack-ready state of ``x``: dicts with str keys, tagged lists, array leaves."""
+    if isinstance(x, _SCALARS) or isinstance(x, np.generic):
+        return x
+    if isinstance(x, (np.ndarray, jax.Array)):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            raise TypeError(
+                f"cannot save the PRNG key array at {_where(path)}: save "
+                f"jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data."
+            )
+        return np.asarray(x)
+    if type(x) in (list, tuple):
+        items = {str(i): _encode(v, (*path, i)) for i, v in enumerate(x)}
+        return {_LIST if type(x) is list else _TUPLE: items}
+    if isinstance(x, dict):
+        keys = [str(k) for k in x]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"the keys of the dict at {_where(path)} have the same str: {keys}")
+        out = {str(k): _encode(v, (*path, k)) for k, v in x.items()}
+        return {_DICT: out} if len(out) == 1 and keys[0] in _TAGS else out
+    children, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    if len(children) == 1 and children[0][0] == ():
+        raise TypeError(
+            f"cannot save the {type(x).__qualname__} at {_where(path)}: leaves must be arrays, "
+            f"NumPy scalars, None, or Python bools, ints, floats, complex numbers, str or bytes."
+        )
+    out = {}
+    for (key,), child in children:
+        name = _key_name(key)
+        out[name] = _encode(child, (*path, name))
+    return out
+
+
+def _key_name(key: Any) -> str:
+    """The state dict key of one JAX key path entry (a dict key, a field, a position)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _decode(x: Any, path: tuple, file: Any) -> Any:
+    """Undoes the list, tuple and dict tags of :func:`_encode`."""
+    if not isinstance(x, dict):
+        return x
+    if len(x) == 1:
+        (tag, inner), *_ = x.items()
+        if tag in _TAGS:
+            if not isinstance(inner, dict):
+                raise ValueError(
+                    f"{os.fspath(file)}: the {tag} entry at {_where(path)} is not a dict."
+                )
+            if tag == _DICT:
+                return {k: _decode(v, (*path, k), file) for k, v in inner.items()}
+            if sorted(inner) != sorted(str(i) for i in range(len(inner))):
+                raise ValueError(
+                    f"{os.fspath(file)}: the {tag} entry at {_where(path)} has keys "
+                    f"{sorted(inner)[:8]}, not 0 ... {len(inner) - 1}."
+                )
+            items = [_decode(inner[str(i)], (*path, i), file) for i in range(len(inner))]
+            return items if tag == _LIST else tuple(items)
+    return {k: _decode(v, (*path, k), file) for k, v in x.items()}
+
+
+def _restore(like: Any, state: Any, path: tuple, file: Any) -> Any:
+    """``state`` (decoded) in the structure of the template ``like``."""
+    if like is None:
+        if state is not None:
+            raise ValueError(
+                f"{os.fspath(file)}: `like` has None at {_where(path)} where the file has a "
+                f"{type(state).__name__}."
+            )
+        return None
+    children, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=lambda y: y is not like)
+    if len(children) == 1 and children[0][0] == ():  # a leaf
+        want, got = np.shape(like), np.shape(state)
+        if hasattr(like, "shape") and want != got:
+            raise ValueError(
+                f"{os.fspath(file)}: the array at {_where(path)} has shape {got}, `like` has "
+                f"{want}."
+            )
+        return state
+    if isinstance(like, (list, tuple)) and isinstance(state, (list, tuple)):
+        if len(state) != len(like):
+            raise ValueError(
+                f"{os.fspath(file)}: the sequence at {_where(path)} has {len(state)} entries, "
+                f"`like` has {len(like)}."
+            )
+        state = {str(i): v for i, v in enumerate(state)}
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{os.fspath(file)}: `like` has a {type(like).__name__} at {_where(path)} where the "
+            f"file has a {type(state).__name__}."
+        )
+    leaves = []
+    for (key,), child in children:
+        name = _key_name(key)
+        if name not in state:
+            raise ValueError(
+                f"{os.fspath(file)}: no entry {name!r} at {_where(path)} (the file has "
+                f"{sorted(state)[:8]}), but `like` has one."
+            )
+        leaves.append(_restore(child, state[name], (*path, name), file))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
