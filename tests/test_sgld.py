@@ -11,15 +11,8 @@ import optax
 import pytest
 from numpyro.diagnostics import effective_sample_size
 
-from bayesnoise import bench, moments, sampling
-from bayesnoise.pipeline import cli
-from bayesnoise.sgld import (
-    _normal,
-    _random_bits,
-    polynomial_schedule,
-    psgld,
-    sgld,
-)
+from bayesnoise import moments, sampling
+from bayesnoise.sgld import polynomial_schedule, psgld, sgld
 
 # ---------------------------------------------------------------------------------------------
 # Problems with known posteriors. Module-level functions, so the compiled runs are reused.
@@ -76,21 +69,20 @@ def run_lin(key=0, **kwargs):
 # The transforms.
 
 
-@pytest.mark.skipif(
-    not jax.config.jax_threefry_partitionable, reason="the fast path reproduces JAX's default"
-)
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_fast_normal_is_jax_random_normal(jit):
-    key = jax.random.key(42)
-    shapes = [(), (7,), (400, 10), (2, 3, 4)] if jit else [(3, 5)]  # eager is slow to dispatch
-
-    def draw(key):
-        return [(_random_bits(key, s), _normal(key, s, jnp.float32)) for s in shapes]
-
-    out = jax.jit(draw)(key) if jit else draw(key)
-    for shape, (bits, normal) in zip(shapes, out):
-        assert np.array_equal(bits, jax.random.bits(key, shape))
-        np.testing.assert_array_equal(normal, jax.random.normal(key, shape, jnp.float32))
+def test_noise_is_jax_random_normal_of_the_leaf_subkeys(jit, impl):
+    # η = 0.5 and T = 1 make the update the noise itself: u = −η·0 + sqrt(2 η T) ξ = ξ.
+    key = jax.random.key(42, impl=impl)
+    grads = {"a": jnp.zeros((400, 10)), "b": jnp.zeros((7,))}
+    opt = sgld(0.5, temperature=1.0)
+    update = jax.jit(opt.update) if jit else opt.update
+    updates, _ = update(grads, opt.init(grads), key=key)
+    leaves, treedef = jax.tree.flatten(grads)
+    keys = jax.random.split(key, len(leaves))
+    expected = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    for got, want in zip(jax.tree.leaves(updates), expected):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -443,7 +435,7 @@ def test_divergence_at_the_first_step_with_a_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs, progress, transforms through the driver, the benchmark registry.
+# Inputs, progress, transforms through the driver.
 
 
 @pytest.mark.parametrize(
@@ -506,14 +498,6 @@ def test_psgld_through_the_driver_finds_the_posterior_mean():
     mean = np.asarray(moments.mean(result.moments)["w"], np.float64)
     np.testing.assert_allclose(mean, mu, rtol=0.05)
     assert isinstance(result.opt_state.nu, dict)
-
-
-def test_bench_registry_and_cli():
-    assert "sgld" in bench.SUITES
-    with pytest.raises(ValueError, match="unknown benchmark suite 'nope'"):
-        bench.main("nope")
-    args = cli.build_parser().parse_args(["bench", "--suite", "sgld", "--out", "b.json"])
-    assert args.suite == "sgld" and args.out == "b.json"
 
 
 def test_optax_chain_compatibility():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--suite",
         default="sgld",
-        choices=["sgld", "prune", "em", "pipeline"],
+        choices=["sgld", "prune", "em", "pipeline", "rng"],
         help="the suite to run (default: %(default)s)",
     )
     bench.add_argument("--out", default=None, help="a JSON file for the results (default: none)")
@@ -61,10 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_log() -> logging.Handler:
+    """The library reports through the "bayesnoise" logger; the command line shows its
+    messages (stage progress, warnings, the results table) on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("bayesnoise")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    handler = _show_log()
+    try:
+        return args.func(args)
+    finally:
+        logging.getLogger("bayesnoise").removeHandler(handler)
 
 
 if __name__ == "__main__":

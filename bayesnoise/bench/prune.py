@@ -1,10 +1,11 @@
-"""Benchmark: a whole pruning curve in one vmapped call against a Python loop over fractions.
+"""The ``prune`` suite: a whole pruning curve in one vmapped call against a Python loop.
 
-Both sides evaluate the error rate of a 784-400-400-10 ReLU MLP (random params, random inputs of
-MNIST size) after pruning it at every fraction. The loop builds each mask with
-:func:`bayesnoise.prune.mask` and calls a jitted evaluation per fraction; :func:`curve` ranks
-the scores once and evaluates all fractions in one compiled computation. Timings are medians
-over ``repeats`` runs after a warm-up run, each ending in ``block_until_ready``.
+Both sides evaluate the error rate of the 784-400-400-10 ReLU MLP (:class:`bayesnoise.nn.MLP`,
+random params, random inputs of MNIST size) after pruning it at every fraction. The loop builds
+each mask with :func:`bayesnoise.prune.mask` and calls a jitted evaluation per fraction;
+:func:`bayesnoise.prune.curve` ranks the scores once and evaluates all fractions in one compiled
+computation. Timings are medians over ``repeats`` runs after a warm-up run, each ending in
+``block_until_ready``.
 
 What the curve saves is the per-fraction work outside the model: a sort of all the scores for
 every mask (XLA's CPU sort takes about 0.19 s for the 0.48M weights on 2 cores) and a dispatch
@@ -16,46 +17,36 @@ inputs, or an accelerator) and falls as they dominate: on 2 CPU cores about 3-3.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bayesnoise import prune
+from bayesnoise.bench._common import median_time, register
+from bayesnoise.nn import MLP
 
-LAYER_SIZES = (784, 400, 400, 10)
-
-
-def mlp_params(key: jax.Array, sizes=LAYER_SIZES) -> dict:
-    """Random params of a ReLU MLP in Flax's layout ``{"params": {"Dense_i": {kernel, bias}}}``."""
-    layers = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        key, k1, k2 = jax.random.split(key, 3)
-        layers[f"Dense_{i}"] = {
-            "kernel": jax.random.normal(k1, (a, b)) / np.sqrt(a),
-            "bias": 0.1 * jax.random.normal(k2, (b,)),
-        }
-    return {"params": layers}
+NUM_INPUTS, NUM_CLASSES = 784, 10
 
 
-def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
-    """Logits of the MLP: h ← relu(h W + b) for every layer but the last, which is linear."""
-    layers = params["params"]
-    n = len(layers)
-    for i in range(n):
-        x = x @ layers[f"Dense_{i}"]["kernel"] + layers[f"Dense_{i}"]["bias"]
-        if i < n - 1:
-            x = jax.nn.relu(x)
-    return x
+@register("prune")
+def prune_suite(num_fractions: int = 100, repeats: int = 3) -> dict[str, Any]:
+    """The pruning curve over ``num_fractions`` fractions against a Python loop over them,
+    on a random 784-400-400-10 MLP evaluated on 10,000 and on 1,000 inputs."""
+    return {
+        f"inputs_{n}": prune_curve(num_fractions, repeats, batch_size=n) for n in (10_000, 1_000)
+    }
 
 
-def bench_prune_curve(
+def prune_curve(
     num_fractions: int = 100,
     repeats: int = 5,
     *,
     batch_size: int = 10_000,
     chunk_size: int | None = 10,
     seed: int = 0,
-) -> dict:
+) -> dict[str, Any]:
     """Times :func:`bayesnoise.prune.curve` against a Python loop over the same fractions.
 
     Args:
@@ -73,19 +64,23 @@ def bench_prune_curve(
         and the largest difference between the two curves (0 when they agree).
     """
     k_params, k_std, k_x, k_y = jax.random.split(jax.random.key(seed), 4)
-    params = mlp_params(k_params)
-    std = jax.tree.map(
-        lambda p, k: 0.05 * jax.random.uniform(k, p.shape, minval=0.5, maxval=1.5),
-        params,
-        jax.tree.unflatten(jax.tree.structure(params), jax.random.split(k_std, 6)),
+    model = MLP()
+    params = model.init(k_params, jnp.zeros((1, NUM_INPUTS)))
+    leaves, treedef = jax.tree.flatten(params)
+    std = jax.tree.unflatten(
+        treedef,
+        [
+            0.05 * jax.random.uniform(k, p.shape, minval=0.5, maxval=1.5)
+            for p, k in zip(leaves, jax.random.split(k_std, len(leaves)))
+        ],
     )
     scores = prune.spr(params, std)
-    x = jax.random.uniform(k_x, (batch_size, LAYER_SIZES[0]))
-    y = jax.random.randint(k_y, (batch_size,), 0, LAYER_SIZES[-1])
+    x = jax.random.uniform(k_x, (batch_size, NUM_INPUTS))
+    y = jax.random.randint(k_y, (batch_size,), 0, NUM_CLASSES)
     fractions = jnp.linspace(0.0, 1.0, num_fractions)
 
     def error(p):
-        return jnp.mean(jnp.argmax(mlp_apply(p, x), axis=-1) != y)
+        return jnp.mean(jnp.argmax(model.apply(p, x), axis=-1) != y)
 
     error_jit = jax.jit(error)
 
@@ -98,14 +93,12 @@ def bench_prune_curve(
             values.append(error_jit(prune.apply(params, prune.mask(scores, f))))
         return jnp.stack(values)
 
-    from bayesnoise.bench import _median_time
-
     jax.block_until_ready(run_curve())  # warm-up: compilation and caches
     jax.block_until_ready(run_loop())
-    curve_s = _median_time(run_curve, repeats)
-    loop_s = _median_time(run_loop, repeats)
+    curve_s = median_time(run_curve, repeats)
+    loop_s = median_time(run_loop, repeats)
     jax.block_until_ready(error_jit(params))
-    forward_s = _median_time(lambda: error_jit(params), repeats)
+    forward_s = median_time(lambda: error_jit(params), repeats)
     diff = float(jnp.max(jnp.abs(run_curve() - run_loop())))
     return {
         "curve_s": curve_s,
@@ -118,9 +111,3 @@ def bench_prune_curve(
         "chunk_size": chunk_size,
         "max_abs_diff": diff,
     }
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(bench_prune_curve(), indent=2))
