@@ -1,6 +1,7 @@
 """Experiment configs: the shipped YAML files, validation errors, overrides, round trips."""
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
@@ -157,12 +158,21 @@ def test_out_of_range_values_name_the_key_value_and_allowed(source, key, words):
 def test_top_level_must_be_a_mapping(tmp_path):
     f = tmp_path / "list.yaml"
     f.write_text("- 1\n- 2\n")
-    assert "a mapping with the keys name, out, data" in str(_error(f))
+    e = _error(f)
+    assert e.key == str(f) and "got [1, 2]" in str(e)
+    assert "a mapping with the keys name, out, data" in str(e)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == load_config({})
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+    e = _error(tmp_path / "missing.yaml")  # a ConfigError too, naming the path
+    assert e.key == str(tmp_path / "missing.yaml") and "no such file" in str(e)
+    e = _error(tmp_path)
+    assert e.key == str(tmp_path) and "cannot be read" in str(e) and "allowed:" in str(e)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1\n")
+    assert _error(bad).key == str(bad) and "not valid YAML" in str(_error(bad))
 
 
 @pytest.mark.parametrize(
@@ -278,3 +288,104 @@ def test_data_section_loads_the_data_set():
     cfg = load_config(DIGITS, ["data.options.test_fraction=0.5"])
     ds = cfg.data.load()
     assert ds.name == "digits" and len(ds.x_test) in (898, 899)
+
+
+@pytest.mark.parametrize(
+    "section, kinds, default",
+    [
+        ("noise", ["bernoulli", "gaussian", "beta", "gamma", "lognormal"], "bernoulli"),
+        ("hyperprior", ["inverse_gamma", "gamma", "lognormal", "beta"], "none"),
+    ],
+)
+def test_kind_defaults_come_from_the_noise_classes(section, kinds, default):
+    classes = {
+        "bernoulli": bnoise.Bernoulli,
+        "gaussian": bnoise.Gaussian,
+        "beta": bnoise.Beta,
+        "gamma": bnoise.Gamma,
+        "lognormal": bnoise.LogNormal,
+        "inverse_gamma": bnoise.InverseGammaScale,
+    }
+    family = bconfig.NoiseConfig if section == "noise" else bconfig.HyperpriorConfig
+    build = bconfig.build_noise if section == "noise" else bconfig.build_hyperprior
+
+    def load(raw):
+        cfg = load_config({"noise": raw} if section == "noise" else {"em": {"hyperprior": raw}})
+        return cfg.noise if section == "noise" else cfg.em.hyperprior
+
+    assert load({}).kind == family().kind == default
+    for kind in kinds:
+        sec = load({"kind": kind})
+        defaults = dataclasses.asdict(classes[kind]())  # the class's own defaults
+        assert isinstance(sec, family) and type(sec) is type(family(kind=kind))
+        assert sec == family(kind=kind) and build(sec) == classes[kind]()
+        assert {k: v for k, v in sec.to_dict().items() if k not in ("kind", "input")} == defaults
+        assert all(type(getattr(sec, k)) is float for k in defaults)
+        others = {"keep", "alpha", "a", "b", "concentration", "rate", "loc", "scale"} - set(
+            defaults
+        )
+        assert all(getattr(sec, k) is None for k in others)  # another kind's parameter: unset
+    e = _error({}, [f"{'noise' if section == 'noise' else 'em.hyperprior'}.kind=uniform"])
+    assert "'uniform'" in str(e) and ", ".join(kinds[:2]) in str(e)
+    with pytest.raises(ConfigError, match=r"^kind: got 'uniform'; allowed: one of "):
+        family(kind="uniform")
+
+
+def test_sections_are_frozen_and_forbid_unknown_keys():
+    cfg = load_config(DIGITS)
+    for section, name in [(cfg, "name"), (cfg.sgld, "chains"), (cfg.noise, "keep")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, name, getattr(section, name))
+    assert hash(cfg.train) == hash(load_config(DIGITS).train)
+    with pytest.raises(ConfigError, match=r"^epoch: unknown key \(did you mean 'epochs'\?\)"):
+        bconfig.TrainConfig(epoch=3)
+    with pytest.raises(ConfigError, match=r"^concentration: got 2.0, but kind beta takes a, b"):
+        bconfig.NoiseConfig(kind="beta", concentration=2.0)
+    assert (
+        bconfig.NoiseConfig(kind="beta", a=2)
+        == load_config({"noise": {"kind": "beta", "a": 2}}).noise
+    )
+
+
+def test_unknown_keys_suggest_the_nearest_known_key():
+    e = _error({"sgld": {"step": 1e-3}})
+    assert e.key == "sgld.step" and "(did you mean 'step_size'?)" in str(e)
+    e = _error({"prune": {"fin": 3}})  # no close match: the first key it begins
+    assert "(did you mean 'finetune_epochs'?)" in str(e)
+    e = _error({"eval": {"xyz": 3}})
+    assert "did you mean" not in str(e) and "known keys here: metric, tolerance" in str(e)
+
+
+def test_several_errors_are_listed_in_one_message():
+    e = _error({"train": {"epochs": 0, "batch_size": "x"}, "eval": {"mc_samples": 0}})
+    lines = str(e).splitlines()
+    assert e.key == "train.epochs" and lines[0] == "train.epochs: got 0; allowed: an int >= 1."
+    assert lines[1:] == [
+        "train.batch_size: got 'x'; allowed: an int >= 1.",
+        "eval.mc_samples: got 0; allowed: an int >= 1.",
+    ]
+    assert [m.key for m in e.more] == ["train.batch_size", "eval.mc_samples"]
+
+
+def test_numbers_are_typed_strictly():
+    cfg = load_config({"train": {"learning_rate": 1}, "sgld": {"temperature": "5e-1"}})
+    assert type(cfg.train.learning_rate) is float and cfg.sgld.temperature == 0.5
+    for section, key, value in [
+        ("train", "epochs", True),  # bool is not an int
+        ("train", "epochs", 3.0),  # no float -> int
+        ("train", "epochs", "3"),
+        ("train", "learning_rate", True),
+        ("train", "learning_rate", "1e-3x"),
+        ("em", "enabled", 1),
+    ]:
+        e = _error({section: {key: value}})
+        assert e.key == f"{section}.{key}" and str(e).startswith(
+            f"{e.key}: got {value!r}; allowed:"
+        )
+
+
+def test_configs_pickle_and_validate_their_json_schema():
+    cfg = load_config(DIGITS.parent / "mnist.yaml")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    schema = bconfig.Config.model_json_schema()
+    assert schema["properties"]["noise"]["discriminator"]["propertyName"] == "kind"

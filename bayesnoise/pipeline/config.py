@@ -1,6 +1,6 @@
-"""Typed, validated experiment configs: YAML in, frozen dataclasses out.
+"""Typed, validated experiment configs: YAML in, frozen pydantic models out.
 
-A config has a section per stage of the pipeline, each a frozen dataclass::
+A config has a section per stage of the pipeline, each a frozen model::
 
     name, out                      the run's name and output folder
     data    DataConfig             which data set, where, loader options
@@ -18,6 +18,9 @@ out of range raises a :class:`ConfigError` (a ``ValueError``) whose message star
 dotted key (``train.batch_size: ...``) and says what is allowed. Omitted keys take the defaults
 below, which describe a small run on scikit-learn's bundled digits. ``Config.to_dict()`` gives
 the config as run, and ``load_config(cfg.to_dict()) == cfg``.
+
+The noise and the EM hyperprior are unions discriminated by ``kind``: a model per kind, whose
+parameters and their defaults are those of the :mod:`bayesnoise.noise` class the kind builds.
 
 Numbers such as ``1e-3``, which YAML 1.1 (PyYAML) reads as strings, are accepted wherever a
 float is expected. Integers must be written as integers.
@@ -39,16 +42,19 @@ import copy
 import dataclasses
 import difflib
 import functools
+import inspect
 import math
 import os
 import re
 import types
-import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import pydantic
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from bayesnoise import data as bdata
 from bayesnoise import noise as bnoise
@@ -74,209 +80,207 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """An invalid config. ``str(error)`` is ``"<dotted key>: <what is wrong and allowed>"``.
+    """An invalid config. ``str(error)`` is ``"<dotted key>: <what is wrong and allowed>"``, a
+    line per error when there are several.
 
     Attributes:
-        key: the dotted key of the bad entry, e.g. ``"train.batch_size"``.
+        key: the dotted key of the (first) bad entry, e.g. ``"train.batch_size"``.
         detail: what is wrong with it and what is allowed.
+        more: the other errors found, each a ConfigError.
     """
 
-    def __init__(self, key: str, detail: str):
-        self.key = key
-        self.detail = detail
-        super().__init__(f"{key}: {detail}")
+    def __init__(self, key: str, detail: str, *more: ConfigError):
+        self.key, self.detail, self.more = key, detail, more
+        super().__init__("\n".join(f"{e.key}: {e.detail}" for e in (self, *more)))
 
     def within(self, prefix: str) -> ConfigError:
         """The same error, its key under the section ``prefix``."""
         return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.detail)
 
 
+class _MissingFile(ConfigError, FileNotFoundError):
+    """A config file that does not exist."""
+
+
 # ---------------------------------------------------------------------------------------------
-# Field helpers: every field has a type (from its annotation) and optionally a range check.
-
-
-def _field(default: Any = dataclasses.MISSING, allowed: str | None = None, check=None, **kw):
-    """A dataclass field with a description of its allowed values and a range predicate."""
-    return dataclasses.field(default=default, metadata={"allowed": allowed, "check": check}, **kw)
-
-
-def _section(cls: type) -> Any:
-    return dataclasses.field(default_factory=cls)
-
-
-def _int(minimum: int, default: int | None) -> Any:
-    return _field(default, f"an int >= {minimum}", lambda v: v >= minimum)
-
-
-def _positive(default: float | None, what: str = "a number > 0") -> Any:
-    return _field(default, what, lambda v: v > 0)
-
-
-def _nonnegative(default: float | None, what: str = "a number >= 0") -> Any:
-    return _field(default, what, lambda v: v >= 0)
-
+# Value types, and pydantic's errors as ConfigErrors naming the key, the value and what is allowed.
 
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()) else value
 
 
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin is tuple:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping with the keys {', '.join(f.name for f in dataclasses.fields(tp))}"
-    return {
-        bool: "true or false",
-        int: "an int",
-        float: "a number",
-        str: "a string",
-        dict: "a mapping",
-    }.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _type_error(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(key, f"got {value!r} ({type(value).__name__}); allowed: {allowed}.")
-
-
-def _coerce(value: Any, tp: Any, key: str, allowed: str) -> Any:
-    """``value`` checked against the type ``tp`` (lists become tuples, mappings dataclasses)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
+def _check(predicate: Callable[[Any], bool]) -> pydantic.AfterValidator:
+    def check(value):
+        if not predicate(value):
+            raise ValueError("not allowed")
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _type_error(key, value, allowed)
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key, allowed)
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, args))}.")
-    if origin is tuple:
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-            raise _type_error(key, value, allowed)
-        element = args[0]
-        element_allowed = _describe(element)
-        return tuple(
-            _coerce(v, element, f"{key}[{i}]", element_allowed) for i, v in enumerate(value)
-        )
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None:
-            return tp()
-        if isinstance(value, Mapping):
-            try:
-                return _from_mapping(tp, value)
-            except ConfigError as e:
-                raise e.within(key) from None
-        raise _type_error(key, value, allowed)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(value)
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            number = float(value)
-        if number is not None and math.isfinite(number):
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is dict or origin is dict:
-        if value is None:
-            return {}
-        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-            return dict(value)
-    raise _type_error(key, value, allowed)
+
+    return pydantic.AfterValidator(check)
+
+
+# A float field: also "1e-3" (YAML 1.1 text); strict, so no bools and no other text.
+_Float = Annotated[float, pydantic.BeforeValidator(_number)]
+_AsTuple = pydantic.BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_WORDS = {
+    bool: "true or false",
+    int: "an int",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping",
+}
+
+
+def _unwrap(tp: Any) -> tuple[Any, list, bool]:
+    """``tp`` without Annotated and None: the type, its metadata, whether null is allowed.
+
+    A discriminated union of the kinds of a noise or hyperprior becomes its base class.
+    """
+    meta, nullable = [], False
+    while True:
+        origin, args = get_origin(tp), get_args(tp)
+        if origin is Annotated:
+            tp, meta = args[0], [*meta, *args[1:]]
+        elif origin in (Union, types.UnionType) and type(None) in args:
+            rest = tuple(a for a in args if a is not type(None))
+            tp, nullable = rest[0] if len(rest) == 1 else Union[rest], True
+        elif origin in (Union, types.UnionType) and all(_is_model(a, _Distribution) for a in args):
+            tp = args[0].__base__
+        else:
+            meta = [n for m in meta for n in (m.metadata if isinstance(m, FieldInfo) else [m])]
+            return tp, meta, nullable
+
+
+def _is_model(tp: Any, base: type = BaseModel) -> bool:
+    return isinstance(tp, type) and issubclass(tp, base)
+
+
+def _fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """The fields of a section; of a noise or hyperprior, those of every kind, kind first."""
+    kinds = getattr(model, "_kinds", None)
+    if not kinds:
+        return dict(model.model_fields)
+    merged = {name: f for m in kinds.values() for name, f in m.model_fields.items()}
+    return dict(sorted(merged.items(), key=lambda item: item[0] not in ("kind", *_PARAMETERS)))
+
+
+def _describe(tp: Any, info: FieldInfo | None = None) -> str:
+    """What a value of the type ``tp`` (with the bounds of the field ``info``) may be."""
+    if info is not None and info.description:
+        return info.description
+    tp, meta, nullable = _unwrap(tp)
+    if get_origin(tp) is Literal:
+        text = "one of " + ", ".join(map(str, get_args(tp)))
+    elif get_origin(tp) is tuple:
+        text = "a list of " + re.sub(r"^an? (\w+)", r"\1s", _describe(get_args(tp)[0]))
+    elif _is_model(tp):
+        text = "a mapping with the keys " + ", ".join(_fields(tp))
+    else:
+        text = _WORDS.get(tp, "a value")
+    meta = [*meta, *(info.metadata if info else ())]
+    b = {k: getattr(m, k) for m in meta for k in _OPS if getattr(m, k, None) is not None}
+    lo, hi = [k for k in ("gt", "ge") if k in b], [k for k in ("lt", "le") if k in b]
+    if lo and hi:
+        lo, hi = lo[0], hi[0]
+        text += f" in {'(' if lo == 'gt' else '['}{b[lo]:g}, {b[hi]:g}{')' if hi == 'lt' else ']'}"
+    else:
+        text += "".join(f" {_OPS[k]} {v:g}" for k, v in b.items())
+    return text + (" or null" if nullable else "")
 
 
 def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
-    known = list(known)
-    typed = key.rsplit(".", 1)[-1]
+    known, typed = list(known), key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(typed, known, n=1)
     close = close or [k for k in known if typed and k.startswith(typed)][:1]
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(key, f"unknown key{hint}; known keys here: {', '.join(known)}.")
 
 
-def _from_mapping(cls: type, data: Mapping) -> Any:
-    """``cls(**data)`` after checking the keys; errors carry keys relative to ``cls``."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            raise _unknown_key(str(k), names)
-    return cls(**data)
+def _one_error(error: Mapping[str, Any], root: type[BaseModel]) -> ConfigError:
+    """One of pydantic's errors as a ConfigError, found by walking its location from ``root``."""
+    key, tp, info, owner = "", root, None, root
+    for part in error["loc"]:
+        tp = _unwrap(tp)[0]
+        if part == "[key]":  # a key that is not a string
+            tp, info = str, None
+            continue
+        if _is_model(tp, _Distribution) and "kind" not in tp.model_fields:
+            tp = tp._kinds[part]  # pydantic names the member of a discriminated union
+            continue
+        if isinstance(part, int) and get_origin(tp) is tuple:
+            key, tp, info = f"{key}[{part}]", get_args(tp)[0], None
+            continue
+        owner, info = tp, tp.model_fields.get(part) if _is_model(tp) else None
+        tp = info.annotation if info else Any
+        key = f"{key}.{part}" if key else str(part)
+    value, ctx = error.get("input"), error.get("ctx") or {}
+    if isinstance(ctx.get("error"), ConfigError):
+        return ctx["error"].within(key)
+    if error["type"] in ("extra_forbidden", "invalid_key"):
+        name = key.rsplit(".", 1)[-1]
+        if name in _PARAMETERS and name in _fields(owner):
+            takes = ", ".join(n for n in owner.model_fields if n in _PARAMETERS)
+            return ConfigError(
+                key,
+                f"got {value!r}, but kind {owner.model_fields['kind'].default} takes "
+                f"{takes or 'no parameters'}; allowed: null (omit it).",
+            )
+        return _unknown_key(key, _fields(owner))
+    if error["type"].startswith("union_tag"):
+        got = value.get("kind") if isinstance(value, Mapping) else value
+        kinds = ", ".join(_unwrap(tp)[0]._kinds)
+        return ConfigError(f"{key}.kind".lstrip("."), f"got {got!r}; allowed: one of {kinds}.")
+    return ConfigError(key, f"got {value!r}; allowed: {_describe(tp, info)}.")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, _Section):
-        return value.to_dict()
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def _config_error(error: ValidationError, root: type[BaseModel]) -> ConfigError:
+    first, *more = [_one_error(e, root) for e in error.errors()]
+    return ConfigError(first.key, first.detail, *more)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Section:
-    """Base of the config sections: checks and normalises every field on construction."""
+class _SectionType(type(BaseModel)):
+    def __call__(cls, **data: Any) -> Any:
+        """Builds a section, raising ConfigError; a noise or hyperprior base builds its kind."""
+        union = None if "kind" in cls.model_fields else getattr(cls, "_union", None)
+        try:
+            if union:
+                return pydantic.TypeAdapter(union).validate_python(data)
+            return super().__call__(**data)
+        except ValidationError as e:
+            raise _config_error(e, union or cls) from None
 
-    def __post_init__(self):
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            tp = hints[f.name]
-            allowed = f.metadata.get("allowed") or _describe(tp)
-            value = _coerce(getattr(self, f.name), tp, f.name, allowed)
-            check = f.metadata.get("check")
-            if check is not None and value is not None and not check(value):
-                raise ConfigError(f.name, f"got {_plain(value)!r}; allowed: {allowed}.")
-            object.__setattr__(self, f.name, value)
-        self._validate()
 
-    def _validate(self) -> None:
-        """Checks that involve several fields; may fill in defaults that depend on others."""
+class _Section(BaseModel, metaclass=_SectionType):
+    """Base of the config sections: frozen, strict, no unknown keys; null means all defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    def __setattr__(self, name: str, value: Any):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to {name!r}: configs are frozen")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_empty(cls, data: Any) -> Any:
+        return {} if data is None else data
 
     def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
+        object.__setattr__(self, name, value)  # a default that depends on other fields
 
     def to_dict(self) -> dict[str, Any]:
         """The section as plain Python values (lists, dicts, numbers, strings, None)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return self.model_dump(mode="json")
 
 
 # ---------------------------------------------------------------------------------------------
 # Distributions named in a config: noise kinds and EM hyperpriors.
 
-# kind -> {parameter: default}; the constructor of every kind is in _DISTRIBUTIONS.
-_PARAMETERS: dict[str, dict[str, float]] = {
-    "none": {},
-    "bernoulli": {"keep": 0.5},
-    "gaussian": {"alpha": 1.0},
-    "beta": {"a": 1.0, "b": 1.0},
-    "gamma": {"concentration": 1.0, "rate": 1.0},
-    "lognormal": {"loc": 0.0, "scale": 1.0},
-    "inverse_gamma": {"a": 2.0, "b": 1.0},
-}
-_DISTRIBUTIONS: dict[str, Callable[..., bnoise.Noise]] = {
+NoiseKind = Literal["bernoulli", "gaussian", "beta", "gamma", "lognormal", "none"]
+HyperpriorKind = Literal["none", "inverse_gamma", "gamma", "lognormal", "beta"]
+_DISTRIBUTIONS: dict[str, type[bnoise.Noise] | None] = {
+    "none": None,
     "bernoulli": bnoise.Bernoulli,
     "gaussian": bnoise.Gaussian,
     "beta": bnoise.Beta,
@@ -284,53 +288,59 @@ _DISTRIBUTIONS: dict[str, Callable[..., bnoise.Noise]] = {
     "lognormal": bnoise.LogNormal,
     "inverse_gamma": bnoise.InverseGammaScale,
 }
-_PARAMETER_NAMES = ("keep", "alpha", "a", "b", "concentration", "rate", "loc", "scale")
+_SIGNATURES = {k: inspect.signature(c).parameters for k, c in _DISTRIBUTIONS.items() if c}
+_PARAMETERS = tuple(dict.fromkeys(name for ps in _SIGNATURES.values() for name in ps))
+_BOUNDS = {"keep": {"gt": 0, "le": 1}, "loc": {}}  # every other parameter: > 0
 
 
-def _check_distribution(section: _Section) -> None:
-    """Fills in the kind's default parameters and rejects parameters of other kinds."""
-    kind = section.kind
-    takes = _PARAMETERS[kind]
-    for f in dataclasses.fields(section):
-        if f.name not in _PARAMETER_NAMES:
-            continue
-        value = getattr(section, f.name)
-        if f.name in takes:
-            if value is None:
-                section._set(f.name, takes[f.name])
-        elif value is not None:
-            raise ConfigError(
-                f.name,
-                f"got {value!r}, but kind {kind} takes "
-                f"{', '.join(takes) if takes else 'no parameters'}; allowed: null (omit it).",
-            )
+class _Distribution(_Section):
+    """A noise or hyperprior: a model per kind (``_kinds``), built by calling the base class."""
+
+    _kinds: ClassVar[dict[str, type[_Distribution]]] = {}
+    _union: ClassVar[Any] = None
+
+    def __getattr__(self, name: str) -> Any:
+        return None if name in _PARAMETERS else super().__getattr__(name)  # of another kind
 
 
-def _distribution_dict(section: _Section) -> dict[str, Any]:
-    """``section.to_dict()`` without the parameters its kind does not take (all null)."""
-    out = _Section.to_dict(section)
-    return {k: v for k, v in out.items() if not (k in _PARAMETER_NAMES and v is None)}
+def _with_kind(default: str, value: Any) -> Any:
+    """A mapping with its ``kind`` (by default ``default``) and without null parameters."""
+    if value is None or isinstance(value, Mapping):
+        value = {k: v for k, v in (value or {}).items() if not (v is None and k in _PARAMETERS)}
+        return {"kind": default, **value}
+    return value
 
 
-def _distribution(section: Any) -> bnoise.Noise | None:
-    if section.kind == "none":
-        return None
-    params = {name: getattr(section, name) for name in _PARAMETERS[section.kind]}
-    return _DISTRIBUTIONS[section.kind](**params)
+def _union_of_kinds(base: type[_Distribution], kinds: tuple[str, ...], **fields: Any) -> Any:
+    """The union of ``base``'s kinds, discriminated by ``kind``; defaults from bayesnoise.noise."""
+    base._kinds = {}
+    for kind in kinds:
+        params = {
+            name: (_Float, Field(p.default, **_BOUNDS.get(name, {"gt": 0})))
+            for name, p in _SIGNATURES.get(kind, {}).items()
+        }
+        distribution = getattr(_DISTRIBUTIONS[kind], "__name__", "None")
+        name = distribution + base.__name__.removesuffix("Config")
+        model = pydantic.create_model(
+            name, __base__=base, __module__=__name__, kind=(Literal[kind], kind), **params, **fields
+        )
+        base._kinds[kind] = globals()[name] = model
+    default = pydantic.BeforeValidator(functools.partial(_with_kind, kinds[0]))
+    base._union = Annotated[
+        Union[tuple(base._kinds.values())], Field(discriminator="kind"), default
+    ]
+    return base._union
 
 
-NoiseKind = Literal["bernoulli", "gaussian", "beta", "gamma", "lognormal", "none"]
-HyperpriorKind = Literal["none", "inverse_gamma", "gamma", "lognormal", "beta"]
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseConfig(_Section):
+class NoiseConfig(_Distribution):
     """Multiplicative noise λ on the inputs of every Dense layer.
 
-    Only the parameters of ``kind`` may be set; omitted ones take the defaults of
-    :mod:`bayesnoise.noise`: bernoulli ``keep`` 0.5; gaussian ``alpha`` 1 (the variance);
-    beta ``a`` = ``b`` = 1; gamma ``concentration`` = ``rate`` = 1; lognormal ``loc`` 0,
-    ``scale`` 1. An override of ``noise.kind`` drops the old kind's parameters.
+    A model per kind; ``NoiseConfig(kind=...)`` builds the one asked for. Only the parameters of
+    ``kind`` may be set (reading another kind's gives None); omitted ones take the defaults of
+    the :mod:`bayesnoise.noise` class of the kind: ``Bernoulli`` (``keep``), ``Gaussian``
+    (``alpha``, the variance), ``Beta`` (``a``, ``b``), ``Gamma`` (``concentration``, ``rate``),
+    ``LogNormal`` (``loc``, ``scale``). An override of ``noise.kind`` drops the old kind's
+    parameters.
 
     Attributes:
         kind: bernoulli, gaussian, beta, gamma, lognormal or none (no noise).
@@ -340,52 +350,37 @@ class NoiseConfig(_Section):
             inputs); null: the input layer gets ``kind`` too.
     """
 
-    kind: NoiseKind = "bernoulli"
-    keep: float | None = _field(None, "a number in (0, 1] or null", lambda v: 0 < v <= 1)
-    alpha: float | None = _positive(None, "a number > 0 or null")
-    a: float | None = _positive(None, "a number > 0 or null")
-    b: float | None = _positive(None, "a number > 0 or null")
-    concentration: float | None = _positive(None, "a number > 0 or null")
-    rate: float | None = _positive(None, "a number > 0 or null")
-    loc: float | None = None
-    scale: float | None = _positive(None, "a number > 0 or null")
-    input: NoiseConfig | None = None
-
-    def _validate(self):
-        _check_distribution(self)
+    @model_validator(mode="after")
+    def _input_has_no_input(self):
         if self.input is not None and self.input.input is not None:
             raise ConfigError(
                 "input.input",
                 "the input-layer noise cannot have an input noise of its own; allowed: null.",
             )
-
-    def to_dict(self):
-        return _distribution_dict(self)
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class HyperpriorConfig(_Section):
+class HyperpriorConfig(_Distribution):
     """A hyperprior on the noise scales for the M-step (see :func:`bayesnoise.em.m_step`).
 
+    A model per kind, like :class:`NoiseConfig`, with the defaults of :mod:`bayesnoise.noise`.
+
     Attributes:
-        kind: none; inverse_gamma (on λ², closed-form M-step; defaults a 2, b 1); gamma,
-            lognormal or beta (on λ, numerical M-step; defaults as for :class:`NoiseConfig`).
+        kind: none; inverse_gamma (on λ², closed-form M-step; ``InverseGammaScale``); gamma,
+            lognormal or beta (on λ, numerical M-step; as for :class:`NoiseConfig`).
         a, b, concentration, rate, loc, scale: the parameters of ``kind``.
     """
 
-    kind: HyperpriorKind = "none"
-    a: float | None = _positive(None, "a number > 0 or null")
-    b: float | None = _positive(None, "a number > 0 or null")
-    concentration: float | None = _positive(None, "a number > 0 or null")
-    rate: float | None = _positive(None, "a number > 0 or null")
-    loc: float | None = None
-    scale: float | None = _positive(None, "a number > 0 or null")
 
-    def _validate(self):
-        _check_distribution(self)
+_Noise = _union_of_kinds(NoiseConfig, get_args(NoiseKind), input=(Union["_Noise", None], None))
+_Hyperprior = _union_of_kinds(HyperpriorConfig, get_args(HyperpriorKind))
+for _model in NoiseConfig._kinds.values():
+    _model.model_rebuild()
 
-    def to_dict(self):
-        return _distribution_dict(self)
+
+def _distribution(section: NoiseConfig | HyperpriorConfig) -> bnoise.Noise | None:
+    cls = _DISTRIBUTIONS[section.kind]
+    return cls(**{n: getattr(section, n) for n in _SIGNATURES[section.kind]}) if cls else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +390,6 @@ class HyperpriorConfig(_Section):
 DataName = Literal["digits", "breast_cancer", "diabetes", "mnist", "imdb", "msd"]
 
 
-@dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):
     """The data set (see :func:`bayesnoise.data.load`).
 
@@ -410,19 +404,21 @@ class DataConfig(_Section):
 
     name: DataName = "digits"
     path: str | None = None
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    options: dict[str, Any] = {}
 
-    def _validate(self):
-        allowed = [o for o in bdata.loader_options(self.name) if o != "path"]
-        if self.path is not None and "path" not in bdata.loader_options(self.name):
+    @model_validator(mode="after")
+    def _loader_takes(self):
+        takes = bdata.loader_options(self.name)
+        if self.path is not None and "path" not in takes:
             raise ConfigError(
                 "path",
                 f"got {self.path!r}, but the {self.name} data set is bundled with scikit-learn "
                 f"and takes no path; allowed: null.",
             )
         for k in self.options:
-            if k not in allowed:
-                raise _unknown_key(f"options.{k}", allowed)
+            if k == "path" or k not in takes:
+                raise _unknown_key(f"options.{k}", [o for o in takes if o != "path"])
+        return self
 
     @property
     def task(self) -> str:
@@ -440,7 +436,6 @@ class DataConfig(_Section):
 Activation = Literal["relu", "tanh", "sigmoid", "gelu", "elu", "softplus", "silu"]
 
 
-@dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
     """A multilayer perceptron; the input width and the output width come from the data.
 
@@ -451,9 +446,7 @@ class ModelConfig(_Section):
             on GPUs and TPUs) while params, gradients, SGLD noise and moments stay float32.
     """
 
-    hidden_sizes: tuple[int, ...] = _field(
-        (128, 128), "a list of ints >= 1", lambda t: all(v >= 1 for v in t)
-    )
+    hidden_sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], _AsTuple] = (128, 128)
     activation: Activation = "relu"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -468,7 +461,6 @@ class ModelConfig(_Section):
 Optimizer = Literal["adam", "adamw", "sgd", "momentum", "rmsprop"]
 
 
-@dataclasses.dataclass(frozen=True)
 class TrainConfig(_Section):
     """Training under noise (:func:`bayesnoise.train.fit`).
 
@@ -481,27 +473,35 @@ class TrainConfig(_Section):
         seed: the PRNG seed of the whole run (initialisation, noise, SGLD chains).
     """
 
-    epochs: int = _int(1, 30)
-    batch_size: int = _int(1, 64)
-    learning_rate: float = _positive(1e-3)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: _Float = Field(1e-3, gt=0)
     optimizer: Optimizer = "adam"
     schedule: Literal["constant", "cosine"] = "cosine"
-    seed: int = _int(0, 0)
+    seed: int = Field(0, ge=0)
 
 
-@dataclasses.dataclass(frozen=True)
 class PolynomialSchedule(_Section):
     """Welling & Teh's ε_t = a (b + t)^(−γ); SGLD's step is η_t = ε_t / 2.
 
     See :func:`bayesnoise.sgld.polynomial_schedule`.
     """
 
-    a: float = _positive(1e-4)
-    b: float = _positive(1.0)
-    gamma: float = _field(0.55, "a number in (0.5, 1]", lambda v: 0.5 < v <= 1)
+    a: _Float = Field(1e-4, gt=0)
+    b: _Float = Field(1.0, gt=0)
+    gamma: _Float = Field(0.55, gt=0.5, le=1)
 
 
-@dataclasses.dataclass(frozen=True)
+def _step_size(value: Any) -> Any:
+    value = _number(value)
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value) and value > 0:
+            return float(value)
+    raise ValueError("not allowed")
+
+
 class SGLDConfig(_Section):
     """Posterior sampling by SGLD (:func:`bayesnoise.sampling.run`), started from the trained net.
 
@@ -529,39 +529,22 @@ class SGLDConfig(_Section):
     """
 
     method: Literal["sgld", "psgld"] = "sgld"
-    step_size: Any = _field(
-        "auto",
-        "auto, a number > 0, or null",
-        lambda v: (
-            isinstance(v, str)
-            or (
-                isinstance(v, (int, float))
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-                and v > 0
-            )
-        ),
+    step_size: Annotated[Literal["auto"] | float | None, pydantic.PlainValidator(_step_size)] = (
+        Field("auto", description="auto, a number > 0, or null")
     )
     polynomial: PolynomialSchedule | None = None
-    temperature: float = _nonnegative(1.0)
-    burnin: int | None = _field(None, "an int >= 0 or null", lambda v: v >= 0)
-    samples: int | None = _field(None, "an int >= 1 or null", lambda v: v >= 1)
-    thin: int | None = _field(None, "an int >= 1 or null", lambda v: v >= 1)
-    chains: int = _int(1, 4)
-    batch_size: int | None = _field(64, "an int >= 1 or null", lambda v: v >= 1)
-    max_steps: int = _int(100, 20_000)
-    rhat_threshold: float = _positive(1.1)
-    ess_threshold: float = _positive(100.0)
+    temperature: _Float = Field(1.0, ge=0)
+    burnin: int | None = Field(None, ge=0)
+    samples: int | None = Field(None, ge=1)
+    thin: int | None = Field(None, ge=1)
+    chains: int = Field(4, ge=1)
+    batch_size: int | None = Field(64, ge=1)
+    max_steps: int = Field(20_000, ge=100)
+    rhat_threshold: _Float = Field(1.1, gt=0)
+    ess_threshold: _Float = Field(100.0, gt=0)
 
-    def _validate(self):
-        if isinstance(self.step_size, str) and self.step_size != "auto":
-            text = self.step_size.strip()
-            if _FLOAT_TEXT.match(text) and math.isfinite(float(text)) and float(text) > 0:
-                self._set("step_size", float(text))
-            else:
-                raise ConfigError(
-                    "step_size", f"got {self.step_size!r}; allowed: auto, a number > 0, or null."
-                )
+    @model_validator(mode="after")
+    def _one_step_rule(self):
         if self.step_size is None and self.polynomial is None:
             raise ConfigError(
                 "step_size",
@@ -586,6 +569,7 @@ class SGLDConfig(_Section):
                 "got 0 with step_size: auto; allowed: a temperature > 0 with auto, or a numeric "
                 "step_size for T = 0.",
             )
+        return self
 
     @property
     def auto(self) -> bool:
@@ -629,7 +613,6 @@ class SGLDConfig(_Section):
         }
 
 
-@dataclasses.dataclass(frozen=True)
 class EMConfig(_Section):
     """Learning the noise scales by EM (:mod:`bayesnoise.em`); its E-step runs :class:`SGLDConfig`.
 
@@ -642,12 +625,11 @@ class EMConfig(_Section):
     """
 
     enabled: bool = False
-    iterations: int = _int(1, 3)
-    sigma0: float = _positive(1.0)
-    hyperprior: HyperpriorConfig = _section(HyperpriorConfig)
+    iterations: int = Field(3, ge=1)
+    sigma0: _Float = Field(1.0, gt=0)
+    hyperprior: _Hyperprior = Field(default_factory=HyperpriorConfig)
 
 
-@dataclasses.dataclass(frozen=True)
 class SoftTargetConfig(_Section):
     """The distilled small-network baseline (:mod:`bayesnoise.distill`).
 
@@ -662,16 +644,23 @@ class SoftTargetConfig(_Section):
     """
 
     enabled: bool = False
-    temperature: float = _positive(2.0)
-    alpha: float = _field(0.0, "a number in [0, 1]", lambda v: 0 <= v <= 1)
-    epochs: int | None = _field(None, "an int >= 1 or null", lambda v: v >= 1)
+    temperature: _Float = Field(2.0, gt=0)
+    alpha: _Float = Field(0.0, ge=0, le=1)
+    epochs: int | None = Field(None, ge=1)
 
 
 PruneRule = Literal["snr", "spr", "magnitude"]
 _DEFAULT_NUM_FRACTIONS = 50
 
 
-@dataclasses.dataclass(frozen=True)
+def _distinct(t: tuple[str, ...]) -> bool:
+    return bool(t) and len(set(t)) == len(t)
+
+
+def _increasing(t: tuple[float, ...]) -> bool:
+    return bool(t) and 0 <= t[0] and t[-1] <= 1 and all(x < y for x, y in zip(t, t[1:]))
+
+
 class PruneConfig(_Section):
     """Pruning by posterior scores (:mod:`bayesnoise.prune`).
 
@@ -697,29 +686,23 @@ class PruneConfig(_Section):
             (small fixed steps); chains that mix leave it, and their mean is then no network.
     """
 
-    rules: tuple[PruneRule, ...] = _field(
-        ("snr", "spr", "magnitude"), "a non-empty list of distinct names from snr, spr, magnitude"
+    rules: Annotated[tuple[PruneRule, ...], _AsTuple, _check(_distinct)] = Field(
+        ("snr", "spr", "magnitude"),
+        description="a non-empty list of distinct names from snr, spr, magnitude",
     )
-    num_fractions: int | None = _field(None, "an int >= 2 or null", lambda v: v >= 2)
-    fractions: tuple[float, ...] | None = _field(
-        None,
-        "a strictly increasing list of numbers in [0, 1], or null",
-        lambda t: all(0 <= v <= 1 for v in t) and all(x < y for x, y in zip(t, t[1:])),
+    num_fractions: int | None = Field(None, ge=2)
+    fractions: Annotated[tuple[_Float, ...], _AsTuple, _check(_increasing)] | None = Field(
+        None, description="a non-empty, strictly increasing list of numbers in [0, 1], or null"
     )
     scope: Literal["global", "layer"] = "global"
     include_biases: bool = False
-    soft_target: SoftTargetConfig = _section(SoftTargetConfig)
-    finetune_epochs: int = _int(0, 0)
-    finetune_learning_rate: float | None = _positive(None, "a number > 0 or null")
+    soft_target: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
+    finetune_epochs: int = Field(0, ge=0)
+    finetune_learning_rate: _Float | None = Field(None, gt=0)
     moments: Literal["laplace", "sgld"] = "laplace"
 
-    def _validate(self):
-        if not self.rules or len(set(self.rules)) != len(self.rules):
-            raise ConfigError(
-                "rules",
-                f"got {list(self.rules)!r}; allowed: a non-empty list of distinct names from "
-                f"snr, spr, magnitude.",
-            )
+    @model_validator(mode="after")
+    def _one_grid(self):
         if self.num_fractions is None and self.fractions is None:
             self._set("num_fractions", _DEFAULT_NUM_FRACTIONS)
         elif self.num_fractions is not None and self.fractions is not None:
@@ -728,8 +711,7 @@ class PruneConfig(_Section):
                 f"got {self.num_fractions!r} and explicit fractions too; allowed: one of "
                 f"num_fractions and fractions, the other null.",
             )
-        elif self.fractions is not None and not self.fractions:
-            raise ConfigError("fractions", "got []; allowed: at least one fraction, or null.")
+        return self
 
     def fraction_grid(self) -> tuple[float, ...]:
         """The fractions to evaluate, ascending: explicit, or i / n for i = 0, ..., n − 1."""
@@ -738,7 +720,6 @@ class PruneConfig(_Section):
         return tuple(i / self.num_fractions for i in range(self.num_fractions))
 
 
-@dataclasses.dataclass(frozen=True)
 class EvalConfig(_Section):
     """Evaluation and the breakpoint of a pruning curve (:func:`bayesnoise.prune.breakpoint`).
 
@@ -752,15 +733,11 @@ class EvalConfig(_Section):
     """
 
     metric: Literal["auto", "error", "rmse"] = "auto"
-    tolerance: float = _nonnegative(0.01)
+    tolerance: _Float = Field(0.01, ge=0)
     relative: bool | None = None
-    mc_samples: int = _int(1, 16)
+    mc_samples: int = Field(16, ge=1)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-@dataclasses.dataclass(frozen=True)
 class Config(_Section):
     """A whole experiment. Build it with :func:`load_config`.
 
@@ -770,20 +747,23 @@ class Config(_Section):
         data, model, noise, train, sgld, em, prune, eval: the sections.
     """
 
-    name: str | None = _field(
-        None, "a non-empty string of letters, digits, _, . and -, or null", _NAME.match
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="a non-empty string of letters, digits, _, . and -, or null",
     )
     out: str | None = None
-    data: DataConfig = _section(DataConfig)
-    model: ModelConfig = _section(ModelConfig)
-    noise: NoiseConfig = _section(NoiseConfig)
-    train: TrainConfig = _section(TrainConfig)
-    sgld: SGLDConfig = _section(SGLDConfig)
-    em: EMConfig = _section(EMConfig)
-    prune: PruneConfig = _section(PruneConfig)
-    eval: EvalConfig = _section(EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    noise: _Noise = Field(default_factory=NoiseConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sgld: SGLDConfig = Field(default_factory=SGLDConfig)
+    em: EMConfig = Field(default_factory=EMConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    def _validate(self):
+    @model_validator(mode="after")
+    def _across_sections(self):
         if self.name is None:
             self._set("name", self.data.name)
         if self.out is None:
@@ -802,6 +782,7 @@ class Config(_Section):
                 f"got true, but soft targets need a classification data set and "
                 f"{self.data.name} is a {task} one; allowed: false.",
             )
+        return self
 
     @property
     def task(self) -> str:
@@ -829,20 +810,12 @@ class Config(_Section):
 # Loading and overrides
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls)}
-
-
-def _section_type(tp: Any) -> Any:
-    """The dataclass (or ``dict``) a key path may descend into, else None."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = inner[0] if len(inner) == 1 else None
-    if dataclasses.is_dataclass(tp):
-        return tp
-    if tp is dict or typing.get_origin(tp) is dict:
+def _section_of(tp: Any) -> Any:
+    """The section (a model, or dict for loader options) a dotted key may descend into."""
+    tp = _unwrap(tp)[0]
+    if tp is dict or get_origin(tp) is dict:
         return dict
-    return None
+    return tp if _is_model(tp) else None
 
 
 def _apply_overrides(raw: dict, overrides: Iterable[str]) -> None:
@@ -865,23 +838,18 @@ def _apply_overrides(raw: dict, overrides: Iterable[str]) -> None:
             raise ConfigError(
                 key, f"cannot read the value {value_text!r} as YAML; allowed: a YAML value."
             ) from None
-        parts = key.split(".")
-        cls: Any = Config
-        node = raw
+        parts, section, node = key.split("."), Config, raw
         for i, part in enumerate(parts):
             dotted = ".".join(parts[: i + 1])
-            if cls is not dict:
-                types_ = _field_types(cls)
-                if part not in types_:
-                    raise _unknown_key(dotted, types_)
-                sub = _section_type(types_[part])
-            else:
-                sub = dict
+            fields = None if section is dict else _fields(section)
+            if fields is not None and part not in fields:
+                raise _unknown_key(dotted, fields)
             if i == len(parts) - 1:
                 node[part] = value
                 touched.setdefault(id(node), (node, set()))[1].add(part)
                 break
-            if sub is None:
+            section = dict if fields is None else _section_of(fields[part].annotation)
+            if section is None:
                 raise ConfigError(
                     dotted,
                     f"is a value, not a section, so {key!r} does not exist; "
@@ -889,13 +857,31 @@ def _apply_overrides(raw: dict, overrides: Iterable[str]) -> None:
                 )
             if not isinstance(node.get(part), dict):
                 node[part] = {}
-            node, cls = node[part], sub
+            node = node[part]
     for node, keys in touched.values():
         kind = node.get("kind")
-        if "kind" in keys and isinstance(kind, str) and kind in _PARAMETERS:
-            for name in _PARAMETER_NAMES:
-                if name in node and name not in keys and name not in _PARAMETERS[kind]:
+        if "kind" in keys and isinstance(kind, str) and kind in _DISTRIBUTIONS:
+            for name in _PARAMETERS:
+                if name in node and name not in keys and name not in _SIGNATURES.get(kind, {}):
                     del node[name]
+
+
+def _read(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _MissingFile(str(path), "no such file; allowed: the path of a YAML file.") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(str(path), f"cannot be read ({reason}); allowed: a YAML file.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"is not valid YAML ({e}); allowed: a YAML mapping.") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(
+            str(path),
+            f"got {raw!r}; allowed: a mapping with the keys {', '.join(_fields(Config))}.",
+        )
+    return raw or {}
 
 
 def load_config(
@@ -914,8 +900,9 @@ def load_config(
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type or out of range, or a bad
-            override; the message starts with the dotted key and says what is allowed.
-        FileNotFoundError: ``source`` names a file that does not exist.
+            override; the message starts with the dotted key and says what is allowed. A file
+            that cannot be read, is not YAML or not a mapping gives one whose key is the path;
+            a missing file's is also a ``FileNotFoundError``.
 
     Example:
         >>> cfg = load_config("configs/digits.yaml", overrides=["train.epochs=3"])  # doctest: +SKIP
@@ -925,24 +912,16 @@ def load_config(
     elif isinstance(source, Mapping):
         raw = copy.deepcopy(dict(source))
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        text = path.read_text(encoding="utf-8")
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(str(path), f"is not valid YAML: {e}") from None
-        raw = {} if raw is None else raw
+        raw = _read(Path(source))
     else:
-        raw = source
-    if not isinstance(raw, Mapping):
         raise ConfigError(
-            "(top level)",
-            f"got {type(raw).__name__}; allowed: a mapping with the keys "
-            f"{', '.join(f.name for f in dataclasses.fields(Config))}.",
+            "(top level)", f"got {source!r}; allowed: a YAML file, a mapping or a Config."
         )
-    raw = dict(raw)
     _apply_overrides(raw, overrides)
-    return _from_mapping(Config, raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(e, Config) from None
 
 
 def build_noise(noise: NoiseConfig | Config) -> bnoise.Noise | dict[str, bnoise.Noise] | None:
