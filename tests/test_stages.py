@@ -29,7 +29,10 @@ def run_cli(out, *extra):
     return cli.main(args)
 
 
-def test_run_writes_the_report_and_resumes(tmp_path, capsys):
+def test_run_writes_the_report(tmp_path, capsys):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
     out = tmp_path / "digits"
     assert run_cli(out) == 0
     res = json.loads((out / "results.json").read_text())
@@ -66,18 +69,4 @@ def test_run_writes_the_report_and_resumes(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     first = capsys.readouterr().out
     assert "breakpoint" in first and str(out / "results.json") in first
-
-
-def test_bad_config_exits_with_a_message(tmp_path, capsys):
-    code = cli.main(
-        [
-            "run",
-            str(ROOT / "configs" / "digits.yaml"),
-            "--out",
-            str(tmp_path),
-            "--set",
-            "train.batch_size=-3",
-        ]
-    )
-    assert code == 2
-    assert "train.batch_size" in capsys.readouterr().err
+    assert matplotlib.get_backend() == backend  # the report never switches the backend
