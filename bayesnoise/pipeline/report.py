@@ -107,7 +107,7 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
         fig.tight_layout()
         files.append(str(out / "em_scales.png"))
         _save(fig, files[-1])
-        return files
+    return files
 
 
 def _kernels(tree):

@@ -1,0 +1,57 @@
+"""The run's report: plots written without touching matplotlib's backend, and the table."""
+
+import matplotlib
+import numpy as np
+import pytest
+
+from bayesnoise.pipeline import report
+
+
+def _results(em):
+    curve = [[0.0, 0.02], [0.5, 0.025], [0.9, 0.2]]
+    return {
+        "metric": "error",
+        "dataset": "toy",
+        "unpruned": 0.02,
+        "trained_metric": 0.021,
+        "curves": {"snr": curve, "spr": curve},
+        "breakpoints": {"snr": 0.5, "spr": 0.5},
+        "em": em,
+        "sgld": {"converged": False, "rhat_max": 3.0, "ess_min": 4.0},
+    }
+
+
+def _moments(seed):
+    rng = np.random.default_rng(seed)
+    tree = {"params": {"Dense_0": {"kernel": rng.normal(size=(4, 3)), "bias": np.zeros(3)}}}
+    return {
+        "mean": tree,
+        "std": {
+            "params": {
+                "Dense_0": {
+                    "kernel": np.abs(tree["params"]["Dense_0"]["kernel"]),
+                    "bias": np.ones(3),
+                }
+            }
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "em", [[], [{"iteration": 0, "scales_mean": [1.0]}, {"iteration": 1, "scales_mean": [0.8]}]]
+)
+def test_plots_are_written_and_listed_with_or_without_em(tmp_path, em):
+    backend = matplotlib.get_backend()
+    files = report.plots(tmp_path, None, _results(em), _moments(0), _moments(1))
+    names = {p.rsplit("/", 1)[-1] for p in files}
+    assert {"pruning_curves.png", "mean_vs_std.png"} <= names
+    assert ("em_scales.png" in names) == bool(em)
+    for f in files:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == backend
+    assert not list(tmp_path.glob("*.tmp*")) and len(list(tmp_path.iterdir())) == len(files)
+
+
+def test_table_names_every_rule_and_the_sampler_state():
+    text = report.table(_results([]))
+    assert "snr" in text and "spr" in text and "NOT converged" in text and "2.00%" in text
