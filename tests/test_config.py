@@ -180,7 +180,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
     [
         ("train.epoch=3", "train.epoch", ["unknown key", "'epochs'", "epochs, batch_size"]),
         ("trian.epochs=3", "trian", ["unknown key", "'train'"]),
-        ("train.epochs.max=3", "train.epochs", ["not a section"]),
+        ("train.epochs.max=3", "train.epochs", ["{'max': 3}", "an int >= 1"]),
         ("train.epochs", "train.epochs", ["key=value"]),
         ("train.epochs=[3", "train.epochs", ["cannot read", "'[3'"]),
         ("train.epochs=3.5", "train.epochs", ["3.5", "an int >= 1"]),

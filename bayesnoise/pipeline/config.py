@@ -1,29 +1,14 @@
 """Typed, validated experiment configs: YAML in, frozen pydantic models out.
 
-A config has a section per stage of the pipeline, each a frozen model::
-
-    name, out                      the run's name and output folder
-    data    DataConfig             which data set, where, loader options
-    model   ModelConfig            MLP hidden sizes and activation
-    noise   NoiseConfig            multiplicative noise (and, optionally, input-layer noise)
-    train   TrainConfig            training under noise
-    sgld    SGLDConfig             posterior sampling: step size, temperature, chains
-    em      EMConfig               type-II maximum likelihood of the noise scales
-    prune   PruneConfig            pruning rules, fractions, scope, soft-target baseline
-    eval    EvalConfig             metric, breakpoint tolerance, Monte Carlo samples
-
-:func:`load_config` reads YAML (a file or an already parsed mapping), applies ``key=value``
-overrides and validates everything: an unknown key at any level, a value of the wrong type or
-out of range raises a :class:`ConfigError` (a ``ValueError``) whose message starts with the
-dotted key (``train.batch_size: ...``) and says what is allowed. Omitted keys take the defaults
-below, which describe a small run on scikit-learn's bundled digits. ``Config.to_dict()`` gives
-the config as run, and ``load_config(cfg.to_dict()) == cfg``.
-
-The noise and the EM hyperprior are unions discriminated by ``kind``: a model per kind, whose
-parameters and their defaults are those of the :mod:`bayesnoise.noise` class the kind builds.
-
-Numbers such as ``1e-3``, which YAML 1.1 (PyYAML) reads as strings, are accepted wherever a
-float is expected. Integers must be written as integers.
+A :class:`Config` has a section per stage of the pipeline, each a frozen model below that lists
+its keys, their defaults (a small run on scikit-learn's bundled digits) and what they mean.
+:func:`load_config` reads YAML (a file or a parsed mapping), applies ``dotted.key=value``
+overrides and validates: an unknown key at any level, a value of the wrong type or out of range
+raises a :class:`ConfigError` (a ``ValueError``) that names the dotted key, the value and what
+is allowed. A null section takes its defaults, and ``load_config(cfg.to_dict()) == cfg``.
+Floats may be written ``1e-3`` (text to YAML 1.1); integers must be written as integers. The
+noise and the EM hyperprior are unions discriminated by ``kind``: a model per kind, with the
+parameters and defaults of the :mod:`bayesnoise.noise` class the kind builds.
 
 Example:
     >>> from bayesnoise.pipeline.config import load_config
@@ -41,9 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
 import inspect
-import math
 import os
 import re
 import types
@@ -80,8 +63,7 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """An invalid config. ``str(error)`` is ``"<dotted key>: <what is wrong and allowed>"``, a
-    line per error when there are several.
+    """An invalid config; ``str(error)`` is ``"<dotted key>: <detail>"``, a line per error.
 
     Attributes:
         key: the dotted key of the (first) bad entry, e.g. ``"train.batch_size"``.
@@ -93,52 +75,43 @@ class ConfigError(ValueError):
         self.key, self.detail, self.more = key, detail, more
         super().__init__("\n".join(f"{e.key}: {e.detail}" for e in (self, *more)))
 
-    def within(self, prefix: str) -> ConfigError:
-        """The same error, its key under the section ``prefix``."""
-        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.detail)
-
 
 class _MissingFile(ConfigError, FileNotFoundError):
     """A config file that does not exist."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Value types, and pydantic's errors as ConfigErrors naming the key, the value and what is allowed.
-
-_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+def _bad(key: str, got: str, allowed: str) -> ConfigError:
+    return ConfigError(key, f"got {got}; allowed: {allowed}.")
 
 
-def _number(value: Any) -> Any:
-    return float(value) if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()) else value
+def _fail(*_: Any) -> Any:
+    raise ValueError("not allowed")  # the ConfigError says what is allowed, from the field
 
 
-def _check(predicate: Callable[[Any], bool]) -> pydantic.AfterValidator:
-    def check(value):
-        if not predicate(value):
-            raise ValueError("not allowed")
-        return value
-
-    return pydantic.AfterValidator(check)
-
-
-# A float field: also "1e-3" (YAML 1.1 text); strict, so no bools and no other text.
-_Float = Annotated[float, pydantic.BeforeValidator(_number)]
+# Value types, and what is allowed said from a field's type, its bounds or its description.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_number = lambda v: float(v) if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) else v
+_Float = Annotated[float, pydantic.BeforeValidator(_number)]  # also "1e-3"; strict: no bools
 _AsTuple = pydantic.BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+_check = lambda ok: pydantic.AfterValidator(lambda v: v if ok(v) else _fail())
 _OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-_WORDS = {
-    bool: "true or false",
-    int: "an int",
-    float: "a number",
-    str: "a string",
-    dict: "a mapping",
-}
+_WORDS = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
+DataName = Literal["digits", "breast_cancer", "diabetes", "mnist", "imdb", "msd"]  # data.LOADERS
+PruneRule = Literal["snr", "spr", "magnitude"]
+_distinct = lambda t: bool(t) and len(set(t)) == len(t)
+_increasing = lambda t: bool(t) and 0 <= t[0] and t[-1] <= 1 and list(t) == sorted(set(t))
+_NAME = "a non-empty string of letters, digits, _, . and -, or null"
+
+
+def _step_size(v: Any) -> Any:
+    v = _number(v)
+    if v is None or v == "auto":
+        return v
+    return float(v) if type(v) in (int, float) and 0 < v < float("inf") else _fail()
 
 
 def _unwrap(tp: Any) -> tuple[Any, list, bool]:
-    """``tp`` without Annotated and None: the type, its metadata, whether null is allowed.
-
-    A discriminated union of the kinds of a noise or hyperprior becomes its base class.
-    """
+    """``tp`` without Annotated and None (a union of kinds: their base), its metadata, nullable."""
     meta, nullable = [], False
     while True:
         origin, args = get_origin(tp), get_args(tp)
@@ -147,7 +120,7 @@ def _unwrap(tp: Any) -> tuple[Any, list, bool]:
         elif origin in (Union, types.UnionType) and type(None) in args:
             rest = tuple(a for a in args if a is not type(None))
             tp, nullable = rest[0] if len(rest) == 1 else Union[rest], True
-        elif origin in (Union, types.UnionType) and all(_is_model(a, _Distribution) for a in args):
+        elif origin in (Union, types.UnionType) and _is_model(args[0], _Distribution):
             tp = args[0].__base__
         else:
             meta = [n for m in meta for n in (m.metadata if isinstance(m, FieldInfo) else [m])]
@@ -160,11 +133,10 @@ def _is_model(tp: Any, base: type = BaseModel) -> bool:
 
 def _fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
     """The fields of a section; of a noise or hyperprior, those of every kind, kind first."""
-    kinds = getattr(model, "_kinds", None)
-    if not kinds:
-        return dict(model.model_fields)
-    merged = {name: f for m in kinds.values() for name, f in m.model_fields.items()}
-    return dict(sorted(merged.items(), key=lambda item: item[0] not in ("kind", *_PARAMETERS)))
+    if not getattr(model, "_kinds", None):
+        return model.model_fields
+    fields = {n: f for m in model._kinds.values() for n, f in m.model_fields.items()}
+    return dict(sorted(fields.items(), key=lambda f: f[0] not in ("kind", *_PARAMETERS)))
 
 
 def _describe(tp: Any, info: FieldInfo | None = None) -> str:
@@ -176,18 +148,17 @@ def _describe(tp: Any, info: FieldInfo | None = None) -> str:
         text = "one of " + ", ".join(map(str, get_args(tp)))
     elif get_origin(tp) is tuple:
         text = "a list of " + re.sub(r"^an? (\w+)", r"\1s", _describe(get_args(tp)[0]))
-    elif _is_model(tp):
-        text = "a mapping with the keys " + ", ".join(_fields(tp))
+    elif _is_model(tp) or get_origin(tp) is dict:
+        text = "a mapping" + (f" with the keys {', '.join(_fields(tp))}" if _is_model(tp) else "")
     else:
         text = _WORDS.get(tp, "a value")
     meta = [*meta, *(info.metadata if info else ())]
-    b = {k: getattr(m, k) for m in meta for k in _OPS if getattr(m, k, None) is not None}
-    lo, hi = [k for k in ("gt", "ge") if k in b], [k for k in ("lt", "le") if k in b]
-    if lo and hi:
-        lo, hi = lo[0], hi[0]
-        text += f" in {'(' if lo == 'gt' else '['}{b[lo]:g}, {b[hi]:g}{')' if hi == 'lt' else ']'}"
-    else:
-        text += "".join(f" {_OPS[k]} {v:g}" for k, v in b.items())
+    bounds = [(k, getattr(m, k)) for m in meta for k in _OPS if getattr(m, k, None) is not None]
+    if len(bounds) == 2:  # an interval
+        (lo, x), (hi, y) = sorted(bounds, key=lambda b: b[0] in ("lt", "le"))
+        text += f" in {'(['[lo == 'ge']}{x:g}, {y:g}{')]'[hi == 'le']}"
+    elif bounds:
+        text += f" {_OPS[bounds[0][0]]} {bounds[0][1]:g}"
     return text + (" or null" if nullable else "")
 
 
@@ -199,62 +170,52 @@ def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(key, f"unknown key{hint}; known keys here: {', '.join(known)}.")
 
 
-def _one_error(error: Mapping[str, Any], root: type[BaseModel]) -> ConfigError:
+def _one_error(error: Mapping[str, Any], root: Any) -> ConfigError:
     """One of pydantic's errors as a ConfigError, found by walking its location from ``root``."""
     key, tp, info, owner = "", root, None, root
     for part in error["loc"]:
         tp = _unwrap(tp)[0]
         if part == "[key]":  # a key that is not a string
             tp, info = str, None
-            continue
-        if _is_model(tp, _Distribution) and "kind" not in tp.model_fields:
+        elif _is_model(tp, _Distribution) and "kind" not in tp.model_fields:
             tp = tp._kinds[part]  # pydantic names the member of a discriminated union
-            continue
-        if isinstance(part, int) and get_origin(tp) is tuple:
+        elif isinstance(part, int) and get_origin(tp) is tuple:
             key, tp, info = f"{key}[{part}]", get_args(tp)[0], None
-            continue
-        owner, info = tp, tp.model_fields.get(part) if _is_model(tp) else None
-        tp = info.annotation if info else Any
-        key = f"{key}.{part}" if key else str(part)
+        else:
+            owner, info = tp, tp.model_fields.get(part) if _is_model(tp) else None
+            tp, key = info.annotation if info else Any, f"{key}.{part}".lstrip(".")
     value, ctx = error.get("input"), error.get("ctx") or {}
-    if isinstance(ctx.get("error"), ConfigError):
-        return ctx["error"].within(key)
+    if isinstance(ctx.get("error"), ConfigError):  # from a validator of the section at `key`
+        return ConfigError(f"{key}.{ctx['error'].key}".lstrip("."), ctx["error"].detail)
     if error["type"] in ("extra_forbidden", "invalid_key"):
         name = key.rsplit(".", 1)[-1]
-        if name in _PARAMETERS and name in _fields(owner):
-            takes = ", ".join(n for n in owner.model_fields if n in _PARAMETERS)
-            return ConfigError(
-                key,
-                f"got {value!r}, but kind {owner.model_fields['kind'].default} takes "
-                f"{takes or 'no parameters'}; allowed: null (omit it).",
-            )
+        if name in _PARAMETERS and name in _fields(owner):  # a parameter of another kind
+            takes = ", ".join(n for n in owner.model_fields if n in _PARAMETERS) or "no parameters"
+            kind = owner.model_fields["kind"].default
+            return _bad(key, f"{value!r}, but kind {kind} takes {takes}", "null (omit it)")
         return _unknown_key(key, _fields(owner))
     if error["type"].startswith("union_tag"):
         got = value.get("kind") if isinstance(value, Mapping) else value
         kinds = ", ".join(_unwrap(tp)[0]._kinds)
-        return ConfigError(f"{key}.kind".lstrip("."), f"got {got!r}; allowed: one of {kinds}.")
-    return ConfigError(key, f"got {value!r}; allowed: {_describe(tp, info)}.")
-
-
-def _config_error(error: ValidationError, root: type[BaseModel]) -> ConfigError:
-    first, *more = [_one_error(e, root) for e in error.errors()]
-    return ConfigError(first.key, first.detail, *more)
+        return _bad(f"{key}.kind".lstrip("."), repr(got), f"one of {kinds}")
+    return _bad(key, repr(value), _describe(tp, info))
 
 
 class _SectionType(type(BaseModel)):
-    def __call__(cls, **data: Any) -> Any:
-        """Builds a section, raising ConfigError; a noise or hyperprior base builds its kind."""
-        union = None if "kind" in cls.model_fields else getattr(cls, "_union", None)
+    def __call__(cls, raw: Any = None, /, **fields: Any) -> Any:
+        """Validates a mapping or keyword arguments; a noise or hyperprior builds its kind."""
+        union = cls.__dict__.get("_union")  # of a noise or hyperprior base class
         try:
             if union:
-                return pydantic.TypeAdapter(union).validate_python(data)
-            return super().__call__(**data)
+                return pydantic.TypeAdapter(union).validate_python(fields if raw is None else raw)
+            return cls.model_validate(fields if raw is None else raw)
         except ValidationError as e:
-            raise _config_error(e, union or cls) from None
+            first, *more = [_one_error(error, union or cls) for error in e.errors()]
+            raise ConfigError(first.key, first.detail, *more) from None
 
 
 class _Section(BaseModel, metaclass=_SectionType):
-    """Base of the config sections: frozen, strict, no unknown keys; null means all defaults."""
+    """A config section: frozen, strict, no unknown keys; null means all defaults."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -266,35 +227,27 @@ class _Section(BaseModel, metaclass=_SectionType):
     def _null_is_empty(cls, data: Any) -> Any:
         return {} if data is None else data
 
-    def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)  # a default that depends on other fields
+    def _derive(self, name: str, value: Any) -> None:
+        if getattr(self, name) is None:  # a default that depends on other fields
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         """The section as plain Python values (lists, dicts, numbers, strings, None)."""
         return self.model_dump(mode="json")
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributions named in a config: noise kinds and EM hyperpriors.
-
-NoiseKind = Literal["bernoulli", "gaussian", "beta", "gamma", "lognormal", "none"]
-HyperpriorKind = Literal["none", "inverse_gamma", "gamma", "lognormal", "beta"]
-_DISTRIBUTIONS: dict[str, type[bnoise.Noise] | None] = {
-    "none": None,
-    "bernoulli": bnoise.Bernoulli,
-    "gaussian": bnoise.Gaussian,
-    "beta": bnoise.Beta,
-    "gamma": bnoise.Gamma,
-    "lognormal": bnoise.LogNormal,
-    "inverse_gamma": bnoise.InverseGammaScale,
-}
+# Noise kinds and EM hyperpriors: a model per kind, with the parameters of its bayesnoise.noise
+# class, and the union of the kinds, discriminated by `kind`.
+_NOISES = (bnoise.Bernoulli, bnoise.Gaussian, bnoise.Beta, bnoise.Gamma, bnoise.LogNormal)
+_DISTRIBUTIONS = {"none": None, **{c.__name__.lower(): c for c in _NOISES}}
+_DISTRIBUTIONS["inverse_gamma"] = bnoise.InverseGammaScale  # a hyperprior only
 _SIGNATURES = {k: inspect.signature(c).parameters for k, c in _DISTRIBUTIONS.items() if c}
 _PARAMETERS = tuple(dict.fromkeys(name for ps in _SIGNATURES.values() for name in ps))
 _BOUNDS = {"keep": {"gt": 0, "le": 1}, "loc": {}}  # every other parameter: > 0
 
 
 class _Distribution(_Section):
-    """A noise or hyperprior: a model per kind (``_kinds``), built by calling the base class."""
+    """A noise or hyperprior; ``_kinds`` holds a model per kind, ``_union`` their union."""
 
     _kinds: ClassVar[dict[str, type[_Distribution]]] = {}
     _union: ClassVar[Any] = None
@@ -302,119 +255,78 @@ class _Distribution(_Section):
     def __getattr__(self, name: str) -> Any:
         return None if name in _PARAMETERS else super().__getattr__(name)  # of another kind
 
-
-def _with_kind(default: str, value: Any) -> Any:
-    """A mapping with its ``kind`` (by default ``default``) and without null parameters."""
-    if value is None or isinstance(value, Mapping):
-        value = {k: v for k, v in (value or {}).items() if not (v is None and k in _PARAMETERS)}
-        return {"kind": default, **value}
-    return value
+    def _build(self) -> bnoise.Noise | None:
+        cls, names = _DISTRIBUTIONS[self.kind], _SIGNATURES.get(self.kind, ())
+        return cls(**{n: getattr(self, n) for n in names}) if cls else None
 
 
-def _union_of_kinds(base: type[_Distribution], kinds: tuple[str, ...], **fields: Any) -> Any:
-    """The union of ``base``'s kinds, discriminated by ``kind``; defaults from bayesnoise.noise."""
-    base._kinds = {}
+def _union_of_kinds(base: type[_Distribution], kinds: str, **fields: Any) -> Any:
+    """The union of ``base``'s kinds, discriminated by ``kind``, the first the default."""
+    base._kinds, kinds = {}, kinds.split()
     for kind in kinds:
         params = {
             name: (_Float, Field(p.default, **_BOUNDS.get(name, {"gt": 0})))
             for name, p in _SIGNATURES.get(kind, {}).items()
         }
-        distribution = getattr(_DISTRIBUTIONS[kind], "__name__", "None")
-        name = distribution + base.__name__.removesuffix("Config")
-        model = pydantic.create_model(
+        name = getattr(_DISTRIBUTIONS[kind], "__name__", "None") + base.__name__[: -len("Config")]
+        base._kinds[kind] = globals()[name] = pydantic.create_model(
             name, __base__=base, __module__=__name__, kind=(Literal[kind], kind), **params, **fields
         )
-        base._kinds[kind] = globals()[name] = model
-    default = pydantic.BeforeValidator(functools.partial(_with_kind, kinds[0]))
-    base._union = Annotated[
-        Union[tuple(base._kinds.values())], Field(discriminator="kind"), default
-    ]
+
+    def with_kind(value: Any) -> Any:  # the default kind; null parameters left out
+        if value is None or isinstance(value, Mapping):
+            value = {k: v for k, v in (value or {}).items() if not (v is None and k in _PARAMETERS)}
+            return {"kind": kinds[0], **value}
+        return value
+
+    union = Union[tuple(base._kinds.values())]
+    base._union = Annotated[union, Field(discriminator="kind"), pydantic.BeforeValidator(with_kind)]
     return base._union
 
 
 class NoiseConfig(_Distribution):
     """Multiplicative noise λ on the inputs of every Dense layer.
 
-    A model per kind; ``NoiseConfig(kind=...)`` builds the one asked for. Only the parameters of
-    ``kind`` may be set (reading another kind's gives None); omitted ones take the defaults of
-    the :mod:`bayesnoise.noise` class of the kind: ``Bernoulli`` (``keep``), ``Gaussian``
-    (``alpha``, the variance), ``Beta`` (``a``, ``b``), ``Gamma`` (``concentration``, ``rate``),
-    ``LogNormal`` (``loc``, ``scale``). An override of ``noise.kind`` drops the old kind's
-    parameters.
-
-    Attributes:
-        kind: bernoulli, gaussian, beta, gamma, lognormal or none (no noise).
-        keep, alpha, a, b, concentration, rate, loc, scale: the parameters of ``kind``.
-        input: a separate noise for the input layer (``Dense_0``), as in Srivastava et al.
-            (2014), itself a noise section without ``input`` (its kind none: no noise on the
-            inputs); null: the input layer gets ``kind`` too.
+    ``kind``: bernoulli (``keep``), gaussian (``alpha``, the variance), beta (``a``, ``b``),
+    gamma (``concentration``, ``rate``), lognormal (``loc``, ``scale``) or none. Another kind's
+    parameter reads None; overriding ``noise.kind`` drops them. ``input``: a noise for the input
+    layer ``Dense_0`` (Srivastava et al., 2014), without ``input``; null: as the other layers.
     """
 
     @model_validator(mode="after")
     def _input_has_no_input(self):
         if self.input is not None and self.input.input is not None:
-            raise ConfigError(
-                "input.input",
-                "the input-layer noise cannot have an input noise of its own; allowed: null.",
-            )
+            detail = "the input-layer noise cannot have an input noise of its own; allowed: null."
+            raise ConfigError("input.input", detail)
         return self
 
 
 class HyperpriorConfig(_Distribution):
-    """A hyperprior on the noise scales for the M-step (see :func:`bayesnoise.em.m_step`).
-
-    A model per kind, like :class:`NoiseConfig`, with the defaults of :mod:`bayesnoise.noise`.
-
-    Attributes:
-        kind: none; inverse_gamma (on λ², closed-form M-step; ``InverseGammaScale``); gamma,
-            lognormal or beta (on λ, numerical M-step; as for :class:`NoiseConfig`).
-        a, b, concentration, rate, loc, scale: the parameters of ``kind``.
-    """
+    """A hyperprior on the noise scales (:func:`bayesnoise.em.m_step`): ``kind`` none; inverse_gamma
+    on λ² (closed-form M-step); gamma, lognormal or beta on λ (numerical M-step)."""
 
 
-_Noise = _union_of_kinds(NoiseConfig, get_args(NoiseKind), input=(Union["_Noise", None], None))
-_Hyperprior = _union_of_kinds(HyperpriorConfig, get_args(HyperpriorKind))
+_Noise = _union_of_kinds(
+    NoiseConfig, "bernoulli gaussian beta gamma lognormal none", input=(Union["_Noise", None], None)
+)
+_Hyperprior = _union_of_kinds(HyperpriorConfig, "none inverse_gamma gamma lognormal beta")
 for _model in NoiseConfig._kinds.values():
     _model.model_rebuild()
 
 
-def _distribution(section: NoiseConfig | HyperpriorConfig) -> bnoise.Noise | None:
-    cls = _DISTRIBUTIONS[section.kind]
-    return cls(**{n: getattr(section, n) for n in _SIGNATURES[section.kind]}) if cls else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Sections
-
-# The names of bayesnoise.data.LOADERS.
-DataName = Literal["digits", "breast_cancer", "diabetes", "mnist", "imdb", "msd"]
-
-
 class DataConfig(_Section):
-    """The data set (see :func:`bayesnoise.data.load`).
-
-    Attributes:
-        name: digits, breast_cancer, diabetes, mnist, imdb or msd.
-        path: the data's location for mnist, imdb and msd (null: their environment variable,
-            or for mnist the cache); must be null for the bundled sets.
-        options: further keyword arguments of the loader, e.g. ``test_fraction`` and ``seed``
-            (bundled sets), ``num_words``, ``representation``, ``dense`` (imdb), ``num_train``
-            (msd).
-    """
+    """The data set, for :func:`bayesnoise.data.load`."""
 
     name: DataName = "digits"
-    path: str | None = None
-    options: dict[str, Any] = {}
+    path: str | None = None  # for mnist, imdb, msd (null: their environment variable, the cache)
+    options: dict[str, Any] = {}  # further loader keywords: test_fraction, seed, num_words, ...
 
     @model_validator(mode="after")
     def _loader_takes(self):
         takes = bdata.loader_options(self.name)
         if self.path is not None and "path" not in takes:
-            raise ConfigError(
-                "path",
-                f"got {self.path!r}, but the {self.name} data set is bundled with scikit-learn "
-                f"and takes no path; allowed: null.",
-            )
+            got = f"{self.path!r}, but {self.name} is bundled with scikit-learn, without a path"
+            raise _bad("path", got, "null")
         for k in self.options:
             if k == "path" or k not in takes:
                 raise _unknown_key(f"options.{k}", [o for o in takes if o != "path"])
@@ -427,27 +339,16 @@ class DataConfig(_Section):
 
     def load(self) -> bdata.Dataset:
         """Loads the data set: ``bayesnoise.data.load(name, path=path, **options)``."""
-        kwargs = dict(self.options)
-        if self.path is not None:
-            kwargs["path"] = self.path
-        return bdata.load(self.name, **kwargs)
-
-
-Activation = Literal["relu", "tanh", "sigmoid", "gelu", "elu", "softplus", "silu"]
+        path = {} if self.path is None else {"path": self.path}
+        return bdata.load(self.name, **self.options, **path)
 
 
 class ModelConfig(_Section):
-    """A multilayer perceptron; the input width and the output width come from the data.
-
-    Attributes:
-        hidden_sizes: widths of the hidden layers (an empty list: a linear model).
-        activation: relu, tanh, sigmoid, gelu, elu, softplus or silu.
-        compute_dtype: float32, or bfloat16 for mixed precision: matmuls in bfloat16 (worth it
-            on GPUs and TPUs) while params, gradients, SGLD noise and moments stay float32.
-    """
+    """A multilayer perceptron; the input and output widths come from the data."""
 
     hidden_sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], _AsTuple] = (128, 128)
-    activation: Activation = "relu"
+    activation: Literal["relu", "tanh", "sigmoid", "gelu", "elu", "softplus", "silu"] = "relu"
+    # bfloat16: matmuls in bfloat16; params, gradients, SGLD noise and moments stay float32
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @property
@@ -458,117 +359,62 @@ class ModelConfig(_Section):
         return getattr(jax.nn, self.activation)
 
 
-Optimizer = Literal["adam", "adamw", "sgd", "momentum", "rmsprop"]
-
-
 class TrainConfig(_Section):
-    """Training under noise (:func:`bayesnoise.train.fit`).
-
-    Attributes:
-        epochs: passes over the training set.
-        batch_size: minibatch size.
-        learning_rate: the optimizer's (initial) learning rate.
-        optimizer: adam, adamw, sgd, momentum (SGD with momentum 0.9) or rmsprop.
-        schedule: constant, or cosine (decay to 1% over the run).
-        seed: the PRNG seed of the whole run (initialisation, noise, SGLD chains).
-    """
+    """Training under noise (:func:`bayesnoise.train.fit`)."""
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: _Float = Field(1e-3, gt=0)
-    optimizer: Optimizer = "adam"
-    schedule: Literal["constant", "cosine"] = "cosine"
-    seed: int = Field(0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd", "momentum", "rmsprop"] = "adam"  # momentum: 0.9
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decay to 1% over the run
+    seed: int = Field(0, ge=0)  # of the whole run: initialisation, noise, SGLD chains
 
 
 class PolynomialSchedule(_Section):
-    """Welling & Teh's ε_t = a (b + t)^(−γ); SGLD's step is η_t = ε_t / 2.
-
-    See :func:`bayesnoise.sgld.polynomial_schedule`.
-    """
+    """Welling & Teh's ε_t = a (b + t)^(−γ) (:func:`bayesnoise.sgld.polynomial_schedule`)."""
 
     a: _Float = Field(1e-4, gt=0)
     b: _Float = Field(1.0, gt=0)
     gamma: _Float = Field(0.55, gt=0.5, le=1)
 
 
-def _step_size(value: Any) -> Any:
-    value = _number(value)
-    if value is None or value == "auto":
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isfinite(value) and value > 0:
-            return float(value)
-    raise ValueError("not allowed")
-
-
 class SGLDConfig(_Section):
-    """Posterior sampling by SGLD (:func:`bayesnoise.sampling.run`), started from the trained net.
+    """Posterior sampling by SGLD from the trained network (:func:`bayesnoise.sampling.run`).
 
-    ``step_size: auto`` (the default) lets the sampler choose settings that converge
-    (:func:`bayesnoise.sampling.auto_settings`: a diagonal Laplace preconditioner, a stable
-    step, burn-in, thinning and samples from the relaxation time, at most ``max_steps`` steps
-    per chain); ``burnin``, ``samples``, ``thin`` and ``batch_size`` given explicitly override
-    the derived values. A number sets the constant step η instead, or ``polynomial`` a decaying
-    one (with ``step_size: null``); then ``burnin``, ``samples`` and ``thin`` default to 1000,
-    500 and 4.
-
-    Attributes:
-        method: sgld, or psgld (RMSprop-preconditioned; needs a numeric step size).
-        step_size: auto, or the constant step η of :func:`bayesnoise.sgld` (η = ε / 2 in
-            Welling & Teh's notation), or null with ``polynomial``.
-        polynomial: a decaying step ε_t = a (b + t)^(−γ) instead.
-        temperature: T >= 0; 1 samples the posterior (auto needs T > 0).
-        burnin: steps before the first kept state (null: derived, or 1000).
-        samples: states kept per chain (null: derived, or 500).
-        thin: keep every ``thin``-th state (null: derived, or 4).
-        chains: independent chains, run at once.
-        batch_size: minibatch size; null for the whole training set (auto: min(N, 128)).
-        max_steps: with auto, the most steps per chain.
-        rhat_threshold, ess_threshold: the convergence criteria of the diagnostics.
+    ``step_size``: auto lets :func:`bayesnoise.sampling.auto_settings` choose a preconditioner,
+    a stable step, burn-in, thinning and samples, in at most ``max_steps`` steps per chain (the
+    ones given win); a number is the constant step η = ε / 2 of :func:`bayesnoise.sgld`; null
+    takes ``polynomial``. Without auto, ``burnin``, ``samples``, ``thin`` default to 1000, 500, 4.
     """
 
-    method: Literal["sgld", "psgld"] = "sgld"
+    method: Literal["sgld", "psgld"] = "sgld"  # psgld: RMSprop-preconditioned, a numeric step
     step_size: Annotated[Literal["auto"] | float | None, pydantic.PlainValidator(_step_size)] = (
         Field("auto", description="auto, a number > 0, or null")
     )
     polynomial: PolynomialSchedule | None = None
-    temperature: _Float = Field(1.0, ge=0)
+    temperature: _Float = Field(1.0, ge=0)  # 1: the posterior
     burnin: int | None = Field(None, ge=0)
-    samples: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1)  # per chain
     thin: int | None = Field(None, ge=1)
     chains: int = Field(4, ge=1)
-    batch_size: int | None = Field(64, ge=1)
+    batch_size: int | None = Field(64, ge=1)  # null: the whole training set
     max_steps: int = Field(20_000, ge=100)
-    rhat_threshold: _Float = Field(1.1, gt=0)
+    rhat_threshold: _Float = Field(1.1, gt=0)  # the convergence criteria of the diagnostics
     ess_threshold: _Float = Field(100.0, gt=0)
 
     @model_validator(mode="after")
     def _one_step_rule(self):
-        if self.step_size is None and self.polynomial is None:
-            raise ConfigError(
-                "step_size",
-                "got null without a polynomial schedule; allowed: auto, a number > 0, or null "
-                "with sgld.polynomial set.",
-            )
-        if self.step_size is not None and self.polynomial is not None:
-            raise ConfigError(
-                "step_size",
-                f"got {self.step_size!r} and a polynomial schedule too; allowed: one of "
-                f"step_size and polynomial, the other null.",
-            )
+        step, fixed = self.step_size, "a numeric step_size or a polynomial schedule"
+        if step is None and self.polynomial is None:
+            got, allowed = "null without a polynomial schedule", "auto, a number > 0, or null"
+            raise _bad("step_size", got, f"{allowed} with sgld.polynomial set")
+        if step is not None and self.polynomial is not None:
+            got = f"{step!r} and a polynomial schedule too"
+            raise _bad("step_size", got, "one of step_size and polynomial, the other null")
         if self.auto and self.method == "psgld":
-            raise ConfigError(
-                "method",
-                "got psgld with step_size: auto; allowed: sgld with auto, or psgld with a "
-                "numeric step_size or a polynomial schedule.",
-            )
+            raise _bad("method", "psgld with step_size: auto", f"sgld, or psgld with {fixed}")
         if self.auto and self.temperature == 0:
-            raise ConfigError(
-                "temperature",
-                "got 0 with step_size: auto; allowed: a temperature > 0 with auto, or a numeric "
-                "step_size for T = 0.",
-            )
+            raise _bad("temperature", "0 with step_size: auto", f"a temperature > 0, or {fixed}")
         return self
 
     @property
@@ -576,36 +422,35 @@ class SGLDConfig(_Section):
         """Whether the sampler chooses its own settings."""
         return self.step_size == "auto"
 
+    def _lengths(self) -> list[int | None]:
+        """burnin, samples, thin; null ones are 1000, 500, 4 unless auto derives them."""
+        given = (self.burnin, self.samples, self.thin)
+        return [d if v is None and not self.auto else v for v, d in zip(given, (1000, 500, 4))]
+
     @property
     def num_steps(self) -> int | None:
         """Steps per chain, ``burnin + samples * thin``; None when they are derived (auto)."""
-        if self.auto and None in (self.burnin, self.samples, self.thin):
-            return None
-        burnin = 1000 if self.burnin is None else self.burnin
-        samples = 500 if self.samples is None else self.samples
-        return burnin + samples * (4 if self.thin is None else self.thin)
+        burnin, samples, thin = self._lengths()
+        return None if None in (burnin, samples, thin) else burnin + samples * thin
 
     def learning_rate(self) -> Any:
         """The ``learning_rate`` of :func:`bayesnoise.sgld`: None (auto), a float or a schedule."""
-        if self.auto:
-            return None
         if self.polynomial is None:
-            return self.step_size
+            return None if self.auto else self.step_size
         from bayesnoise.sgld import polynomial_schedule
 
-        p = self.polynomial
-        return polynomial_schedule(p.a, p.b, p.gamma)
+        return polynomial_schedule(self.polynomial.a, self.polynomial.b, self.polynomial.gamma)
 
     def run_settings(self) -> dict:
         """Keyword arguments of :func:`bayesnoise.sampling.run` for this section."""
-        fixed = not self.auto
+        burnin, samples, thin = self._lengths()
         return {
             "learning_rate": self.learning_rate(),
             "temperature": self.temperature,
             "batch_size": self.batch_size,
-            "num_burnin": 1000 if fixed and self.burnin is None else self.burnin,
-            "num_samples": 500 if fixed and self.samples is None else self.samples,
-            "thin": 4 if fixed and self.thin is None else self.thin,
+            "num_burnin": burnin,
+            "num_samples": samples,
+            "thin": thin,
             "num_chains": self.chains,
             "rhat_threshold": self.rhat_threshold,
             "ess_threshold": self.ess_threshold,
@@ -614,144 +459,77 @@ class SGLDConfig(_Section):
 
 
 class EMConfig(_Section):
-    """Learning the noise scales by EM (:mod:`bayesnoise.em`); its E-step runs :class:`SGLDConfig`.
+    """Type-II maximum likelihood of the noise scales by EM (:mod:`bayesnoise.em`)."""
 
-    Attributes:
-        enabled: whether to run EM after training (else the scales stay at 1).
-        iterations: EM iterations (E-step then M-step).
-        sigma0: σ0, the prior standard deviation of the weights, w ~ N(0, σ0²); also the
-            prior of SGLD without EM.
-        hyperprior: a hyperprior on the scales, default none.
-    """
-
-    enabled: bool = False
-    iterations: int = Field(3, ge=1)
-    sigma0: _Float = Field(1.0, gt=0)
+    enabled: bool = False  # else the scales stay at 1
+    iterations: int = Field(3, ge=1)  # an E-step (runs `sgld`), then an M-step
+    sigma0: _Float = Field(1.0, gt=0)  # the weights' prior std, also SGLD's without EM
     hyperprior: _Hyperprior = Field(default_factory=HyperpriorConfig)
 
 
 class SoftTargetConfig(_Section):
-    """The distilled small-network baseline (:mod:`bayesnoise.distill`).
-
-    A dense student with as many weights as the pruned network, trained on the unpruned
-    network's softened outputs.
-
-    Attributes:
-        enabled: whether to train the students (classification only).
-        temperature: T > 0 of the soft targets.
-        alpha: weight in [0, 1] of the hard-label term.
-        epochs: training epochs of every student (null: ``train.epochs``).
-    """
+    """The distilled baseline (:mod:`bayesnoise.distill`): a dense student as large as the pruned
+    network, trained on the unpruned one's softened outputs; classification only."""
 
     enabled: bool = False
     temperature: _Float = Field(2.0, gt=0)
-    alpha: _Float = Field(0.0, ge=0, le=1)
-    epochs: int | None = Field(None, ge=1)
-
-
-PruneRule = Literal["snr", "spr", "magnitude"]
-_DEFAULT_NUM_FRACTIONS = 50
-
-
-def _distinct(t: tuple[str, ...]) -> bool:
-    return bool(t) and len(set(t)) == len(t)
-
-
-def _increasing(t: tuple[float, ...]) -> bool:
-    return bool(t) and 0 <= t[0] and t[-1] <= 1 and all(x < y for x, y in zip(t, t[1:]))
+    alpha: _Float = Field(0.0, ge=0, le=1)  # the weight of the hard-label term
+    epochs: int | None = Field(None, ge=1)  # null: train.epochs
 
 
 class PruneConfig(_Section):
-    """Pruning by posterior scores (:mod:`bayesnoise.prune`).
+    """Pruning by posterior scores (:mod:`bayesnoise.prune`) at the explicit ``fractions`` or at
+    i / n, i < n = ``num_fractions`` (one of them, the other null; neither: n = 50).
 
-    Set either ``num_fractions`` or ``fractions`` (and the other to null); with neither,
-    ``num_fractions`` is 50.
-
-    Attributes:
-        rules: a non-empty subset of snr (|μ|/σ), spr (|μ| + σ) and magnitude (|μ|).
-        num_fractions: n evenly spaced fractions i / n, i = 0, ..., n − 1 (0 is unpruned).
-        fractions: explicit fractions in [0, 1], strictly increasing.
-        scope: global (one ranking over all layers) or layer (the fraction in every layer).
-        include_biases: also prune biases.
-        soft_target: the distilled small-network baseline.
-        finetune_epochs: after one-shot pruning at a few fractions (50, 75, 90, 95%), retrain
-            the kept weights this many epochs with the mask held fixed; 0 turns it off.
-        finetune_learning_rate: Adam's initial step size of that retraining, decayed to 0 by a
-            cosine schedule (null: ``train.learning_rate``).
-        moments: the moments the scores read. laplace (the default): the diagonal Laplace
-            posterior at the trained network under the learned scales, at the sampler's
-            temperature: mean the trained weights, variance T / (N·GGN + 1/(σ0²λ²)), the local
-            posterior around the network being pruned. sgld: the chains' running moments, which
-            describe the local posterior only while the chains stay near the trained network
-            (small fixed steps); chains that mix leave it, and their mean is then no network.
+    ``moments`` the scores read: laplace, the diagonal Laplace posterior at the trained network
+    under the learned scales and the sampler's temperature; or sgld, the chains' moments, local
+    only while the chains stay near the network.
     """
 
     rules: Annotated[tuple[PruneRule, ...], _AsTuple, _check(_distinct)] = Field(
-        ("snr", "spr", "magnitude"),
+        ("snr", "spr", "magnitude"),  # |μ|/σ, |μ| + σ, |μ|
         description="a non-empty list of distinct names from snr, spr, magnitude",
     )
     num_fractions: int | None = Field(None, ge=2)
     fractions: Annotated[tuple[_Float, ...], _AsTuple, _check(_increasing)] | None = Field(
         None, description="a non-empty, strictly increasing list of numbers in [0, 1], or null"
     )
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer"] = "global"  # one ranking, or the fraction in every layer
     include_biases: bool = False
     soft_target: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
-    finetune_epochs: int = Field(0, ge=0)
-    finetune_learning_rate: _Float | None = Field(None, gt=0)
+    finetune_epochs: int = Field(0, ge=0)  # retrain the kept weights at 50, 75, 90, 95% pruned
+    finetune_learning_rate: _Float | None = Field(None, gt=0)  # null: train.learning_rate
     moments: Literal["laplace", "sgld"] = "laplace"
 
     @model_validator(mode="after")
     def _one_grid(self):
-        if self.num_fractions is None and self.fractions is None:
-            self._set("num_fractions", _DEFAULT_NUM_FRACTIONS)
-        elif self.num_fractions is not None and self.fractions is not None:
-            raise ConfigError(
-                "num_fractions",
-                f"got {self.num_fractions!r} and explicit fractions too; allowed: one of "
-                f"num_fractions and fractions, the other null.",
-            )
+        if self.num_fractions is not None and self.fractions is not None:
+            got = f"{self.num_fractions!r} and explicit fractions too"
+            raise _bad("num_fractions", got, "one of num_fractions and fractions, the other null")
+        if self.fractions is None:
+            self._derive("num_fractions", 50)
         return self
 
     def fraction_grid(self) -> tuple[float, ...]:
         """The fractions to evaluate, ascending: explicit, or i / n for i = 0, ..., n − 1."""
-        if self.fractions is not None:
-            return self.fractions
-        return tuple(i / self.num_fractions for i in range(self.num_fractions))
+        n = self.num_fractions
+        return self.fractions if self.fractions is not None else tuple(i / n for i in range(n))
 
 
 class EvalConfig(_Section):
-    """Evaluation and the breakpoint of a pruning curve (:func:`bayesnoise.prune.breakpoint`).
+    """Evaluation and the breakpoint of a pruning curve (:func:`bayesnoise.prune.breakpoint`)."""
 
-    Attributes:
-        metric: auto (error for classification, rmse for regression), error or rmse.
-        tolerance: the allowed increase of the metric over the unpruned one at the breakpoint;
-            by default 0.01: one percentage point of error, or 1% of the RMSE.
-        relative: whether ``tolerance`` is relative; null: relative for rmse, absolute for
-            error.
-        mc_samples: noise draws for Monte Carlo predictions.
-    """
-
-    metric: Literal["auto", "error", "rmse"] = "auto"
-    tolerance: _Float = Field(0.01, ge=0)
-    relative: bool | None = None
-    mc_samples: int = Field(16, ge=1)
+    metric: Literal["auto", "error", "rmse"] = "auto"  # auto: error or rmse by the task
+    tolerance: _Float = Field(0.01, ge=0)  # of the breakpoint: a point of error, 1% of the RMSE
+    relative: bool | None = None  # null: relative for rmse, absolute for error
+    mc_samples: int = Field(16, ge=1)  # noise draws of Monte Carlo predictions
 
 
 class Config(_Section):
-    """A whole experiment. Build it with :func:`load_config`.
+    """A whole experiment. Build it with :func:`load_config`."""
 
-    Attributes:
-        name: the run's name (letters, digits, ``_``, ``.``, ``-``); null: the data set's name.
-        out: the output folder; null: ``runs/<name>``.
-        data, model, noise, train, sgld, em, prune, eval: the sections.
-    """
-
-    name: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9_.-]+$",
-        description="a non-empty string of letters, digits, _, . and -, or null",
-    )
+    # the run's name (null: data.name) and its output folder (null: runs/<name>)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description=_NAME)
     out: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -764,24 +542,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _across_sections(self):
-        if self.name is None:
-            self._set("name", self.data.name)
-        if self.out is None:
-            self._set("out", f"runs/{self.name}")
-        task = self.data.task
-        wanted = "error" if task == "classification" else "rmse"
-        if self.eval.metric not in ("auto", wanted):
-            raise ConfigError(
-                "eval.metric",
-                f"got {self.eval.metric!r}, but {self.data.name} is a {task} data set; "
-                f"allowed: auto or {wanted}.",
-            )
-        if self.prune.soft_target.enabled and task != "classification":
-            raise ConfigError(
-                "prune.soft_target.enabled",
-                f"got true, but soft targets need a classification data set and "
-                f"{self.data.name} is a {task} one; allowed: false.",
-            )
+        self._derive("name", self.data.name)
+        self._derive("out", f"runs/{self.name}")
+        data = f"{self.data.name} is a {self.task} data set"
+        if self.eval.metric not in ("auto", self.metric):
+            raise _bad("eval.metric", f"{self.eval.metric!r}, but {data}", f"auto or {self.metric}")
+        if self.prune.soft_target.enabled and self.task != "classification":
+            got = f"true, but soft targets need a classification data set and {data}"
+            raise _bad("prune.soft_target.enabled", got, "false")
         return self
 
     @property
@@ -797,73 +565,11 @@ class Config(_Section):
     @property
     def relative_tolerance(self) -> bool:
         """Whether ``eval.tolerance`` is relative: ``eval.relative``, else true for rmse."""
-        if self.eval.relative is not None:
-            return self.eval.relative
-        return self.metric == "rmse"
+        return self.metric == "rmse" if self.eval.relative is None else self.eval.relative
 
     def to_yaml(self) -> str:
         """The config as run, as YAML text that :func:`load_config` reads back."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and overrides
-
-
-def _section_of(tp: Any) -> Any:
-    """The section (a model, or dict for loader options) a dotted key may descend into."""
-    tp = _unwrap(tp)[0]
-    if tp is dict or get_origin(tp) is dict:
-        return dict
-    return tp if _is_model(tp) else None
-
-
-def _apply_overrides(raw: dict, overrides: Iterable[str]) -> None:
-    """Sets every ``dotted.key=value`` in ``raw``, checking the key against the schema.
-
-    Overriding the ``kind`` of a noise or hyperprior drops the parameters of its old kind
-    that were not overridden too.
-    """
-    touched: dict[int, tuple[dict, set]] = {}
-    for text in overrides:
-        if not isinstance(text, str) or "=" not in text:
-            raise ConfigError(
-                str(text), "an override must be key=value, e.g. train.epochs=3; allowed: key=value."
-            )
-        key, _, value_text = text.partition("=")
-        key = key.strip()
-        try:
-            value = yaml.safe_load(value_text) if value_text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(
-                key, f"cannot read the value {value_text!r} as YAML; allowed: a YAML value."
-            ) from None
-        parts, section, node = key.split("."), Config, raw
-        for i, part in enumerate(parts):
-            dotted = ".".join(parts[: i + 1])
-            fields = None if section is dict else _fields(section)
-            if fields is not None and part not in fields:
-                raise _unknown_key(dotted, fields)
-            if i == len(parts) - 1:
-                node[part] = value
-                touched.setdefault(id(node), (node, set()))[1].add(part)
-                break
-            section = dict if fields is None else _section_of(fields[part].annotation)
-            if section is None:
-                raise ConfigError(
-                    dotted,
-                    f"is a value, not a section, so {key!r} does not exist; "
-                    f"allowed: {dotted}=value.",
-                )
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-    for node, keys in touched.values():
-        kind = node.get("kind")
-        if "kind" in keys and isinstance(kind, str) and kind in _DISTRIBUTIONS:
-            for name in _PARAMETERS:
-                if name in node and name not in keys and name not in _SIGNATURES.get(kind, {}):
-                    del node[name]
 
 
 def _read(path: Path) -> dict:
@@ -871,16 +577,12 @@ def _read(path: Path) -> dict:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _MissingFile(str(path), "no such file; allowed: the path of a YAML file.") from None
-    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # a directory, not text, not YAML
+        what = "is not valid YAML" if isinstance(e, yaml.YAMLError) else "cannot be read"
         reason = getattr(e, "strerror", None) or e
-        raise ConfigError(str(path), f"cannot be read ({reason}); allowed: a YAML file.") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"is not valid YAML ({e}); allowed: a YAML mapping.") from None
+        raise ConfigError(str(path), f"{what} ({reason}); allowed: a YAML mapping.") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(
-            str(path),
-            f"got {raw!r}; allowed: a mapping with the keys {', '.join(_fields(Config))}.",
-        )
+        raise _bad(str(path), repr(raw), _describe(Config))
     return raw or {}
 
 
@@ -891,21 +593,14 @@ def load_config(
 
     Args:
         source: a YAML file, a mapping as parsed from one (not modified), or a :class:`Config`.
-        overrides: ``"dotted.key=value"`` strings applied before validation, the value read as
-            YAML (``train.epochs=3``, ``noise.kind=gaussian``, ``prune.rules=[snr,spr]``,
-            ``sgld.polynomial=null``). Sections missing from ``source`` are created.
-
-    Returns:
-        The validated :class:`Config`, defaults filled in.
+        overrides: ``"dotted.key=value"`` strings, the value read as YAML (``train.epochs=3``,
+            ``prune.rules=[snr,spr]``, ``sgld.polynomial=null``), missing sections created.
+            Overriding a ``kind`` drops the old kind's parameters not overridden too.
 
     Raises:
-        ConfigError: an unknown key, a value of the wrong type or out of range, or a bad
-            override; the message starts with the dotted key and says what is allowed. A file
-            that cannot be read, is not YAML or not a mapping gives one whose key is the path;
-            a missing file's is also a ``FileNotFoundError``.
-
-    Example:
-        >>> cfg = load_config("configs/digits.yaml", overrides=["train.epochs=3"])  # doctest: +SKIP
+        ConfigError: an unknown key, a value of the wrong type or out of range, a bad override,
+            or a file that cannot be read, is not YAML or not a mapping (the key is its path; a
+            missing file's error is also a ``FileNotFoundError``).
     """
     if isinstance(source, Config):
         raw = source.to_dict()
@@ -914,39 +609,45 @@ def load_config(
     elif isinstance(source, (str, os.PathLike)):
         raw = _read(Path(source))
     else:
-        raise ConfigError(
-            "(top level)", f"got {source!r}; allowed: a YAML file, a mapping or a Config."
-        )
-    _apply_overrides(raw, overrides)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise _config_error(e, Config) from None
+        raise _bad("(top level)", repr(source), "a YAML file, a mapping or a Config")
+    touched: dict[int, tuple[dict, set]] = {}  # the sections overridden, and their keys
+    for text in overrides:
+        key, eq, value = str(text).partition("=")
+        key, node = key.strip(), raw
+        if not isinstance(text, str) or not eq:
+            raise _bad(key, repr(text), "key=value, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise _bad(key, f"{value!r}, which YAML cannot read", "a YAML value") from None
+        *path, name = key.split(".")
+        for part in path:
+            node[part] = node[part] if isinstance(node.get(part), dict) else {}
+            node = node[part]
+        node[name] = value
+        touched.setdefault(id(node), (node, set()))[1].add(name)
+    for node, keys in touched.values():
+        kind = node.get("kind")
+        if "kind" in keys and isinstance(kind, str) and kind in _DISTRIBUTIONS:
+            for name in set(_PARAMETERS) - keys - set(_SIGNATURES.get(kind, ())):
+                node.pop(name, None)
+    return Config(raw)
 
 
 def build_noise(noise: NoiseConfig | Config) -> bnoise.Noise | dict[str, bnoise.Noise] | None:
-    """The noise of a config, in the form :func:`bayesnoise.nn.noisy_apply` takes.
-
-    Returns:
-        None for kind none without an input noise; a :mod:`bayesnoise.noise` distribution when
-        every layer gets the same noise; with an input noise, a mapping from kernel-path
-        patterns to noises, ``{"Dense_0/": input noise, "": hidden noise}`` (the first match
-        wins). An input noise of kind none is ``Bernoulli(1.0)`` (λ = 1, no noise); a hidden
-        kind none leaves the pattern ``""`` out.
-    """
-    if isinstance(noise, Config):
-        noise = noise.noise
-    hidden = _distribution(noise)
+    """The noise of a config, in the form :func:`bayesnoise.nn.noisy_apply` takes: None for kind
+    none; one :mod:`bayesnoise.noise` distribution for every layer; or, with an input noise,
+    ``{"Dense_0/": input noise, "": hidden noise}`` (an input kind none is ``Bernoulli(1.0)``,
+    a hidden kind none leaves ``""`` out)."""
+    noise = noise.noise if isinstance(noise, Config) else noise
+    hidden = noise._build()
     if noise.input is None:
         return hidden
-    first = _distribution(noise.input) or bnoise.Bernoulli(1.0)
+    first = noise.input._build() or bnoise.Bernoulli(1.0)
     return {"Dense_0/": first} if hidden is None else {"Dense_0/": first, "": hidden}
 
 
 def build_hyperprior(em: EMConfig | HyperpriorConfig | Config) -> bnoise.Noise | None:
     """The hyperprior for :func:`bayesnoise.em.m_step`, or None for kind none."""
-    if isinstance(em, Config):
-        em = em.em
-    if isinstance(em, EMConfig):
-        em = em.hyperprior
-    return _distribution(em)
+    em = em.em if isinstance(em, Config) else em
+    return (em.hyperprior if isinstance(em, EMConfig) else em)._build()
