@@ -9,6 +9,14 @@
 
 For softmax regression the weight-scaled model equals the renormalised geometric mean over all
 masks weighted by their probabilities, exactly (Srivastava et al., 2014; Baldi & Sadowski, 2013).
+
+Learned noise (:func:`bayesnoise.nn.learned_noise`, :func:`bayesnoise.nn.add_learned_noise`)
+has the same rules. Its noise has mean 1 per row (ξ ~ N(1, α)) and mean θ per weight, so the
+weight-scaling rule is the mean network: the model at its own params (``apply(...,
+deterministic=True)``, ``model.apply(variables, x)``, the params of :func:`mean_params`, or an
+NNX model after ``bn.nn.set_deterministic``). Monte Carlo passes the noisy model to
+:func:`mc_predict` as ``apply_fn(key, x)``: :func:`sampler` builds it from a linen apply,
+:func:`nnx_sampler` from an NNX model.
 """
 
 from __future__ import annotations
@@ -18,12 +26,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from bayesnoise import _tree, gsm
+from bayesnoise import nn as bnn
 from bayesnoise import noise as bnoise
 from bayesnoise.noise import Noise
 
-__all__ = ["weight_scale", "mc_predict", "geometric_predict", "mc_logits"]
+__all__ = [
+    "weight_scale",
+    "mc_predict",
+    "geometric_predict",
+    "mc_logits",
+    "sampler",
+    "nnx_sampler",
+    "mean_params",
+]
 
 
 def weight_scale(params: Any, noise: Noise | Mapping[str, Noise], where: _tree.Where = None) -> Any:
@@ -100,3 +118,66 @@ def geometric_predict(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_sampl
     """Geometric-mean rule: softmax((1/S) Σ_s log softmax(f(x; λ_s))), renormalised."""
     logits = _draws(*_key_first(key, apply_fn, x, "geometric_predict"), num_samples)
     return jax.nn.softmax(jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=0), axis=-1)
+
+
+def sampler(apply: Callable[..., Any], variables: Any, *, rng_collection: str = "noise", **kwargs):
+    """``apply_fn(key, x) = apply(variables, x, rngs={rng_collection: key}, **kwargs)``.
+
+    The noisy model as :func:`mc_predict`, :func:`geometric_predict` and :func:`mc_logits`
+    take it, from a linen apply that draws from an rng stream: the ``apply`` of
+    :func:`bayesnoise.nn.learned_noise` or :func:`bayesnoise.nn.noisy_apply`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, bayesnoise as bn
+        >>> vd = bn.nn.learned_noise(bn.nn.MLP((8, 3)), per="weight")
+        >>> variables = vd.init(jax.random.key(0), jnp.ones((1, 4)))
+        >>> fn = bn.inference.sampler(vd.apply, variables)
+        >>> bn.inference.mc_predict(jax.random.key(1), fn, jnp.ones((2, 4)), 16).shape
+        (2, 3)
+    """
+
+    def apply_fn(key, x):
+        return apply(variables, x, rngs={rng_collection: key}, **kwargs)
+
+    return apply_fn
+
+
+def nnx_sampler(model: Any, *, rng_collection: str = "noise"):
+    """``apply_fn(key, x)``: an NNX model with noise, reseeded with ``key``, applied to ``x``.
+
+    A pure function of its arguments (the model is split once, here: a snapshot of its
+    current state; every call merges a copy and reseeds its ``rng_collection`` stream), so
+    :func:`mc_predict` can vmap it over keys. The model itself is not changed; its noise must
+    be switched on (not deterministic).
+    """
+    graphdef, state = nnx.split(model)
+
+    def apply_fn(key, x):
+        copy = nnx.merge(graphdef, state, copy=True)  # fresh variables in this trace
+        nnx.reseed(copy, **{rng_collection: key})
+        return copy(x)
+
+    return apply_fn
+
+
+def mean_params(params: Any) -> Any:
+    """The mean network's params: the model's own, without the learned-noise leaves.
+
+    Drops every ``log_alpha`` / ``log_sigma2`` leaf that sits beside a ``kernel`` in a nested
+    mapping (linen variables). ``model.apply`` gives the same output with or without them (it
+    ignores extra leaves); this is for exporting or comparing the plain model's params.
+
+    Raises:
+        TypeError: ``params`` is not a mapping.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"mean_params takes nested mappings (linen variables), got {type(params).__name__}; "
+            f"for an NNX model use bn.nn.set_deterministic(model) instead."
+        )
+    noise = (bnn.LOG_ALPHA, bnn.LOG_SIGMA2) if "kernel" in params else ()
+    return {
+        k: mean_params(v) if isinstance(v, Mapping) else v
+        for k, v in params.items()
+        if k not in noise
+    }

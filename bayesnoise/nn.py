@@ -20,13 +20,19 @@ noise has one λ per example (and per leading position, for inputs with more axe
 
 Per-weight noise (DropConnect, Wan et al., 2013) is :func:`dropconnect`, a transform of the
 parameters: one λ per weight, shared by the minibatch.
+
+Learned noise (variational dropout and sparse variational dropout) adds parameters: the noise
+variance α per input row or per weight, trained with the weights under a KL term
+(:func:`learned_noise` for linen, :func:`add_learned_noise` for NNX; the parameters sit beside
+each kernel as ``log_alpha`` or ``log_sigma2`` and :func:`learned_layers` reads them back).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -45,6 +51,11 @@ __all__ = [
     "add_input_noise",
     "dropconnect",
     "set_deterministic",
+    "learned_noise",
+    "add_learned_noise",
+    "learned_layers",
+    "LearnedNoise",
+    "LearnedLayer",
     "apply_noise",
     "NoiseSpec",
     "MLP",
@@ -190,11 +201,20 @@ def _linen_kernel_path(module: nn.Module) -> str:
     return "/".join(("params",) + tuple(module.path) + ("kernel",))
 
 
-def _conv_broadcast(x: jax.Array, module: nn.Module) -> tuple[int, ...]:
-    nspatial = len(module.kernel_size) if hasattr(module, "kernel_size") else x.ndim - 2
+def _conv_broadcast(x: jax.Array, module: Any) -> tuple[int, ...]:
+    size = getattr(module, "kernel_size", None)
+    if size is None:
+        nspatial = x.ndim - 2
+    else:
+        nspatial = 1 if isinstance(size, int) else len(size)
     batched = x.ndim > nspatial + 1
     start = 1 if batched else 0
     return tuple(range(start, start + nspatial))
+
+
+def _broadcast_dims(module: Any, x: jax.Array) -> tuple[int, ...]:
+    """The axes one input-noise draw is shared along: a Conv's spatial axes, else none."""
+    return _conv_broadcast(x, module) if isinstance(module, (nn.Conv, nnx.Conv)) else ()
 
 
 @contextlib.contextmanager
@@ -238,7 +258,7 @@ def input_noise(
             return next_fun(*args, **kwargs)
         matched.append(path)
         x = args[0]
-        dims = _conv_broadcast(x, module) if isinstance(module, nn.Conv) else ()
+        dims = _broadcast_dims(module, x)
         if deterministic:
             x = apply_noise(layer_noise, None, x, deterministic=True)
         else:
@@ -279,11 +299,8 @@ def noisy_apply(
     checked = []
 
     def apply(variables, *args, rngs=None, deterministic: bool = False, **kwargs):
-        if not deterministic and (rngs is None or rng_collection not in rngs):
-            raise ValueError(
-                f"a noisy apply needs an rng for {rng_collection!r}: pass "
-                f"rngs={{'{rng_collection}': key}} (or deterministic=True); got rngs={rngs!r}."
-            )
+        if not deterministic:
+            _require_rng(rngs, rng_collection)
         with input_noise(
             noise,
             where,
@@ -293,16 +310,28 @@ def noisy_apply(
         ) as matched:
             out = model.apply(variables, *args, rngs=rngs, **kwargs)
         if not checked:
-            if not matched:
-                paths = [p for p, _ in _tree.row_axes(variables)]
-                raise ValueError(
-                    f"noise selects no layer: where={where!r} matched none of the Dense/Conv "
-                    f"kernels; the model's leaves are {paths}."
-                )
+            _check_matched(matched, where, variables)
             checked.append(True)
         return out
 
     return apply
+
+
+def _require_rng(rngs: Any, rng_collection: str) -> None:
+    if rngs is None or rng_collection not in rngs:
+        raise ValueError(
+            f"a noisy apply needs an rng for {rng_collection!r}: pass "
+            f"rngs={{'{rng_collection}': key}} (or deterministic=True); got rngs={rngs!r}."
+        )
+
+
+def _check_matched(matched: list[str], where: _tree.Where, variables: Any) -> None:
+    if not matched:
+        paths = [p for p, _ in _tree.row_axes(variables)]
+        raise ValueError(
+            f"noise selects no layer: where={where!r} matched none of the Dense/Conv "
+            f"kernels; the model's leaves are {paths}."
+        )
 
 
 # --------------------------------------------------------------------------------------- NNX
@@ -317,27 +346,43 @@ def _noisy_class(base: type) -> type:
 
     def __call__(self, x, *args, **kwargs):
         noise_layer = self.input_noise
-        dims = self._noise_broadcast(x)
         if noise_layer.deterministic:
             x = apply_noise(noise_layer.noise, None, x, deterministic=True)
         else:
-            x = apply_noise(noise_layer.noise, noise_layer.rngs(), x, dims)
+            x = apply_noise(noise_layer.noise, noise_layer.rngs(), x, _broadcast_dims(self, x))
         return base.__call__(self, x, *args, **kwargs)
 
-    def _noise_broadcast(self, x):
-        if isinstance(self, nnx.Conv):
-            nspatial = len(self.kernel_size)
-            start = 1 if x.ndim > nspatial + 1 else 0
-            return tuple(range(start, start + nspatial))
-        return ()
-
-    cls = type(
-        f"Noisy{base.__name__}",
-        (base,),
-        {"__call__": __call__, "_noise_broadcast": _noise_broadcast},
-    )
+    cls = type(f"Noisy{base.__name__}", (base,), {"__call__": __call__})
     _NOISY_CLASSES[base] = cls
     return cls
+
+
+def _is_patched(module: nnx.Module) -> bool:
+    """Whether a layer already carries noise of this module (input or learned)."""
+    patched = set(_NOISY_CLASSES.values()) | set(_LEARNED_CLASSES.values())
+    return type(module) in patched
+
+
+def _nnx_layers(model: nnx.Module, layers: tuple[type, ...], where: _tree.Where):
+    """(kernel path, layer) for every layer of ``layers`` without noise that ``where`` selects."""
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, layers) or _is_patched(module):
+            continue
+        kpath = "/".join(str(p) for p in path + ("kernel",))
+        if _tree.matches(where, kpath, getattr(module, "kernel", None)):
+            yield kpath, module
+
+
+def _nnx_no_layer(model: nnx.Module, layers: tuple[type, ...], where: _tree.Where) -> ValueError:
+    names = [
+        "/".join(str(p) for p in path) or "(root)"
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, layers)
+    ]
+    return ValueError(
+        f"noise selects no layer: where={where!r} matched none of the model's "
+        f"{[t.__name__ for t in layers]} layers: {names}."
+    )
 
 
 def add_input_noise(
@@ -369,12 +414,7 @@ def add_input_noise(
     stream_rngs = rngs
     _stream(rngs, rng_collection, "add_input_noise")
     found = []
-    for path, module in list(nnx.iter_modules(model)):
-        if not isinstance(module, layers) or type(module).__name__.startswith("Noisy"):
-            continue
-        kpath = "/".join(str(p) for p in path + ("kernel",))
-        if not _tree.matches(where, kpath, getattr(module, "kernel", None)):
-            continue
+    for kpath, module in _nnx_layers(model, layers, where):
         layer_noise = bnoise.resolve(noise, kpath)
         if layer_noise is None:
             continue
@@ -384,24 +424,400 @@ def add_input_noise(
         module.__class__ = _noisy_class(type(module))
         found.append(kpath)
     if not found:
-        names = [
-            "/".join(str(p) for p in path) or "(root)"
-            for path, m in nnx.iter_modules(model)
-            if isinstance(m, layers)
-        ]
-        raise ValueError(
-            f"noise selects no layer: where={where!r} matched none of the model's "
-            f"{[t.__name__ for t in layers]} layers: {names}."
-        )
+        raise _nnx_no_layer(model, layers, where)
     return model
 
 
 def set_deterministic(model: nnx.Module, deterministic: bool = True) -> nnx.Module:
-    """Switches every noise of an NNX model on (False) or to the weight-scaling rule (True)."""
+    """Switches every noise of an NNX model on (False) or to the weight-scaling rule (True).
+
+    This covers learned noise (:func:`add_learned_noise`) too: switched off, its layers compute
+    the mean network.
+    """
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, NNXMultiplicativeNoise):
+        if isinstance(module, (NNXMultiplicativeNoise, _NoiseDraws)):
             module.deterministic = deterministic
     return model
+
+
+# ----------------------------------------------------------------------------- learned noise
+
+LOG_ALPHA = "log_alpha"  # the name of a layer's per-row noise parameter, log α, shape (rows,)
+LOG_SIGMA2 = "log_sigma2"  # the name of a layer's per-weight noise parameter, log σ², kernel-shaped
+INIT_LOG_ALPHA_RANGE = (-12.0, 12.0)  # allowed initial log α
+_PER = ("row", "weight")
+_TINY = 1e-8  # guards log θ² and √(variance) at zero
+
+
+class LearnedNoise(NamedTuple):
+    """A linen model with learned noise: a pair of pure functions, like ``model.init`` / ``apply``.
+
+    ``init(key, *args, **kwargs)`` returns the variables: the model's own, at their own paths,
+    plus the noise parameters beside each selected kernel. ``apply(variables, *args, rngs=None,
+    deterministic=False, **kwargs)`` runs the model with noise drawn from ``rngs``, or the mean
+    network when ``deterministic``.
+    """
+
+    init: Callable[..., Any]
+    apply: Callable[..., Any]
+
+
+class LearnedLayer(NamedTuple):
+    """One layer's learned noise, read from a params tree by :func:`learned_layers`."""
+
+    path: str  # the kernel's path, e.g. "params/Dense_0/kernel"
+    per: str  # "row" or "weight"
+    kernel: jax.Array  # θ, the variational mean of the weights
+    log_alpha: jax.Array  # log α: shape (rows,) for "row", the kernel's shape for "weight"
+    variance: jax.Array  # Var[w] per weight, the kernel's shape: α_j θ² (row) or σ² (weight)
+
+    @property
+    def weight_log_alpha(self) -> jax.Array:
+        """log α per weight: a row's α broadcast over the row's weights."""
+        return self.log_alpha if self.per == "weight" else _over_rows(self.log_alpha, self.kernel)
+
+
+def _over_rows(row_values: jax.Array, kernel: jax.Array) -> jax.Array:
+    """One value per kernel row (axis -2) broadcast to the kernel's shape."""
+    rows = _tree.broadcast_rows(row_values, kernel.ndim, kernel.ndim - 2)
+    return jnp.broadcast_to(rows, kernel.shape)
+
+
+def _check_learned(per: Any, init_log_alpha: Any) -> None:
+    if per not in _PER:
+        raise ValueError(
+            f"per must be 'row' (one noise variable per input unit and example) or 'weight' "
+            f"(one per weight, sparse variational dropout); got {per!r}."
+        )
+    lo, hi = INIT_LOG_ALPHA_RANGE
+    value = float(init_log_alpha)
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(
+            f"init_log_alpha must be a finite number in [{lo}, {hi}] (α = e^{lo:g} .. e^{hi:g}); "
+            f"got {init_log_alpha!r}."
+        )
+
+
+def _check_layer_types(layers: Any, supported: tuple[type, ...], who: str) -> tuple[type, ...]:
+    layers = tuple(layers)
+    bad = [t for t in layers if not (isinstance(t, type) and issubclass(t, supported))]
+    if bad or not layers:
+        names = [getattr(t, "__name__", repr(t)) for t in bad] or "an empty tuple"
+        raise TypeError(
+            f"{who} cannot put learned noise on {names}: it handles layers whose output is "
+            f"linear in one kernel, {[t.__name__ for t in supported]} and their subclasses."
+        )
+    return layers
+
+
+def _row_noise(key: jax.Array, x: jax.Array, log_alpha: jax.Array, dims) -> jax.Array:
+    """x ⊙ ξ with ξ = 1 + √α ε, ε ~ N(0, 1) per example and input unit (shared along ``dims``)."""
+    eps = jax.random.normal(key, _noise_shape(x.shape, dims), x.dtype)
+    return x * (1 + jnp.exp(0.5 * log_alpha).astype(x.dtype) * eps)
+
+
+def _local_reparam(key: jax.Array, mean: jax.Array, variance: jax.Array) -> jax.Array:
+    """A draw of the pre-activations: mean + √variance ε, ε ~ N(0, 1) per output entry."""
+    eps = jax.random.normal(key, mean.shape, mean.dtype)
+    return mean + jnp.sqrt(variance + _TINY) * eps
+
+
+def _init_log_sigma2(init_log_alpha: float):
+    """log σ² = log α₀ + log θ², so that every weight starts at α = α₀."""
+    return lambda _, kernel: init_log_alpha + jnp.log(kernel**2 + _TINY)
+
+
+def learned_noise(
+    model: nn.Module,
+    per: str = "row",
+    where: _tree.Where = None,
+    *,
+    init_log_alpha: float = -4.0,
+    rng_collection: str = "noise",
+    layers: tuple[type, ...] = (nn.Dense, nn.Conv),
+) -> LearnedNoise:
+    """Noise whose variance is trained with the weights, on every selected Dense / Conv.
+
+    Variational dropout (Kingma, Salimans & Welling, 2015) and sparse variational dropout
+    (Molchanov, Ashukha & Vetrov, 2017) on an unmodified linen model, by method interception.
+
+    * ``per="row"``: Gaussian noise on the layer's inputs, h ↦ (h ⊙ ξ) W with ξ_j = 1 + √α_j ε,
+      ε ~ N(0, 1), one ξ per input unit j and example (for a Conv: per input channel, shared
+      over the positions), so that row j of the kernel is multiplied by ξ_j ~ N(1, α_j). The
+      parameter is ``log_alpha``, shape (rows,), beside the kernel.
+    * ``per="weight"``: each weight w ~ N(θ, σ²) with the additive reparameterisation: θ is the
+      kernel, ``log_sigma2`` (kernel-shaped) is learned and α = σ² / θ². The pre-activations are
+      drawn by the local reparameterisation trick, b = x θ + bias + √(x² σ²) ε with ε ~ N(0, 1)
+      per example and output (for a Conv, x² convolved with σ², and ε per output position,
+      the usual approximation that treats positions as independent).
+
+    Layout: the noise parameter sits in the layer's own scope, e.g.
+    ``params/Dense_0/log_alpha`` or ``params/Dense_0/log_sigma2`` beside
+    ``params/Dense_0/kernel``; the model's own paths do not change, and ``model.apply`` ignores
+    the extra leaves, so ``model.apply(variables, x)`` is the mean network.
+    :func:`learned_layers` reads the noise back; :func:`bayesnoise.penalties.learned_noise_kl`
+    gives its KL, :func:`bayesnoise.prune.log_alpha` its pruning scores.
+
+    Inference: ``deterministic=True`` runs the mean network (E[ξ] = 1, E[w] = θ), i.e. the
+    weight-scaling rule; for Monte Carlo, give ``lambda key, x: apply(variables, x,
+    rngs={"noise": key})`` (or :func:`bayesnoise.inference.sampler`) to
+    :func:`bayesnoise.inference.mc_predict`.
+
+    Args:
+        model: a linen module, unmodified.
+        per: ``"row"`` or ``"weight"``.
+        where: which layers, by kernel path (``"params/Dense_0/kernel"``): None (all of
+            ``layers``), a regex, or a predicate.
+        init_log_alpha: the initial log α of every row or weight, in [-12, 12]. The default,
+            −4 (α ≈ 0.018, noise std ≈ 0.14), starts close to the plain network. For
+            ``"weight"`` the initial log σ² is log α₀ + log(θ² + 1e-8).
+        rng_collection: the rng stream the noise draws from.
+        layers: the layer types that get noise: ``nn.Dense``, ``nn.Conv`` or subclasses.
+
+    Returns:
+        :class:`LearnedNoise` ``(init, apply)``. ``init(key, *args)`` runs without noise (no
+        noise rng needed). ``apply(variables, *args, rngs=None, deterministic=False, **kwargs)``.
+
+    Raises:
+        ValueError: an unknown ``per``; ``init_log_alpha`` not finite or outside [-12, 12];
+            no layer selected (at the first init or apply, naming the model's leaves); a
+            noisy apply without an rng for ``rng_collection``.
+        TypeError: ``layers`` holds a type other than Dense / Conv.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, bayesnoise as bn
+        >>> model = bn.nn.MLP((8, 2))
+        >>> vd = bn.nn.learned_noise(model, per="weight")
+        >>> variables = vd.init(jax.random.key(0), jnp.ones((1, 4)))
+        >>> sorted(variables["params"]["Dense_0"])
+        ['bias', 'kernel', 'log_sigma2']
+        >>> y = vd.apply(variables, jnp.ones((3, 4)), rngs={"noise": jax.random.key(1)})
+        >>> mean = model.apply(variables, jnp.ones((3, 4)))  # the mean network
+
+    References:
+        Kingma, Salimans & Welling (2015), "Variational Dropout and the Local
+        Reparameterization Trick", NeurIPS.
+        Molchanov, Ashukha & Vetrov (2017), "Variational Dropout Sparsifies Deep Neural
+        Networks", ICML.
+    """
+    _check_learned(per, init_log_alpha)
+    _tree.check_where(where)
+    layers = _check_layer_types(layers, (nn.Dense, nn.Conv), "learned_noise")
+    init_log_alpha = float(init_log_alpha)
+
+    def run(call, deterministic):
+        matched: list[str] = []
+        inner: list[bool] = []  # set while the variance pass runs its own copy of a layer
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if inner or context.method_name != "__call__" or not isinstance(module, layers):
+                return next_fun(*args, **kwargs)
+            path = _linen_kernel_path(module)
+            if not args or not _tree.matches(where, path, None):
+                return next_fun(*args, **kwargs)
+            matched.append(path)
+            key = None if deterministic else module.make_rng(rng_collection)
+            x = args[0]
+            if per == "row":
+                shape, init = (x.shape[-1],), nn.initializers.constant(init_log_alpha)
+                if key is None:  # the layer's own params first: the plain model's init keys
+                    y = next_fun(*args, **kwargs)
+                    module.param(LOG_ALPHA, init, shape, module.param_dtype)
+                    return y
+                log_alpha = module.param(LOG_ALPHA, init, shape, module.param_dtype)
+                x = _row_noise(key, x, log_alpha, _broadcast_dims(module, x))
+                return next_fun(x, *args[1:], **kwargs)
+            y = next_fun(*args, **kwargs)
+            kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
+            log_sigma2 = module.param(LOG_SIGMA2, _init_log_sigma2(init_log_alpha), kernel)
+            if key is None:
+                return y
+            inner.append(True)
+            try:
+                variance = module.clone(parent=None, use_bias=False).apply(
+                    {"params": {"kernel": jnp.exp(log_sigma2)}}, x * x, *args[1:], **kwargs
+                )
+            finally:
+                inner.pop()
+            return _local_reparam(key, y, variance)
+
+        with nn.intercept_methods(interceptor):
+            out = call()
+        return out, matched
+
+    checked = []
+
+    def init(key, *args, **kwargs):
+        variables, matched = run(lambda: model.init(key, *args, **kwargs), True)
+        _check_matched(matched, where, variables)
+        return variables
+
+    def apply(variables, *args, rngs=None, deterministic: bool = False, **kwargs):
+        if not deterministic:
+            _require_rng(rngs, rng_collection)
+        call = lambda: model.apply(variables, *args, rngs=rngs, **kwargs)  # noqa: E731
+        out, matched = run(call, deterministic)
+        if not checked:
+            _check_matched(matched, where, variables)
+            checked.append(True)
+        return out
+
+    return LearnedNoise(init, apply)
+
+
+class _NoiseDraws(nnx.Module):
+    """The rng stream and the on/off switch of one layer's learned noise (NNX)."""
+
+    def __init__(self, rngs: nnx.Rngs, rng_collection: str):
+        self.rngs = _stream(rngs, rng_collection, "add_learned_noise")
+        self.deterministic = False
+
+
+_LEARNED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _learned_class(base: type, per: str) -> type:
+    """A subclass of ``base`` with learned noise of kind ``per`` (cached per base and kind)."""
+    if (base, per) in _LEARNED_CLASSES:
+        return _LEARNED_CLASSES[(base, per)]
+
+    def __call__(self, x, *args, **kwargs):
+        draws = self.learned_noise
+        key = None if draws.deterministic else draws.rngs()
+        if per == "row":
+            if key is not None:
+                x = _row_noise(key, x, self.log_alpha[...], _broadcast_dims(self, x))
+            return base.__call__(self, x, *args, **kwargs)
+        y = base.__call__(self, x, *args, **kwargs)
+        if key is None:
+            return y
+        # the layer is linear in its kernel: a copy with kernel σ² and a zero bias gives x² σ²
+        copy = nnx.clone(self)
+        copy.kernel[...] = jnp.exp(self.log_sigma2[...]).astype(copy.kernel[...].dtype)
+        if copy.bias is not None:
+            copy.bias[...] = jnp.zeros_like(copy.bias[...])
+        variance = base.__call__(copy, x * x, *args, **kwargs)
+        return _local_reparam(key, y, variance)
+
+    cls = type(f"Learned{base.__name__}", (base,), {"__call__": __call__})
+    _LEARNED_CLASSES[(base, per)] = cls
+    return cls
+
+
+def add_learned_noise(
+    model: nnx.Module,
+    per: str = "row",
+    where: _tree.Where = None,
+    *,
+    rngs: nnx.Rngs,
+    init_log_alpha: float = -4.0,
+    rng_collection: str = "noise",
+    layers: tuple[type, ...] = (nnx.Linear, nnx.Conv),
+) -> nnx.Module:
+    """Learned noise on every selected Linear / Conv of an NNX model: :func:`learned_noise`'s
+    NNX form, a graph transform like :func:`add_input_noise`.
+
+    Each selected layer becomes a subclass of its own class with a new ``nnx.Param`` beside its
+    kernel: ``log_alpha`` (shape (in_features,)) for ``per="row"``, ``log_sigma2`` (the
+    kernel's shape) for ``per="weight"``; the noise is the same as in :func:`learned_noise`.
+    ``nnx.split(model)`` / ``nnx.state(model, nnx.Param)`` carry the new parameters, so an
+    ``nnx.Optimizer`` or an optax loop trains them with the weights, and
+    :func:`bayesnoise.penalties.learned_noise_kl` and :func:`bayesnoise.prune.log_alpha` read
+    them from the state. :func:`set_deterministic` switches to the mean network. The model is
+    changed in place and returned.
+
+    Args:
+        model: an NNX module.
+        per: ``"row"`` or ``"weight"``.
+        where: which layers, by kernel path (``"layers/0/kernel"``): None, a regex, a predicate.
+        rngs: an ``nnx.Rngs`` with a ``rng_collection`` (or default) stream for the noise.
+        init_log_alpha: the initial log α, in [-12, 12] (default −4).
+        rng_collection: the stream of ``rngs`` the noise draws from.
+        layers: ``nnx.Linear``, ``nnx.Conv`` or subclasses.
+
+    Raises:
+        ValueError: an unknown ``per``, a bad ``init_log_alpha``, ``rngs`` without the stream,
+            or no layer selected (the message lists the model's layer paths).
+        TypeError: ``layers`` holds a type other than Linear / Conv.
+    """
+    _check_learned(per, init_log_alpha)
+    _tree.check_where(where)
+    layers = _check_layer_types(layers, (nnx.Linear, nnx.Conv), "add_learned_noise")
+    _stream(rngs, rng_collection, "add_learned_noise")
+    init_log_alpha = float(init_log_alpha)
+    found = []
+    for kpath, module in _nnx_layers(model, layers, where):
+        kernel = module.kernel[...]
+        if per == "row":
+            module.log_alpha = nnx.Param(jnp.full((module.in_features,), init_log_alpha))
+        else:
+            module.log_sigma2 = nnx.Param(_init_log_sigma2(init_log_alpha)(None, kernel))
+        module.learned_noise = _NoiseDraws(rngs, rng_collection)
+        module.__class__ = _learned_class(type(module), per)
+        found.append(kpath)
+    if not found:
+        raise _nnx_no_layer(model, layers, where)
+    return model
+
+
+def learned_layers(params: Any, *, require: bool = False) -> list[LearnedLayer]:
+    """Every layer with learned noise in a params tree (linen variables or an NNX state).
+
+    A layer is a ``log_alpha`` or ``log_sigma2`` leaf with a ``kernel`` leaf beside it (same
+    parent path), as :func:`learned_noise` and :func:`add_learned_noise` lay them out. For row
+    noise log α is the parameter itself and Var[w_jk] = α_j θ_jk²; for weight noise
+    log α = log σ² − log(θ² + 1e-8) and Var[w] = σ².
+
+    Args:
+        params: any params tree.
+        require: raise when there is no such layer, instead of returning an empty list.
+
+    Returns:
+        a list of :class:`LearnedLayer`, in flattening order.
+
+    Raises:
+        ValueError: a noise leaf without a kernel beside it, or of the wrong shape; with
+            ``require``, no learned noise at all.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = {_tree.path_str(p): leaf for p, leaf in flat}
+    if require and not any(name.rpartition("/")[2] in (LOG_ALPHA, LOG_SIGMA2) for name in leaves):
+        raise ValueError(
+            f"the params hold no learned noise (no 'log_alpha' or 'log_sigma2' leaf beside a "
+            f"kernel; leaves: {list(leaves)[:8]}); build the model with bn.nn.learned_noise "
+            f"or bn.nn.add_learned_noise."
+        )
+    out = []
+    for name, leaf in leaves.items():
+        parent, _, last = name.rpartition("/")
+        if last not in (LOG_ALPHA, LOG_SIGMA2):
+            continue
+        kpath = f"{parent}/kernel" if parent else "kernel"
+        kernel = leaves.get(kpath)
+        if kernel is None or jnp.ndim(kernel) < 2:
+            raise ValueError(
+                f"the learned-noise leaf {name!r} has no kernel (of two or more axes) beside it "
+                f"at {kpath!r}; the leaves are {list(leaves)[:8]}."
+            )
+        kernel, leaf = jnp.asarray(kernel), jnp.asarray(leaf)
+        if last == LOG_ALPHA:
+            want = (kernel.shape[-2],)
+        else:
+            want = kernel.shape
+        if leaf.shape != want:
+            raise ValueError(
+                f"the learned-noise leaf {name!r} has shape {leaf.shape}, but its kernel "
+                f"{kpath!r} of shape {kernel.shape} needs {want} (a grouped Conv's row noise "
+                f"does not map onto its kernel rows)."
+            )
+        if last == LOG_ALPHA:
+            variance = jnp.exp(_over_rows(leaf, kernel)) * kernel**2
+            out.append(LearnedLayer(kpath, "row", kernel, leaf, variance))
+        else:
+            log_alpha = leaf - jnp.log(kernel**2 + _TINY)
+            out.append(LearnedLayer(kpath, "weight", kernel, log_alpha, jnp.exp(leaf)))
+    return out
 
 
 # ----------------------------------------------------------------------------- DropConnect

@@ -5,7 +5,11 @@ posterior mean μ and standard deviation σ of every weight (see :mod:`bayesnois
 
 * signal-to-noise, SNR = |μ| / σ (Graves, 2011; Blundell et al., 2015);
 * signal-plus-robustness, SPR = |μ| + σ;
-* magnitude = |μ|.
+* magnitude = |μ|;
+* for learned noise (variational dropout), −log α (:func:`log_alpha`), with α the learned
+  noise variance of a weight or of its row: an SNR rule, since α = σ² / μ², and the threshold
+  rule log α < 3 (:func:`log_alpha_threshold`); :func:`learned_moments` gives μ and σ of
+  such a network for the other scores.
 
 A keep-mask for a pruning fraction f keeps the round((1 − f) · n) highest-scoring weights among
 the n prunable ones: across all prunable leaves (``scope="global"``) or within each leaf
@@ -43,12 +47,17 @@ from jax.experimental import sparse as jsparse
 from jax.typing import ArrayLike
 
 from bayesnoise import _tree
+from bayesnoise import nn as bnn
 from bayesnoise._tree import PyTree, Where
 
 __all__ = [
     "snr",
     "spr",
     "magnitude",
+    "log_alpha",
+    "learned_moments",
+    "log_alpha_threshold",
+    "ThresholdMask",
     "mask",
     "apply",
     "sparsity",
@@ -109,6 +118,108 @@ def spr(mean: PyTree, std: PyTree) -> PyTree:
 def magnitude(mean: PyTree) -> PyTree:
     """Magnitude |μ| per weight (the classic baseline; ``mean`` may be point estimates)."""
     return jax.tree.map(jnp.abs, mean)
+
+
+def _kernel_tree(params: PyTree, values: dict[str, Any], fill: Callable[[Any], Any]) -> PyTree:
+    """A tree like ``params``: ``values[path]`` at the given paths, ``fill(leaf)`` elsewhere."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for path, leaf in flat:
+        name = _tree.path_str(path)
+        out.append(values[name] if name in values else fill(leaf))
+    return jax.tree.unflatten(treedef, out)
+
+
+def log_alpha(params: PyTree) -> PyTree:
+    """Scores −log α per kernel weight of a learned-noise network (higher = kept longer).
+
+    α is the learned noise variance (:func:`bayesnoise.nn.learned_noise`): per weight,
+    log α = log σ² − log(θ² + 1e-8); per row, the row's log α shared by its weights. Since
+    α = σ² / θ², −log α = 2 log(|θ| / σ) ranks like SNR. The tree has the structure of
+    ``params`` (so :func:`mask` and :func:`curve` take it with the same params) and ``None``
+    at every leaf that is not a kernel with learned noise: those are not prunable by this rule
+    and are kept whole.
+
+    Args:
+        params: linen variables or an NNX state with learned noise.
+
+    Returns:
+        a tree like ``params``: −log α (kernel-shaped) at noised kernels, None elsewhere.
+
+    Raises:
+        ValueError: the params hold no learned noise.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, bayesnoise as bn
+        >>> model = bn.nn.MLP((8, 2))
+        >>> vd = bn.nn.learned_noise(model, per="row")
+        >>> params = vd.init(jax.random.key(0), jnp.ones((1, 4)))
+        >>> scores = bn.prune.log_alpha(params)
+        >>> scores["params"]["Dense_0"]["kernel"].shape, scores["params"]["Dense_0"]["bias"]
+        ((4, 8), None)
+        >>> keep = bn.prune.mask(scores, 0.5)
+    """
+    layers = bnn.learned_layers(params, require=True)
+    scores = {layer.path: -layer.weight_log_alpha for layer in layers}
+    return _kernel_tree(params, scores, lambda _: None)
+
+
+def learned_moments(params: PyTree) -> tuple[PyTree, PyTree]:
+    """The variational mean μ and standard deviation σ of every weight of a learned-noise net.
+
+    Per weight, w ~ N(θ, σ²): μ = θ, σ = exp(½ log σ²). Per row, w_jk = ξ_j θ_jk with
+    ξ_j ~ N(1, α_j): μ = θ, σ = √α_j |θ_jk|. Other leaves (biases, the noise parameters
+    themselves, kernels without noise) are point estimates: μ the leaf, σ = 0. Feed the pair
+    to :func:`snr`, :func:`spr` or :func:`magnitude`; the scores then have the structure of
+    ``params``, ready for :func:`mask` and :func:`curve` (which prune kernels only by default).
+
+    Args:
+        params: linen variables or an NNX state with learned noise.
+
+    Returns:
+        ``(mean, std)``, two trees like ``params``.
+
+    Raises:
+        ValueError: the params hold no learned noise.
+    """
+    layers = bnn.learned_layers(params, require=True)
+    std = {layer.path: jnp.sqrt(layer.variance) for layer in layers}
+    mean = jax.tree.map(jnp.asarray, params)
+    return mean, _kernel_tree(params, std, jnp.zeros_like)
+
+
+class ThresholdMask(NamedTuple):
+    mask: PyTree  # like params: booleans (True = keep) at noised kernels, None elsewhere
+    fraction_removed: jax.Array  # shape (): the share of noised kernel weights removed
+
+
+def log_alpha_threshold(params: PyTree, threshold: float = 3.0) -> ThresholdMask:
+    """The sparse variational dropout rule: keep a weight iff log α < ``threshold``.
+
+    log α > 3 means α > e³ ≈ 20: noise with a standard deviation over 4.5 times the weight's
+    mean, so SNR = 1/√α < 0.22 (Molchanov et al., 2017). A row's α decides for all its weights.
+    Use the mask with :func:`apply` (leaves without noise are kept whole). The pruned network
+    is meant to be run as the mean network; a per-weight noisy apply still adds the pruned
+    weights' variance σ².
+
+    Args:
+        params: linen variables or an NNX state with learned noise.
+        threshold: weights whose log α is at or above it are removed; default 3.
+
+    Returns:
+        :class:`ThresholdMask` ``(mask, fraction_removed)``; the fraction counts the weights
+        of the noised kernels.
+
+    Raises:
+        ValueError: the params hold no learned noise, or ``threshold`` is NaN.
+    """
+    if not isinstance(threshold, jax.core.Tracer) and np.isnan(threshold):
+        raise ValueError(f"threshold must be a number (a log α); got {threshold!r}.")
+    layers = bnn.learned_layers(params, require=True)
+    keep = {layer.path: layer.weight_log_alpha < threshold for layer in layers}
+    removed = sum(jnp.sum(~k) for k in keep.values())
+    total = sum(k.size for k in keep.values())
+    return ThresholdMask(_kernel_tree(params, keep, lambda _: None), removed / total)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import optimize, stats
+from scipy import integrate, optimize, stats
 
 import bayesnoise as bn
 
@@ -276,3 +276,83 @@ def test_bad_variance_is_rejected():
     wrong_shape["a"]["kernel"] = var["a"]["kernel"][:, :2]
     with pytest.raises(ValueError, match=r"'a/kernel' has shape \(6, 2\).*\(6, 4\)"):
         bn.penalties.log_norm_unidentifiable(mean, h, wrong_shape)
+
+
+# ---------------------------------------------------------------- KL to the log-uniform prior
+
+
+def _exact_neg_kl(log_alpha):
+    """½ log α − E_{ε~N(1,α)} log|ε|, the α-dependent part of −KL(N(θ, αθ²) ‖ log-uniform),
+    by quadrature. With ε = √α (z + m), m = α^(-1/2), z ~ N(0, 1), it is −E log|z + m|
+    = −∫_0^∞ log t [φ(t − m) + φ(t + m)] dt, integrated piecewise around the peak at t = m
+    (the log singularity at t = 0 is integrable, at an endpoint)."""
+    m = math.exp(-0.5 * log_alpha)
+
+    def f(t):
+        return math.log(t) * (stats.norm.pdf(t - m) + stats.norm.pdf(t + m))
+
+    cuts = sorted({0.0, max(m - 40.0, 0.0), m, m + 40.0})
+    parts = [
+        integrate.quad(f, a, b, epsabs=1e-12, epsrel=1e-10, limit=200)
+        for a, b in zip(cuts, cuts[1:])
+    ]
+    return -sum(value for value, _ in parts)
+
+
+def test_kl_log_uniform_matches_numerical_integration():
+    """Molchanov et al.'s fit is within 0.01 of the exact KL over log α in [-20, 20]; the
+    constant k1 is the one that makes KL → 0 as α → ∞, (γ + log 2)/2."""
+    grid = np.linspace(-20.0, 20.0, 41)
+    exact = np.array([_exact_neg_kl(la) for la in grid]) - 0.63576  # C = −k1
+    approx = -np.asarray(bn.penalties.kl_log_uniform(jnp.asarray(grid)), np.float64)
+    assert np.abs(approx - exact).max() < 0.01
+    assert abs((np.euler_gamma + math.log(2)) / 2 - 0.63576) < 1e-3
+    # the exact −KL really varies by ~10 nats over the grid: the check is not vacuous
+    assert exact.max() - exact.min() > 9.0
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_kl_log_uniform_is_stable_and_decreasing(jit):
+    kl = jax.jit(bn.penalties.kl_log_uniform) if jit else bn.penalties.kl_log_uniform
+    grid = jnp.linspace(-20.0, 20.0, 401)
+    values = np.asarray(kl(grid))
+    grads = np.asarray(jax.vmap(jax.grad(kl))(grid))
+    assert np.all(np.isfinite(values)) and np.all(np.isfinite(grads))
+    assert np.all(np.diff(values) < 0) and np.all(grads < 0)
+    assert values[-1] == pytest.approx(0.0, abs=1e-8)  # KL → 0 as α → ∞
+    assert values[0] == pytest.approx(0.63576 + 10.0, abs=1e-4)  # ≈ k1 − ½ log α for α → 0
+    # the formula with the logs written out, where it is well conditioned
+    mid = np.linspace(-5.0, 5.0, 11)
+    direct = (
+        0.63576 - 0.63576 / (1 + np.exp(-(1.87320 + 1.48695 * mid))) + 0.5 * np.log1p(np.exp(-mid))
+    )
+    np.testing.assert_allclose(np.asarray(kl(jnp.asarray(mid))), direct, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per", ["row", "weight"])
+def test_learned_noise_kl_has_one_term_per_weight_or_row(per):
+    model = bn.nn.MLP((5, 3))
+    vd = bn.nn.learned_noise(model, per, init_log_alpha=-2.0)
+    params = vd.init(jax.random.key(0), jnp.ones((1, 4)))
+    terms = (4 + 5) if per == "row" else (4 * 5 + 5 * 3)
+    one = float(bn.penalties.kl_log_uniform(-2.0))
+    assert float(bn.penalties.learned_noise_kl(params)) == pytest.approx(terms * one, rel=1e-5)
+    # from the raw leaves: log α = log σ² − log θ² per weight, the parameter per row
+    layer = params["params"]["Dense_1"]
+    if per == "weight":
+        layer["log_sigma2"] = layer["log_sigma2"].at[0, 0].add(1.0)
+        want = (terms - 1) * one + float(bn.penalties.kl_log_uniform(-1.0))
+    else:
+        layer["log_alpha"] = layer["log_alpha"].at[0].add(1.0)
+        want = (terms - 1) * one + float(bn.penalties.kl_log_uniform(-1.0))
+    got = float(jax.jit(bn.penalties.learned_noise_kl)(params))
+    assert got == pytest.approx(want, rel=1e-5)
+    grads = jax.grad(bn.penalties.learned_noise_kl)(params)
+    name = "log_alpha" if per == "row" else "log_sigma2"
+    assert float(jnp.abs(grads["params"]["Dense_0"][name]).min()) > 0
+
+
+def test_learned_noise_kl_without_learned_noise():
+    params = bn.nn.MLP((5, 3)).init(jax.random.key(0), jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="hold no learned noise.*params/Dense_0/kernel"):
+        bn.penalties.learned_noise_kl(params)

@@ -421,3 +421,117 @@ def test_breakpoint_old_name_warns_and_agrees():
     with pytest.warns(DeprecationWarning, match="breakpoint_fraction"):
         old = prune.breakpoint(f, err, 0.02)
     assert old == prune.breakpoint_fraction(f, err, 0.02) == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned noise: log α scores, the threshold rule, variational moments
+
+
+def _learned_params(per):
+    import bayesnoise as bn
+
+    vd = bn.nn.learned_noise(bn.nn.MLP((5, 3)), per)
+    params = vd.init(jax.random.key(0), jnp.ones((1, 4)))
+    # distinct log α per row / per weight, spread over [-6, 6], so that every score is known
+    for i, name in enumerate(("Dense_0", "Dense_1")):
+        layer = params["params"][name]
+        shape = layer["kernel"].shape[:1] if per == "row" else layer["kernel"].shape
+        size = int(np.prod(shape))
+        spread = jax.random.permutation(jax.random.key(10 + i), jnp.linspace(-6, 6, size))
+        log_alpha = spread.reshape(shape)
+        if per == "row":
+            layer["log_alpha"] = log_alpha
+        else:
+            layer["log_sigma2"] = log_alpha + jnp.log(layer["kernel"] ** 2 + 1e-8)
+    return vd, params
+
+
+def _weight_log_alpha(params, name, per):
+    layer = params["params"][name]
+    if per == "row":
+        return jnp.broadcast_to(layer["log_alpha"][:, None], layer["kernel"].shape)
+    return layer["log_sigma2"] - jnp.log(layer["kernel"] ** 2 + 1e-8)
+
+
+@pytest.mark.parametrize("per", ["row", "weight"])
+def test_log_alpha_scores_masks_and_curves(per):
+    vd, params = _learned_params(per)
+    scores = prune.log_alpha(params)
+    for name in ("Dense_0", "Dense_1"):
+        got = scores["params"][name]
+        np.testing.assert_allclose(got["kernel"], -_weight_log_alpha(params, name, per), rtol=1e-5)
+        assert got["bias"] is None and got["log_alpha" if per == "row" else "log_sigma2"] is None
+    keep = prune.mask(scores, 0.4)
+    names = ("Dense_0", "Dense_1")
+    la = np.concatenate([np.ravel(_weight_log_alpha(params, n, per)) for n in names])
+    kept = np.concatenate([np.ravel(keep["params"][n]["kernel"]) for n in names])
+    assert kept.sum() == round(0.6 * 35) and la[kept].max() <= la[~kept].min()
+    assert keep["params"]["Dense_0"]["bias"] is None  # not prunable: kept whole by apply
+    x = jax.random.normal(jax.random.key(3), (7, 4))
+    count = lambda p: sum(
+        jnp.count_nonzero(p["params"][n]["kernel"]) for n in ("Dense_0", "Dense_1")
+    )
+    np.testing.assert_array_equal(
+        prune.curve(count, params, scores, jnp.array([0.0, 0.4, 1.0])), [35, 21, 0]
+    )
+    mean_out = lambda p: vd.apply(p, x, deterministic=True).sum()
+    assert prune.curve(mean_out, params, scores, jnp.array([0.0, 0.5])).shape == (2,)
+
+
+@pytest.mark.parametrize("per", ["row", "weight"])
+def test_learned_moments_give_the_variational_mean_and_std(per):
+    _, params = _learned_params(per)
+    mean, std = prune.learned_moments(params)
+    chex.assert_trees_all_equal(mean, params)
+    for name in ("Dense_0", "Dense_1"):
+        layer = params["params"][name]
+        if per == "row":
+            want = jnp.sqrt(jnp.exp(layer["log_alpha"]))[:, None] * jnp.abs(layer["kernel"])
+        else:
+            want = jnp.exp(0.5 * layer["log_sigma2"])
+        np.testing.assert_allclose(std["params"][name]["kernel"], want, rtol=1e-5)
+        assert not np.any(std["params"][name]["bias"])
+    # SNR = |θ| / σ = α^(-1/2) (with α = σ² / θ² exactly): 2 log SNR = −log α
+    snr = prune.snr(mean, std)
+    for name in ("Dense_0", "Dense_1"):
+        layer = params["params"][name]
+        if per == "row":
+            want = -jnp.broadcast_to(layer["log_alpha"][:, None], layer["kernel"].shape)
+        else:
+            want = jnp.log(layer["kernel"] ** 2) - layer["log_sigma2"]
+        np.testing.assert_allclose(
+            2 * np.log(snr["params"][name]["kernel"]), want, rtol=1e-4, atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("per", ["row", "weight"])
+def test_log_alpha_threshold_rule(per):
+    _, params = _learned_params(per)
+    keep, removed = prune.log_alpha_threshold(params)
+    total, dropped = 0, 0
+    for name in ("Dense_0", "Dense_1"):
+        want = np.asarray(_weight_log_alpha(params, name, per)) < 3.0
+        np.testing.assert_array_equal(keep["params"][name]["kernel"], want)
+        assert keep["params"][name]["bias"] is None
+        total, dropped = total + want.size, dropped + (~want).sum()
+    assert 0 < dropped < total
+    assert float(removed) == pytest.approx(dropped / total)
+    pruned = prune.apply(params, keep)
+    np.testing.assert_array_equal(
+        pruned["params"]["Dense_0"]["bias"], params["params"]["Dense_0"]["bias"]
+    )
+    assert int(jnp.sum(pruned["params"]["Dense_1"]["kernel"] == 0)) == int(
+        (~np.asarray(keep["params"]["Dense_1"]["kernel"])).sum()
+    )
+    _, none_removed = jax.jit(prune.log_alpha_threshold)(params, 100.0)
+    assert float(none_removed) == 0.0
+
+
+def test_learned_noise_scores_bad_inputs():
+    plain = mlp_params(jax.random.key(0))
+    for fn in (prune.log_alpha, prune.learned_moments, prune.log_alpha_threshold):
+        with pytest.raises(ValueError, match="hold no learned noise.*params/Dense_0"):
+            fn(plain)
+    _, params = _learned_params("row")
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        prune.log_alpha_threshold(params, float("nan"))
