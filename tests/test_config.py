@@ -1,12 +1,14 @@
 """Experiment configs: the shipped YAML files, validation errors, overrides, round trips."""
 
 import dataclasses
+import inspect
 import pickle
 from pathlib import Path
 
 import pytest
 import yaml
 
+from bayesnoise import nn as bnn
 from bayesnoise import noise as bnoise
 from bayesnoise.pipeline import config as bconfig
 from bayesnoise.pipeline.config import ConfigError, load_config
@@ -16,14 +18,15 @@ DIGITS = CONFIGS[0].parent / "digits.yaml"
 
 
 def test_configs_are_shipped():
-    assert {p.stem for p in CONFIGS} >= {"digits", "mnist", "imdb", "msd"}
+    shipped = {p.stem for p in CONFIGS}
+    assert shipped >= {"digits", "mnist", "imdb", "msd", "mnist_sparsevd", "mnist_learned_rows"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_config_loads_and_round_trips(path):
     cfg = load_config(path)
     assert isinstance(cfg, bconfig.Config)
-    assert cfg.name == path.stem == cfg.data.name
+    assert cfg.name == path.stem and path.stem.split("_")[0] == cfg.data.name
     assert load_config(cfg.to_dict()) == cfg
     assert load_config(yaml.safe_load(cfg.to_yaml())) == cfg
     assert load_config(cfg) == cfg
@@ -389,3 +392,84 @@ def test_configs_pickle_and_validate_their_json_schema():
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     schema = bconfig.Config.model_json_schema()
     assert schema["properties"]["noise"]["discriminator"]["propertyName"] == "kind"
+
+
+def test_shipped_learned_noise_configs():
+    sparse = load_config(DIGITS.parent / "mnist_sparsevd.yaml")
+    rows = load_config(DIGITS.parent / "mnist_learned_rows.yaml")
+    for cfg in (sparse, rows):
+        assert cfg.data.name == "mnist" and cfg.noise.kind == "learned" and cfg.noise.input is None
+        assert not cfg.em.enabled and cfg.prune.moments == "laplace"
+        assert 0 < cfg.noise.warmup_epochs <= cfg.train.epochs // 4
+    assert sparse.model.hidden_sizes == (300, 100) and sparse.noise.per == "weight"
+    assert sparse.train.batch_size == 100 and sparse.train.learning_rate == 1e-3
+    assert rows.model.hidden_sizes == (400, 400) and rows.noise.per == "row"
+
+
+def test_learned_noise_defaults_come_from_the_core():
+    learned = inspect.signature(bnn.learned_noise).parameters
+    cfg = load_config({"noise": {"kind": "learned"}})
+    assert cfg.noise == bconfig.NoiseConfig(kind="learned")
+    assert cfg.noise.per == learned["per"].default == "row"
+    assert cfg.noise.init_log_alpha == learned["init_log_alpha"].default
+    assert cfg.noise.kl_weight == 1.0 and cfg.noise.warmup_epochs == 0
+    assert type(cfg.noise.init_log_alpha) is float and type(cfg.noise.warmup_epochs) is int
+    assert cfg.noise.keep is None and cfg.noise.input is None  # another kind's parameter
+    assert load_config(cfg.to_dict()) == cfg and load_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    build = bconfig.build_noise(cfg)  # model -> bn.nn.learned_noise(model, ...)
+    assert build.func is bnn.learned_noise
+    assert build.keywords == {"per": "row", "init_log_alpha": learned["init_log_alpha"].default}
+    import jax
+    import jax.numpy as jnp
+
+    weight = load_config({"noise": {"kind": "learned", "per": "weight", "init_log_alpha": -6}})
+    vd = bconfig.build_noise(weight)(bnn.MLP((4, 2)))
+    variables = vd.init(jax.random.key(0), jnp.ones((1, 3)))
+    assert set(variables["params"]["Dense_0"]) == {"kernel", "bias", "log_sigma2"}
+    layer = bnn.learned_layers(variables)[0]
+    assert jnp.allclose(layer.log_alpha, -6.0, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "noise, key, words",
+    [
+        ({"init_log_alpha": 12.5}, "noise.init_log_alpha", ["12.5", "a number in [-12, 12]"]),
+        ({"init_log_alpha": -13}, "noise.init_log_alpha", ["-13", "[-12, 12]"]),
+        ({"per": "column"}, "noise.per", ["'column'", "one of row, weight"]),
+        ({"kl_weight": -0.5}, "noise.kl_weight", ["-0.5", "a number >= 0"]),
+        ({"kl_weight": "heavy"}, "noise.kl_weight", ["'heavy'", ">= 0"]),
+        ({"warmup_epochs": -1}, "noise.warmup_epochs", ["-1", "an int >= 0"]),
+        ({"warmup_epochs": 2.5}, "noise.warmup_epochs", ["2.5", "an int >= 0"]),
+        ({"keep": 0.5}, "noise.keep", ["0.5", "kind learned takes per, init_log_alpha"]),
+        ({"input": {"kind": "bernoulli"}}, "noise.input", ["kind bernoulli", "null (omit it)"]),
+    ],
+)
+def test_learned_noise_errors_name_the_key_value_and_allowed(noise, key, words):
+    e = _error({"noise": {"kind": "learned", **noise}})
+    assert e.key == key and str(e).startswith(f"{key}: ") and "allowed:" in str(e)
+    for w in words:
+        assert w in str(e)
+
+
+def test_learned_noise_is_not_an_input_noise_and_other_kinds_take_none_of_its_fields():
+    e = _error({"noise": {"kind": "bernoulli", "input": {"kind": "learned"}}})
+    assert e.key == "noise.input.kind" and "allowed: one of bernoulli, gaussian" in str(e)
+    assert "learned" not in str(e).rpartition("allowed:")[2]
+    e = _error({"noise": {"kind": "gaussian", "per": "row"}})
+    assert e.key == "noise.per" and "kind gaussian takes alpha" in str(e)
+    e = _error({"noise": {"kind": "learned", "perr": "row"}})
+    assert e.key == "noise.perr" and "unknown key (did you mean 'per'?)" in str(e)
+    e = _error({"em": {"hyperprior": {"kind": "learned"}}})  # not a hyperprior
+    assert e.key == "em.hyperprior.kind" and "'learned'" in str(e)
+
+
+def test_overriding_the_kind_to_and_from_learned():
+    cfg = load_config(DIGITS, ["noise.kind=learned", "noise.per=weight"])
+    assert cfg.noise.kind == "learned" and cfg.noise.per == "weight"
+    assert cfg.noise.input is None and cfg.noise.keep is None  # the input noise dropped too
+    e = _error(DIGITS, ["noise.kind=learned", "noise.input.keep=0.9"])  # unless set
+    assert e.key == "noise.input" and "null" in str(e)
+    back = load_config(cfg, ["noise.kind=bernoulli"])
+    assert back.noise == bconfig.NoiseConfig(kind="bernoulli") and back.noise.per is None
+    cfg = load_config(cfg, ["noise.warmup_epochs=5", "noise.kl_weight=0.1"])  # same kind: kept
+    assert cfg.noise.per == "weight" and cfg.noise.warmup_epochs == 5 and cfg.noise.kl_weight == 0.1

@@ -70,3 +70,85 @@ def test_run_writes_the_report(tmp_path, capsys):
     first = capsys.readouterr().out
     assert "breakpoint" in first and str(out / "results.json") in first
     assert matplotlib.get_backend() == backend  # the report never switches the backend
+
+
+LEARNED = [
+    "noise.kind=learned",  # drops the digits config's input noise
+    "noise.per=weight",
+    "noise.warmup_epochs=1",
+    "sgld.step_size=1e-5",  # a fixed step: no adaptation
+    "em.enabled=false",
+    "prune.soft_target.enabled=false",
+    "prune.finetune_epochs=0",
+]
+
+
+def test_a_learned_noise_run_adds_the_log_alpha_rule_the_threshold_and_its_plots(tmp_path):
+    import bayesnoise as bn
+
+    out = tmp_path / "learned"
+    assert run_cli(out, *LEARNED) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["noise"]["kind"] == "learned" and res["config"]["noise"]["input"] is None
+    assert set(res["curves"]) == {"snr", "spr", "magnitude", "log_alpha"}
+    pts = np.asarray(res["curves"]["log_alpha"])
+    np.testing.assert_allclose(pts[:, 0], [0.0, 0.2, 0.4, 0.6, 0.8], atol=1e-6)
+    assert np.all((pts[:, 1] >= 0) & (pts[:, 1] <= 1)) and 0 <= res["breakpoints"]["log_alpha"]
+    ln = res["learned_noise"]
+    assert ln["per"] == "weight" and ln["threshold"]["log_alpha"] == 3.0
+    # the later stages read the mean network: its metric is the log alpha curve's first point
+    assert ln["mean_metric"] == pytest.approx(res["trained_metric"]) == pytest.approx(pts[0, 1])
+    assert res["unpruned"] == pytest.approx(res["trained_metric"], abs=1e-6)  # Laplace at it
+    assert 0 <= ln["threshold"]["metric"] <= 1
+    mc = ln["mc"]
+    assert 0 <= mc["error"] <= 1 and mc["nll"] > 0 and 0 <= mc["ece"] <= 1
+    assert "mc_dropout" not in res["predictive"]
+    # the threshold's share, recomputed from the stored variables: log α = log σ² − log θ²
+    trained = bn.io.load(out / "checkpoints" / "train.msgpack")["value"]
+    layers = trained["variables"]["params"]
+    log_alpha = [
+        np.asarray(layer["log_sigma2"]) - np.log(np.asarray(layer["kernel"]) ** 2 + 1e-8)
+        for layer in layers.values()
+    ]
+    removed = sum(int(np.sum(a >= 3.0)) for a in log_alpha) / sum(a.size for a in log_alpha)
+    assert ln["threshold"]["fraction_removed"] == pytest.approx(removed, abs=1e-6)
+    mean = trained["params"]["params"]  # the mean network: the same weights, no noise leaves
+    assert set(mean) == set(layers) and all(set(mean[k]) == {"kernel", "bias"} for k in mean)
+    np.testing.assert_array_equal(mean["Dense_0"]["kernel"], layers["Dense_0"]["kernel"])
+    plots = {Path(p).name for p in res["plots"]}
+    assert "log_alpha_hist.png" in plots and (out / "log_alpha_hist.png").stat().st_size > 0
+    assert "kept_per_pixel.png" not in plots  # 64 inputs: no 28 x 28 image
+    assert not (out / "kept_per_pixel.png").exists()
+
+
+@pytest.mark.parametrize("per", ["row", "weight"])
+def test_the_learned_noise_plots_map_the_kept_weights_of_28_by_28_inputs(tmp_path, per):
+    import jax
+    import jax.numpy as jnp
+
+    import bayesnoise as bn
+    from bayesnoise.pipeline import report
+
+    vd = bn.nn.learned_noise(bn.nn.MLP((8, 3)), per=per)
+    variables = vd.init(jax.random.key(0), jnp.ones((1, 784)))
+    mean = bn.inference.mean_params(variables)
+    curve = [[0.0, 0.1], [0.5, 0.12]]
+    results = {
+        "metric": "error",
+        "dataset": "toy",
+        "unpruned": 0.1,
+        "curves": {"snr": curve, "log_alpha": curve},
+        "breakpoints": {"snr": 0.5, "log_alpha": 0.5},
+        "em": [],
+        "learned_noise": {
+            "per": per,
+            "threshold": {"log_alpha": 3.0, "fraction_removed": 0.7, "metric": 0.13},
+        },
+    }
+    moments = {"mean": mean, "std": mean}
+    files = report.plots(tmp_path, None, results, moments, moments, learned=variables)
+    names = [Path(f).name for f in files]
+    assert names[-2:] == ["log_alpha_hist.png", "kept_per_pixel.png"]
+    for f in files:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*")) and len(list(tmp_path.iterdir())) == len(files)

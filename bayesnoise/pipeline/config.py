@@ -8,7 +8,8 @@ raises a :class:`ConfigError` (a ``ValueError``) that names the dotted key, the 
 is allowed. A null section takes its defaults, and ``load_config(cfg.to_dict()) == cfg``.
 Floats may be written ``1e-3`` (text to YAML 1.1); integers must be written as integers. The
 noise and the EM hyperprior are unions discriminated by ``kind``: a model per kind, with the
-parameters and defaults of the :mod:`bayesnoise.noise` class the kind builds.
+parameters and defaults of the :mod:`bayesnoise.noise` class the kind builds (for the learned
+noise, of :func:`bayesnoise.nn.learned_noise` and :func:`bayesnoise.train.variational_loss`).
 
 Example:
     >>> from bayesnoise.pipeline.config import load_config
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
 import re
@@ -40,7 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from bayesnoise import data as bdata
+from bayesnoise import nn as bnn
 from bayesnoise import noise as bnoise
+from bayesnoise import train as btrain
 
 __all__ = [
     "ConfigError",
@@ -242,8 +246,29 @@ _NOISES = (bnoise.Bernoulli, bnoise.Gaussian, bnoise.Beta, bnoise.Gamma, bnoise.
 _DISTRIBUTIONS = {"none": None, **{c.__name__.lower(): c for c in _NOISES}}
 _DISTRIBUTIONS["inverse_gamma"] = bnoise.InverseGammaScale  # a hyperprior only
 _SIGNATURES = {k: inspect.signature(c).parameters for k, c in _DISTRIBUTIONS.items() if c}
-_PARAMETERS = tuple(dict.fromkeys(name for ps in _SIGNATURES.values() for name in ps))
 _BOUNDS = {"keep": {"gt": 0, "le": 1}, "loc": {}}  # every other parameter: > 0
+_PARAMETER_FIELDS = {  # per kind, its parameters as pydantic fields
+    kind: {n: (_Float, Field(p.default, **_BOUNDS.get(n, {"gt": 0}))) for n, p in ps.items()}
+    for kind, ps in _SIGNATURES.items()
+}
+# The learned noise: the parameters of bayesnoise.nn.learned_noise and of the KL term of
+# bayesnoise.train.variational_loss, with their defaults; the KL's warm-up counted in epochs.
+_LEARNED = {
+    **inspect.signature(bnn.learned_noise).parameters,
+    **inspect.signature(btrain.variational_loss).parameters,
+}
+_LOG_ALPHA_RANGE = dict(zip(("ge", "le"), bnn.INIT_LOG_ALPHA_RANGE))
+_PARAMETER_FIELDS["learned"] = {
+    "per": (Literal["row", "weight"], _LEARNED["per"].default),
+    "init_log_alpha": (_Float, Field(_LEARNED["init_log_alpha"].default, **_LOG_ALPHA_RANGE)),
+    "kl_weight": (_Float, Field(_LEARNED["kl_weight"].default, ge=0)),
+    "warmup_epochs": (int, Field(0, ge=0)),
+}
+_PARAMETERS = tuple(dict.fromkeys(n for fields in _PARAMETER_FIELDS.values() for n in fields))
+# The keys besides `kind` a kind takes: its parameters, and an input noise unless it is learned
+# (a learned noise learns the input layer's noise too).
+_TAKES = {k: (*_PARAMETER_FIELDS.get(k, ()), "input") for k in _DISTRIBUTIONS}
+_TAKES["learned"] = tuple(_PARAMETER_FIELDS["learned"])
 
 
 class _Distribution(_Section):
@@ -255,7 +280,11 @@ class _Distribution(_Section):
     def __getattr__(self, name: str) -> Any:
         return None if name in _PARAMETERS else super().__getattr__(name)  # of another kind
 
-    def _build(self) -> bnoise.Noise | None:
+    def _build(self) -> bnoise.Noise | Callable | None:
+        if self.kind == "learned":
+            return functools.partial(
+                bnn.learned_noise, per=self.per, init_log_alpha=self.init_log_alpha
+            )
         cls, names = _DISTRIBUTIONS[self.kind], _SIGNATURES.get(self.kind, ())
         return cls(**{n: getattr(self, n) for n in names}) if cls else None
 
@@ -264,11 +293,8 @@ def _union_of_kinds(base: type[_Distribution], kinds: str, **fields: Any) -> Any
     """The union of ``base``'s kinds, discriminated by ``kind``, the first the default."""
     base._kinds, kinds = {}, kinds.split()
     for kind in kinds:
-        params = {
-            name: (_Float, Field(p.default, **_BOUNDS.get(name, {"gt": 0})))
-            for name, p in _SIGNATURES.get(kind, {}).items()
-        }
-        name = getattr(_DISTRIBUTIONS[kind], "__name__", "None") + base.__name__[: -len("Config")]
+        params, cls = _PARAMETER_FIELDS.get(kind, {}), _DISTRIBUTIONS.get(kind)
+        name = (cls.__name__ if cls else kind.title()) + base.__name__[: -len("Config")]
         base._kinds[kind] = globals()[name] = pydantic.create_model(
             name, __base__=base, __module__=__name__, kind=(Literal[kind], kind), **params, **fields
         )
@@ -291,10 +317,23 @@ class NoiseConfig(_Distribution):
     gamma (``concentration``, ``rate``), lognormal (``loc``, ``scale``) or none. Another kind's
     parameter reads None; overriding ``noise.kind`` drops them. ``input``: a noise for the input
     layer ``Dense_0`` (Srivastava et al., 2014), without ``input``; null: as the other layers.
+
+    ``kind: learned``: variational dropout, the noise trained with the weights
+    (:func:`bayesnoise.nn.learned_noise` on every layer, the input layer's included, so no
+    ``input``): ``per`` row (one α per input unit) or weight (sparse variational dropout),
+    ``init_log_alpha``, and the KL term of :func:`bayesnoise.train.variational_loss`, its
+    weight ``kl_weight`` ramped in linearly over the first ``warmup_epochs`` epochs.
     """
 
     @model_validator(mode="after")
-    def _input_has_no_input(self):
+    def _input_noise(self):
+        if self.input is not None and self.kind == "learned":
+            got = f"an input noise of kind {self.input.kind}, but learned noise learns every "
+            raise _bad("input", got + "layer's noise, the input layer's too", "null (omit it)")
+        if self.input is not None and self.input.kind == "learned":
+            fixed = ", ".join(k for k in self._kinds if k != "learned")
+            got = "'learned'; a learned noise covers every layer, set noise.kind: learned instead"
+            raise _bad("input.kind", got, f"one of {fixed}")
         if self.input is not None and self.input.input is not None:
             detail = "the input-layer noise cannot have an input noise of its own; allowed: null."
             raise ConfigError("input.input", detail)
@@ -307,7 +346,9 @@ class HyperpriorConfig(_Distribution):
 
 
 _Noise = _union_of_kinds(
-    NoiseConfig, "bernoulli gaussian beta gamma lognormal none", input=(Union["_Noise", None], None)
+    NoiseConfig,
+    "bernoulli gaussian beta gamma lognormal none learned",
+    input=(Union["_Noise", None], None),
 )
 _Hyperprior = _union_of_kinds(HyperpriorConfig, "none inverse_gamma gamma lognormal beta")
 for _model in NoiseConfig._kinds.values():
@@ -595,7 +636,8 @@ def load_config(
         source: a YAML file, a mapping as parsed from one (not modified), or a :class:`Config`.
         overrides: ``"dotted.key=value"`` strings, the value read as YAML (``train.epochs=3``,
             ``prune.rules=[snr,spr]``, ``sgld.polynomial=null``), missing sections created.
-            Overriding a ``kind`` drops the old kind's parameters not overridden too.
+            Overriding a ``kind`` drops the old kind's parameters not overridden too (and, for
+            ``noise.kind=learned``, the input noise unless ``noise.input`` is overridden too).
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type or out of range, a bad override,
@@ -623,22 +665,26 @@ def load_config(
         *path, name = key.split(".")
         for part in path:
             node[part] = node[part] if isinstance(node.get(part), dict) else {}
+            touched.setdefault(id(node), (node, set()))[1].add(part)  # set inside: kept
             node = node[part]
         node[name] = value
         touched.setdefault(id(node), (node, set()))[1].add(name)
     for node, keys in touched.values():
         kind = node.get("kind")
-        if "kind" in keys and isinstance(kind, str) and kind in _DISTRIBUTIONS:
-            for name in set(_PARAMETERS) - keys - set(_SIGNATURES.get(kind, ())):
+        if "kind" in keys and isinstance(kind, str) and kind in _TAKES:
+            for name in {*_PARAMETERS, "input"} - keys - set(_TAKES[kind]):
                 node.pop(name, None)
     return Config(raw)
 
 
-def build_noise(noise: NoiseConfig | Config) -> bnoise.Noise | dict[str, bnoise.Noise] | None:
+def build_noise(
+    noise: NoiseConfig | Config,
+) -> bnoise.Noise | dict[str, bnoise.Noise] | Callable | None:
     """The noise of a config, in the form :func:`bayesnoise.nn.noisy_apply` takes: None for kind
     none; one :mod:`bayesnoise.noise` distribution for every layer; or, with an input noise,
     ``{"Dense_0/": input noise, "": hidden noise}`` (an input kind none is ``Bernoulli(1.0)``,
-    a hidden kind none leaves ``""`` out)."""
+    a hidden kind none leaves ``""`` out). For kind learned: ``model ->
+    bayesnoise.nn.learned_noise(model, per, init_log_alpha=...)``."""
     noise = noise.noise if isinstance(noise, Config) else noise
     hidden = noise._build()
     if noise.input is None:

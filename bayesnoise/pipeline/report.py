@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from bayesnoise import io as bio
+from bayesnoise import nn as bnn
 from bayesnoise._tree import path_str
 
 
@@ -28,8 +29,12 @@ def _save(fig, path: str) -> None:
     bio.write_bytes(path, buffer.getvalue())
 
 
-def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
-    """Writes the run's PNG plots into ``out`` and returns their paths."""
+def plots(out: Path, task: Any, results: dict, post, ref, *, learned: Any = None) -> list[str]:
+    """Writes the run's PNG plots into ``out`` and returns their paths.
+
+    ``learned``: the variables of a learned-noise network, for the histogram of its first
+    layer's log α and, for 28 x 28 inputs, the map of first-layer weights kept per pixel.
+    """
 
     files = []
     metric = results["metric"]
@@ -40,6 +45,7 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
         "spr": ("SPR |μ|+σ", "C0"),
         "snr": ("SNR |μ|/σ", "C3"),
         "magnitude": ("magnitude |μ|", "C2"),
+        "log_alpha": ("learned −log α", "C4"),
     }
     for rule, pts in results["curves"].items():
         pts = np.asarray(pts)
@@ -64,6 +70,13 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
     if results.get("soft_target"):
         st = np.asarray([p[:2] for p in results["soft_target"]], np.float64)
         ax.plot(100 * st[:, 0], scale * st[:, 1], "ks--", label="soft targets (retrained)")
+    threshold = (results.get("learned_noise") or {}).get("threshold")
+    if threshold:
+        f, v = threshold["fraction_removed"], threshold["metric"]
+        name = f"log α < {threshold.get('log_alpha', 3):g}"
+        ax.plot(
+            100 * f, scale * v, "*", ms=11, color="C4", label=f"{name} ({100 * f:.0f}% removed)"
+        )
     ax.axhline(scale * results["unpruned"], color="gray", lw=0.8, ls=":")
     ax.set_xlabel("weights removed (%)")
     ax.set_ylabel(label)
@@ -106,6 +119,43 @@ def plots(out: Path, task: Any, results: dict, post, ref) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         files.append(str(out / "em_scales.png"))
+        _save(fig, files[-1])
+    if learned is not None:
+        files += _learned_plots(out, results, learned)
+    return files
+
+
+def _learned_plots(out: Path, results: dict, variables) -> list[str]:
+    """The first layer's log α: a histogram (over its weights, or its rows for a row noise),
+    and, when its input is a 28 x 28 image, the number of its weights kept per pixel under the
+    threshold rule."""
+    first = bnn.learned_layers(variables, require=True)[0]
+    info = results.get("learned_noise") or {}
+    threshold = info.get("threshold", {}).get("log_alpha", 3.0)
+    unit = "weights" if first.per == "weight" else "rows (input units)"
+    files = []
+    fig, ax = _figure(figsize=(5, 3.5))
+    values = np.ravel(np.asarray(first.log_alpha, np.float64))
+    span = (min(values.min(), threshold) - 1, max(values.max(), threshold) + 1)  # the line too
+    ax.hist(values, bins=60, range=span, color="C4")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"log α = {threshold:g}")
+    ax.set_xlabel("log α")
+    ax.set_ylabel(f"first-layer {unit}")
+    ax.set_title(f"{results['dataset']}: learned noise of {first.path}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(str(out / "log_alpha_hist.png"))
+    _save(fig, files[-1])
+    kernel_rows = np.shape(first.kernel)[-2]
+    if np.ndim(first.kernel) == 2 and kernel_rows == 28 * 28:
+        kept = np.sum(np.asarray(first.weight_log_alpha) < threshold, axis=-1).reshape(28, 28)
+        fig, ax = _figure(figsize=(4.5, 4))
+        image = ax.imshow(kept, cmap="viridis")
+        fig.colorbar(image, ax=ax, label="kept weights")
+        ax.set_axis_off()
+        ax.set_title(f"first-layer weights kept per pixel (log α < {threshold:g})", fontsize=9)
+        fig.tight_layout()
+        files.append(str(out / "kept_per_pixel.png"))
         _save(fig, files[-1])
     return files
 
@@ -151,7 +201,17 @@ def table(results: dict) -> str:
                 f"|mean| {rec['mean_abs_over_prior_sd']:.2f} prior sd"
             )
         lines.append(line)
-    for name, values in results.get("predictive", {}).items():
+    ln = results.get("learned_noise")
+    predictive = dict(results.get("predictive", {}))
+    if ln:
+        th = ln["threshold"]
+        lines.append(
+            f"learned noise (per {ln['per']}): mean net {fmt(ln['mean_metric'])}; "
+            f"log α < {th.get('log_alpha', 3):g} removes {100 * th['fraction_removed']:.1f}% "
+            f"of the weights, {m} {fmt(th['metric'])}"
+        )
+        predictive["learned_mc"] = ln["mc"]
+    for name, values in predictive.items():
         parts = ", ".join(
             f"{k} {fmt(v) if k == 'error' else f'{v:.3f}'}" for k, v in values.items()
         )

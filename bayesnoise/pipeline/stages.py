@@ -5,12 +5,16 @@ its last finished stage (a checkpoint made under other settings of the config se
 stage depends on is ignored and the stage runs again):
 
 1. ``train``: the MLP trained under the configured noise; its test metric by weight scaling.
+   A learned noise (variational dropout) is trained with the weights on the negative ELBO; the
+   later stages get its mean network, and the stage records the mean network's test metric,
+   the Monte Carlo predictive, and the share removed by the rule log α ≥ 3 with its metric.
 2. ``reference``: the same MLP trained without noise (for the mean-against-std picture).
 3. ``sgld``: posterior moments of the weight-scaled network's weights under the GSM prior, by
    SGLD chains; with EM enabled, every iteration is an SGLD E-step followed by the M-step.
 4. ``sgld_reference``: SGLD moments of the noise-free network.
 5. ``prune``: test metric against the fraction of weights removed, for every rule, from the
-   posterior mean, in one vmapped evaluation per rule; breakpoints at the tolerance.
+   posterior mean, in one vmapped evaluation per rule; breakpoints at the tolerance. With a
+   learned noise also the ``log_alpha`` rule (−log α) on the mean network.
 6. ``finetune``: at a few fractions, the pruned network retrained with its mask held fixed.
 7. ``soft_target``: students of equal weight count trained on the teacher's softened outputs.
 8. the report: ``results.json``, ``config.yaml`` (the config as run), PNG plots, a table.
@@ -76,7 +80,8 @@ class _Task:
         self.model = bnn.MLP(
             tuple(cfg.model.hidden_sizes) + (out_dim,), cfg.model.activation_fn, dtype
         )
-        self.noise = bconfig.build_noise(cfg)
+        self.noise = bconfig.build_noise(cfg)  # for a learned noise: model -> LearnedNoise
+        self.learned = cfg.noise.kind == "learned"
         self.y_std = float(getattr(ds, "y_std", 1.0))
 
     def init(self, key):
@@ -135,6 +140,14 @@ def _fit(task: _Task, key, params, loss_fn, targets, epochs: int, progress: bool
     )
 
 
+def _fit_labels(task: _Task, key, params, loss_fn, epochs: int, progress: bool, net=None):
+    """``_fit`` on the training labels, with the test metric of ``net(params)`` (default: of
+    ``params``) in the history of every epoch."""
+    net = net or (lambda p: p)
+    eval_fn = lambda p: {"test_metric": task.metric(net(p))}
+    return _fit(task, key, params, loss_fn, task.y_train, epochs, progress, eval_fn=eval_fn)
+
+
 def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
     tc = task.cfg.train
     epochs = epochs or tc.epochs
@@ -146,27 +159,66 @@ def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
         apply = lambda p, x, k: noisy(p, x, rngs={"noise": k})
     loss_fn = task.loss(apply)
     scaled = (lambda p: inference.weight_scale(p, noise)) if noise is not None else (lambda p: p)
-    res = _fit(
-        task,
-        jax.random.fold_in(key, 1),
-        params,
-        loss_fn,
-        task.y_train,
-        epochs,
-        progress,
-        eval_fn=lambda p: {"test_metric": task.metric(scaled(p))},
-    )
+    res = _fit_labels(task, jax.random.fold_in(key, 1), params, loss_fn, epochs, progress, scaled)
     final = scaled(res.params)
     out = {"params": final, "history": res.history, "metric": float(task.metric(final))}
     if noise is not None and task.classification:
         # Monte Carlo dropout's predictive, for the calibration table beside the posterior's
-        noisy = bnn.noisy_apply(task.model, noise)
-        fn = lambda k, x: noisy(res.params, x, rngs={"noise": k})
-        probs = inference.mc_predict(
-            jax.random.fold_in(key, 2), fn, task.x_test, task.cfg.eval.mc_samples
-        )
-        out["mc_dropout"] = _calibration(np.asarray(probs), task.y_test)
+        fn = inference.sampler(bnn.noisy_apply(task.model, noise), res.params)
+        out["mc_dropout"] = _mc_predictive(task, jax.random.fold_in(key, 2), fn)
     return out
+
+
+_LOG_ALPHA_THRESHOLD = 3.0  # the sparse variational dropout rule: remove a weight if log α >= 3
+
+
+def _train_learned(task: _Task, key, progress: bool):
+    """Variational dropout: the weights and their noise trained on the negative ELBO per example
+    (the KL weighted by ``noise.kl_weight``, ramped in over ``noise.warmup_epochs``)."""
+    nc, tc = task.cfg.noise, task.cfg.train
+    vd = task.noise(task.model)
+    variables = vd.init(jax.random.fold_in(key, 0), task.x_train[:1])
+    loss_fn = train.variational_loss(
+        lambda p, x, k: vd.apply(p, x, rngs={"noise": k}),
+        len(task.x_train),
+        kl_weight=nc.kl_weight,
+        warmup_steps=nc.warmup_epochs * (len(task.x_train) // tc.batch_size),
+        likelihood="categorical" if task.classification else "gaussian",
+    )
+    # the test metric of the mean network (task.metric ignores the noise leaves)
+    res = _fit_labels(task, jax.random.fold_in(key, 1), variables, loss_fn, tc.epochs, progress)
+    variables, mean = res.params, inference.mean_params(res.params)
+    metric = float(task.metric(mean))
+    kept = prune.log_alpha_threshold(variables, _LOG_ALPHA_THRESHOLD)
+    fn = inference.sampler(vd.apply, variables)
+    figures = {
+        "per": nc.per,
+        "threshold": {
+            "log_alpha": _LOG_ALPHA_THRESHOLD,
+            "fraction_removed": float(kept.fraction_removed),
+            "metric": float(task.metric(prune.apply(variables, kept.mask))),
+        },
+        "mean_metric": metric,
+        "mc": _mc_predictive(task, jax.random.fold_in(key, 2), fn),
+    }
+    return {
+        "params": mean,  # the trained network of the later stages
+        "variables": variables,  # with the noise: log_alpha or log_sigma2 beside each kernel
+        "history": res.history,
+        "metric": metric,
+        "learned_noise": figures,
+    }
+
+
+def _mc_predictive(task: _Task, key, apply_fn) -> dict:
+    """The Monte Carlo predictive over ``eval.mc_samples`` draws of ``apply_fn(key, x)`` on the
+    test set: error, NLL and ECE of the mean class probabilities, or the mean prediction's RMSE."""
+    s = task.cfg.eval.mc_samples
+    if task.classification:
+        probs = inference.mc_predict(key, apply_fn, task.x_test, s)
+        return _calibration(np.asarray(probs), task.y_test)
+    pred = np.asarray(inference.mc_logits(key, apply_fn, task.x_test, s)).mean(0)[:, 0]
+    return {"rmse": float(np.sqrt(np.mean((pred - np.asarray(task.y_test)) ** 2)) * task.y_std)}
 
 
 def _calibration(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> dict:
@@ -309,35 +361,37 @@ _RULES = {
 
 def _rule_curves(task: _Task, mean, std, fractions, unpruned, batched: bool = False):
     """Every rule's curve and breakpoint; with ``batched``, one row per chain (leading axis)."""
-    pc, ec = task.cfg.prune, task.cfg.eval
     curves, breakpoints = {}, {}
-    for rule in pc.rules:
+    for rule in task.cfg.prune.rules:
         score = jax.vmap(_RULES[rule]) if batched else _RULES[rule]
-        values = prune.curve(
-            task.metric,
-            mean,
-            score(mean, std),
-            fractions,
-            pc.scope,
-            include_biases=pc.include_biases,
-            batched=batched,
+        curves[rule], breakpoints[rule] = _curve(
+            task, mean, score(mean, std), fractions, unpruned, batched
         )
-        values = np.asarray(values, np.float64)
-        rows = zip(np.atleast_2d(values), np.atleast_1d(unpruned))
-        found = [
-            float(
-                prune.breakpoint_fraction(
-                    fractions, v, u, ec.tolerance, task.cfg.relative_tolerance
-                )
-            )
-            for v, u in rows
-        ]
-        if batched:
-            curves[rule], breakpoints[rule] = values.tolist(), found
-        else:
-            curves[rule] = [[float(f), float(v)] for f, v in zip(fractions, values)]
-            breakpoints[rule] = found[0]
     return curves, breakpoints
+
+
+def _curve(task: _Task, params, scores, fractions, unpruned, batched: bool = False):
+    """One rule's curve, ``[[fraction, metric], ...]``, and its breakpoint; with ``batched``,
+    a row of metrics and a breakpoint per chain."""
+    pc, ec = task.cfg.prune, task.cfg.eval
+    values = prune.curve(
+        task.metric,
+        params,
+        scores,
+        fractions,
+        pc.scope,
+        include_biases=pc.include_biases,
+        batched=batched,
+    )
+    values = np.asarray(values, np.float64)
+    rows = zip(np.atleast_2d(values), np.atleast_1d(unpruned))
+    found = [
+        float(prune.breakpoint_fraction(fractions, v, u, ec.tolerance, task.cfg.relative_tolerance))
+        for v, u in rows
+    ]
+    if batched:
+        return values.tolist(), found
+    return [[float(f), float(v)] for f, v in zip(fractions, values)], found[0]
 
 
 def _pruning_moments(task: _Task, post) -> tuple[Any, Any]:
@@ -348,11 +402,18 @@ def _pruning_moments(task: _Task, post) -> tuple[Any, Any]:
     return post["mean"], post["std"]
 
 
-def _prune(task: _Task, post):
+def _prune(task: _Task, post, variables=None):
+    """The rules' curves from the pruning moments; given a learned noise's ``variables``, also
+    the ``log_alpha`` rule's, on its mean network (``task.metric`` ignores the noise leaves, and
+    the scores are None there and at the biases, which it keeps whole)."""
     fractions = np.asarray(task.cfg.prune.fraction_grid(), np.float32)
     mean, std = _pruning_moments(task, post)
     unpruned = float(task.metric(mean))
     curves, breakpoints = _rule_curves(task, mean, std, fractions, unpruned)
+    if variables is not None:
+        curves["log_alpha"], breakpoints["log_alpha"] = _curve(
+            task, variables, prune.log_alpha(variables), fractions, float(task.metric(variables))
+        )
     out = {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints, "per_chain": {}}
     out["moments"] = task.cfg.prune.moments if "laplace_std" in post else "sgld"
     cm = post.get("chain_mean")
@@ -458,12 +519,11 @@ def run(
     timings["data"] = round(time.perf_counter() - t0, 2)
     key = jax.random.key(cfg.train.seed)
 
-    trained = staged(
-        ckpt,
-        timings,
-        "train",
-        lambda: _train(task, task.noise, jax.random.fold_in(key, 1), progress),
-    )
+    if task.learned:
+        train_stage = lambda: _train_learned(task, jax.random.fold_in(key, 1), progress)
+    else:
+        train_stage = lambda: _train(task, task.noise, jax.random.fold_in(key, 1), progress)
+    trained = staged(ckpt, timings, "train", train_stage)
     reference = staged(
         ckpt, timings, "reference", lambda: _train(task, None, jax.random.fold_in(key, 2), progress)
     )
@@ -481,7 +541,7 @@ def run(
         "sgld_reference",
         lambda: _sgld(task, reference["params"], jax.random.fold_in(key, 4), progress, False),
     )
-    pruned = staged(ckpt, timings, "prune", lambda: _prune(task, post))
+    pruned = staged(ckpt, timings, "prune", lambda: _prune(task, post, trained.get("variables")))
     tuned = None
     if cfg.prune.finetune_epochs > 0:
         tuned = staged(
@@ -523,12 +583,15 @@ def run(
             **post.get("predictive", {}),
             **({"mc_dropout": trained["mc_dropout"]} if "mc_dropout" in trained else {}),
         },
+        "learned_noise": trained.get("learned_noise"),
         "em": post["em"],
         "soft_target": soft["points"] if soft else [],
         "finetuned": tuned["curves"] if tuned else {},
         "timings": timings,
     }
-    results["plots"] = report.plots(out, task, results, post, ref_post)
+    results["plots"] = report.plots(
+        out, task, results, post, ref_post, learned=trained.get("variables")
+    )
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 2)
     bio.write_text(out / "results.json", json.dumps(results, indent=2))
     _log.info("%s", report.table(results))
