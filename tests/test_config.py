@@ -400,7 +400,8 @@ def test_shipped_learned_noise_configs():
     for cfg in (sparse, rows):
         assert cfg.data.name == "mnist" and cfg.noise.kind == "learned" and cfg.noise.input is None
         assert not cfg.em.enabled and cfg.prune.moments == "laplace"
-        assert 0 < cfg.noise.warmup_epochs <= cfg.train.epochs // 4
+        assert 0 <= cfg.noise.warmup_epochs <= cfg.train.epochs // 4
+    assert sparse.noise.warmup_epochs > 0  # per-weight noise: the KL ramped in
     assert sparse.model.hidden_sizes == (300, 100) and sparse.noise.per == "weight"
     assert sparse.train.batch_size == 100 and sparse.train.learning_rate == 1e-3
     assert rows.model.hidden_sizes == (400, 400) and rows.noise.per == "row"
