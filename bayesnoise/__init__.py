@@ -4,20 +4,6 @@ Multiplicative noise on a layer's inputs is, with a Gaussian prior on the weight
 scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise as bn``.
 """
 
-from bayesnoise import data as data
-from bayesnoise import distill as distill
-from bayesnoise import em as em
-from bayesnoise import gsm as gsm
-from bayesnoise import inference as inference
-from bayesnoise import io as io
-from bayesnoise import laplace as laplace
-from bayesnoise import moments as moments
-from bayesnoise import nn as nn
-from bayesnoise import noise as noise
-from bayesnoise import penalties as penalties
-from bayesnoise import prune as prune
-from bayesnoise import sampling as sampling
-from bayesnoise import train as train
 from bayesnoise._tree import Where as Where
 from bayesnoise.sgld import polynomial_schedule as polynomial_schedule
 from bayesnoise.sgld import psgld as psgld
@@ -25,13 +11,33 @@ from bayesnoise.sgld import sgld as sgld
 
 __version__ = "0.1.0"
 
-# The application (the experiment pipeline and its config, the benchmarks) lives in subpackages
-# loaded on first use of ``bn.pipeline`` / ``bn.bench``; ``bn.config`` is the pipeline's config.
+# Every module is loaded on first use (``bn.gsm``, ``bn.nn``, ...), so ``import bayesnoise`` loads
+# jax and optax only: Flax imports pyyaml and numpyro imports tqdm when they load. The application
+# (the experiment pipeline and its config, the benchmarks) lives in subpackages; ``bn.config`` is
+# the pipeline's config.
+_CORE = (
+    "data",
+    "distill",
+    "em",
+    "gsm",
+    "inference",
+    "io",
+    "laplace",
+    "moments",
+    "nn",
+    "noise",
+    "penalties",
+    "prune",
+    "sampling",
+    "train",
+)
 _LAZY = {
+    **{name: f"bayesnoise.{name}" for name in _CORE},
     "pipeline": "bayesnoise.pipeline",
     "config": "bayesnoise.pipeline.config",
     "bench": "bayesnoise.bench",
 }
+__all__ = [*_CORE, "Where", "polynomial_schedule", "psgld", "sgld"]
 
 
 def __getattr__(name: str):
@@ -40,3 +46,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(_LAZY[name])
     raise AttributeError(f"module 'bayesnoise' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

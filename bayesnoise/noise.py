@@ -34,7 +34,6 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 from jax.typing import ArrayLike
 from scipy import special
 
@@ -52,6 +51,13 @@ __all__ = [
     "check_spec",
     "resolve",
 ]
+
+
+def _distributions():
+    """numpyro.distributions, imported on first use (numpyro loads tqdm on import)."""
+    import numpyro.distributions
+
+    return numpyro.distributions
 
 
 def _is_concrete(x: Any) -> bool:
@@ -78,18 +84,19 @@ class Noise:
 
     continuous: bool = True
     _positive: tuple[str, ...] = ()
-    _numpyro: Any = None  # a numpyro distribution class taking the fields in order, if any
+    _numpyro: str | None = None  # the numpyro distribution taking the fields in order, if any
 
     def __post_init__(self):
         for name in self._positive:
             _check_positive(type(self).__name__, name, getattr(self, name))
 
     @property
-    def dist(self) -> dist.Distribution:
+    def dist(self) -> Any:
         """The numpyro distribution of λ."""
         if self._numpyro is None:
             raise NotImplementedError
-        return self._numpyro(*(getattr(self, f.name) for f in dataclasses.fields(self)))
+        cls = getattr(_distributions(), self._numpyro)
+        return cls(*(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     def sample(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
         """Draws λ of the given shape, i.i.d., as float32."""
@@ -157,7 +164,7 @@ class Bernoulli(Noise):
 
     @property
     def dist(self):
-        return dist.Bernoulli(probs=self.keep)
+        return _distributions().Bernoulli(probs=self.keep)
 
     def sample(self, key, shape=()):
         return jax.random.bernoulli(key, self.keep, tuple(shape)).astype(jnp.float32)
@@ -186,7 +193,7 @@ class Gaussian(Noise):
 
     @property
     def dist(self):
-        return dist.Normal(1.0, jnp.sqrt(self.alpha))
+        return _distributions().Normal(1.0, jnp.sqrt(self.alpha))
 
     @property
     def mean(self):
@@ -209,7 +216,7 @@ class Beta(Noise):
     a: float = 1.0
     b: float = 1.0
     _positive = ("a", "b")
-    _numpyro = dist.Beta
+    _numpyro = "Beta"
 
     def sample(self, key, shape=()):
         # Exact inverse-CDF draws when one concentration is 1 (far cheaper than gamma draws):
@@ -248,7 +255,7 @@ class Gamma(Noise):
     concentration (shape) and the rate (inverse scale).
     """
 
-    _numpyro = dist.Gamma
+    _numpyro = "Gamma"
     _positive = ("concentration", "rate")
     concentration: float = 1.0
     rate: float = 1.0
@@ -276,7 +283,7 @@ class LogNormal(Noise):
     loc: float = 0.0
     scale: float = 1.0
     _positive = ("scale",)
-    _numpyro = dist.LogNormal
+    _numpyro = "LogNormal"
 
     @property
     def mean(self):
@@ -306,8 +313,9 @@ class InverseGammaScale(Noise):
 
     @property
     def dist(self):
-        return dist.TransformedDistribution(
-            dist.InverseGamma(self.a, self.b), dist.transforms.PowerTransform(0.5)
+        d = _distributions()
+        return d.TransformedDistribution(
+            d.InverseGamma(self.a, self.b), d.transforms.PowerTransform(0.5)
         )
 
     @property
