@@ -7,34 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import serialization
+from small_run import CONFIG, SMALL, run_cli
 
 import bayesnoise as bn
-from bayesnoise.pipeline import cli
 from bayesnoise.pipeline import config as bconfig
 from bayesnoise.pipeline.checkpoints import Checkpoints, staged
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "digits.yaml"
-SMALL = [
-    "train.epochs=3",
-    "sgld.burnin=20",
-    "sgld.samples=10",
-    "sgld.thin=1",
-    "sgld.chains=2",
-    "sgld.max_steps=300",
-    "em.iterations=1",
-    "prune.num_fractions=5",
-    "prune.soft_target.enabled=true",
-    "prune.soft_target.epochs=2",
-    "prune.finetune_epochs=1",
-]
-
-
-def run_cli(out, *extra):
-    args = ["run", str(CONFIG), "--out", str(out), "--quiet"]
-    for s in SMALL + list(extra):
-        args += ["--set", s]
-    return cli.main(args)
 
 
 def logged(caplog) -> str:

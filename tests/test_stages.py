@@ -3,30 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bayesnoise.pipeline import cli
+from small_run import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "train.epochs=3",
-    "sgld.burnin=20",
-    "sgld.samples=10",
-    "sgld.thin=1",
-    "sgld.chains=2",
-    "sgld.max_steps=300",
-    "em.iterations=1",
-    "prune.num_fractions=5",
-    "prune.soft_target.enabled=true",
-    "prune.soft_target.epochs=2",
-    "prune.finetune_epochs=1",
-]
-
-
-def run_cli(out, *extra):
-    args = ["run", str(ROOT / "configs" / "digits.yaml"), "--out", str(out), "--quiet"]
-    for s in SMALL + list(extra):
-        args += ["--set", s]
-    return cli.main(args)
 
 
 def test_run_writes_the_report(tmp_path, capsys):

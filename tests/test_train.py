@@ -39,10 +39,14 @@ def test_fit_on_digits_learns_under_noise():
     assert float(h["test_error"][-1]) < 0.06
 
 
-def test_fit_rejects_bad_sizes():
+@pytest.mark.parametrize(
+    "epochs,batch_size,match",
+    [(1, 20, r"batch_size must be in \[1, 10\].*got 20"), (0, 2, "epochs must be >= 1, got 0")],
+)
+def test_fit_rejects_bad_sizes(epochs, batch_size, match):
     x, y = jnp.ones((10, 2)), jnp.zeros(10, jnp.int32)
     loss_fn = bn.train.classification_loss(lambda p, x, k: x @ p)
-    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 10\].*got 20"):
+    with pytest.raises(ValueError, match=match):
         bn.train.fit(
             jax.random.key(0),
             jnp.ones((2, 2)),
@@ -50,19 +54,8 @@ def test_fit_rejects_bad_sizes():
             optax.sgd(0.1),
             x,
             y,
-            epochs=1,
-            batch_size=20,
-        )
-    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
-        bn.train.fit(
-            jax.random.key(0),
-            jnp.ones((2, 2)),
-            loss_fn,
-            optax.sgd(0.1),
-            x,
-            y,
-            epochs=0,
-            batch_size=2,
+            epochs=epochs,
+            batch_size=batch_size,
         )
 
 

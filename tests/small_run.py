@@ -1,0 +1,28 @@
+"""The digits config made small, run through the command line (shared by pipeline tests)."""
+
+from pathlib import Path
+
+from bayesnoise.pipeline import cli
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+SMALL = [
+    "train.epochs=3",
+    "sgld.burnin=20",
+    "sgld.samples=10",
+    "sgld.thin=1",
+    "sgld.chains=2",
+    "sgld.max_steps=300",
+    "em.iterations=1",
+    "prune.num_fractions=5",
+    "prune.soft_target.enabled=true",
+    "prune.soft_target.epochs=2",
+    "prune.finetune_epochs=1",
+]
+
+
+def run_cli(out, *extra):
+    """``bayesnoise run configs/digits.yaml --out OUT --quiet`` with SMALL and ``extra`` set."""
+    args = ["run", str(CONFIG), "--out", str(out), "--quiet"]
+    for s in SMALL + list(extra):
+        args += ["--set", s]
+    return cli.main(args)
