@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import jax
@@ -36,6 +36,7 @@ def matches(where: Where, path: str, leaf: Any) -> bool:
     """Whether ``where`` chooses ``path``: None chooses everything offered."""
     if where is None:
         return True
+    check_where(where)
     if isinstance(where, str):
         return re.search(where, path) is not None
     choice = call_where(where, path, leaf)
@@ -43,11 +44,49 @@ def matches(where: Where, path: str, leaf: Any) -> bool:
 
 
 def check_where(where: Any) -> None:
+    """Checks ``where`` is None, a valid regular expression or a callable.
+
+    Raises:
+        TypeError: anything else.
+        ValueError: a string that is not a regular expression.
+    """
     if where is not None and not isinstance(where, str) and not callable(where):
         raise TypeError(
             f"where must be None, a regular expression string, or a predicate where(path) or "
             f"where(path, leaf); got {type(where).__name__}: {where!r}."
         )
+    if isinstance(where, str):
+        try:
+            re.compile(where)
+        except re.error as err:
+            raise ValueError(
+                f"where={where!r} is not a valid regular expression ({err}); it must be a "
+                f"regular expression searched in the leaf paths, such as 'Dense_0/kernel'."
+            ) from None
+
+
+def nothing_chosen(where: Where, tree_name: str, paths: list[str], chosen: str, hint: str):
+    """The ValueError for a ``where`` that chooses no leaf of a tree, showing ``where``.
+
+    Args:
+        where: the value given (None: the default rule).
+        tree_name: the tree searched, e.g. "params".
+        paths: every leaf path of that tree.
+        chosen: what a chosen leaf is, e.g. "noised" or "prunable".
+        hint: what to do, for the default rule (``where=None``).
+    """
+    shown = ", ".join(paths[:8]) or "(no leaves)"
+    if len(paths) > 8:
+        shown += f", ... ({len(paths)} leaves)"
+    if where is None:
+        return ValueError(f"no leaf of the {tree_name} tree is {chosen} (leaves: {shown}). {hint}")
+    what = "regular expression" if isinstance(where, str) else "predicate"
+    return ValueError(
+        f"no leaf of the {tree_name} tree is {chosen}: where={where!r} matches none of its leaf "
+        f"paths ({shown}). where must be a {what} that chooses at least one leaf: a regular "
+        f"expression found in a path (such as 'Dense_0/kernel'), or a predicate returning True "
+        f"(or a row axis) for some leaf."
+    )
 
 
 def path_str(path: tuple) -> str:
@@ -83,6 +122,7 @@ def rows_of(path: str, leaf: Any) -> int | None:
 
 def row_axes(params: PyTree, where: Where = None) -> list[tuple[str, int | None]]:
     """(path, row axis or None) for every leaf of ``params``, in flattening order."""
+    check_where(where)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     out = []
     for p, leaf in leaves:
@@ -153,6 +193,7 @@ def data_tuple(data: Any) -> tuple[tuple[Any, ...], int]:
     Raises:
         ValueError: a bare array instead of a tuple, no arrays, mismatched or missing leading
             axes, or no examples.
+        TypeError: not a tuple (or list), or an entry that is not an array of numbers.
     """
     import jax.numpy as jnp
     import numpy as np
@@ -162,15 +203,34 @@ def data_tuple(data: Any) -> tuple[tuple[Any, ...], int]:
             "data must be a tuple of arrays such as (x, y), unpacked into log_likelihood(params, "
             "*batch); wrap a single array as (x,)."
         )
-    arrays = tuple(jnp.asarray(a) for a in data)
+    if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
+        raise TypeError(
+            f"data must be a tuple of arrays such as (x, y), unpacked into log_likelihood("
+            f"params, *batch); got {type(data).__name__}: {data!r}."[:300]
+        )
+    arrays = []
+    for i, a in enumerate(data):
+        try:
+            a = jnp.asarray(a)
+        except TypeError:
+            a = None
+        if a is None or not (jnp.issubdtype(a.dtype, jnp.number) or a.dtype == jnp.bool_):
+            raise TypeError(
+                f"data must be a tuple of arrays of numbers; data[{i}] is "
+                f"{type(data[i]).__name__}: {data[i]!r}."[:300]
+            )
+        arrays.append(a)
+    arrays = tuple(arrays)
     if not arrays:
-        raise ValueError("data is empty: pass a tuple of arrays such as (x, y).")
-    sizes = [a.shape[0] if a.ndim else None for a in arrays]
-    if None in sizes or len(set(sizes)) != 1:
-        shapes = [tuple(a.shape) for a in arrays]
         raise ValueError(
-            f"every array in data needs the same leading axis of examples; got shapes {shapes}."
+            f"data is empty: it must be a tuple of arrays such as (x, y); got {data!r}."
+        )
+    sizes = [a.shape[0] if a.ndim else None for a in arrays]
+    shapes = [tuple(a.shape) for a in arrays]
+    if None in sizes or len(set(sizes)) != 1:
+        raise ValueError(
+            f"every array in data must have the same leading axis of examples; got shapes {shapes}."
         )
     if sizes[0] == 0:
-        raise ValueError("data holds no examples.")
+        raise ValueError(f"data must hold at least one example; got shapes {shapes}.")
     return arrays, int(sizes[0])

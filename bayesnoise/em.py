@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesnoise import gsm
+from bayesnoise import _check, _tree, gsm
 from bayesnoise import moments as bmoments
 from bayesnoise import noise as bnoise
 from bayesnoise._tree import PyTree
@@ -60,13 +60,28 @@ def _check_hyperprior(hyperprior: Any) -> None:
     )
 
 
+def _check_hierarchy(hierarchy: Any, name: str = "hierarchy") -> None:
+    if not isinstance(hierarchy, gsm.Hierarchy):
+        raise TypeError(
+            f"{name} must be a bn.gsm.Hierarchy (from bn.gsm.hierarchy(params)), got "
+            f"{type(hierarchy).__name__}."
+        )
+
+
+def _check_callable(name: str, fn: Any, what: str, optional: bool = False) -> None:
+    if (fn is not None or not optional) and not callable(fn):
+        raise TypeError(f"{name} must be {'None or ' if optional else ''}{what}, got {fn!r}.")
+
+
 def row_statistics(second_moments: PyTree, hierarchy: gsm.Hierarchy) -> tuple[PyTree, PyTree]:
     """(S, d): per noised row, S_j = Σ_k E[v_jk²] and d_j, trees like ``hierarchy.scales``.
 
     Raises:
         ValueError: the moments' structure does not match the hierarchy, or a second moment is
             negative (the message names the leaf).
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`.
     """
+    _check_hierarchy(hierarchy)
     triples, _ = gsm.scaled_leaves(second_moments, hierarchy)
     for name, leaf, s, _ in triples:
         if s is None or isinstance(leaf, jax.core.Tracer):
@@ -144,8 +159,12 @@ def m_step(
         the scales tree: without a hyperprior λ_j = sqrt(Σ_k E[v_jk²] / (σ0² d_j)).
 
     Raises:
-        ValueError: a hyperprior the solver cannot handle, negative second moments, or a
-            structure that does not match the hierarchy.
+        ValueError: a hyperprior the solver cannot handle, negative second moments, a
+            structure that does not match the hierarchy, or, without a hyperprior, a noised
+            row whose second moments are all zero: its scale would be 0, a degenerate prior
+            N(0, 0) (all-zero second moments usually mean no samples were accumulated). The
+            check reads concrete moments only; under ``jit`` such a row gets the scale 0.
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`.
 
     Example:
         >>> import jax.numpy as jnp, bayesnoise as bn
@@ -156,12 +175,36 @@ def m_step(
     """
     _check_hyperprior(hyperprior)
     S, d = row_statistics(second_moments, hierarchy)
+    if hyperprior is None:
+        _check_rows(S)
     sigma0 = jnp.asarray(hierarchy.sigma0)
     return jax.tree.map(
         lambda s, n: _closed_or_numeric(s, n, sigma0, hyperprior),
         S,
         d,
     )
+
+
+def _check_rows(S: PyTree) -> None:
+    """Raises a ValueError naming the first noised leaf with a row whose S_j is 0 (concrete
+    values only: one transfer for all leaves)."""
+    flat = jax.tree_util.tree_flatten_with_path(S, is_leaf=lambda x: x is None)[0]
+    named = [(_tree.path_str(p), s) for p, s in flat if s is not None]
+    if not named or not _check.concrete([s for _, s in named]):
+        return
+    zeros = jax.device_get([jnp.sum(jnp.asarray(s) == 0) for _, s in named])
+    for (path, s), n_zero in zip(named, zeros):
+        if n_zero:
+            first = int(np.flatnonzero(np.asarray(s) == 0)[0])
+            raise ValueError(
+                f"second_moments of leaf {path!r} are all 0 in {int(n_zero)} of its "
+                f"{np.size(s)} noised rows (row {first} first): without a hyperprior the "
+                f"M-step would set their scales to 0, a degenerate prior N(0, 0). Second "
+                f"moments must be > 0 somewhere in every noised row (E[v²] = mean² + variance "
+                f"of posterior samples; all zeros usually mean that no sample was "
+                f"accumulated), or pass a hyperprior such as bn.noise.InverseGammaScale(a, b), "
+                f"which keeps every scale > 0."
+            )
 
 
 def q_value(
@@ -174,9 +217,20 @@ def q_value(
 
     For ``InverseGammaScale`` the prior term is −log p(s) with s = λ² (the density of s), matching
     the closed-form M-step; for the others it is −log p(λ).
+
+    Raises:
+        ValueError: as :func:`m_step`; or ``scales`` not shaped like ``hierarchy.scales``, or
+            (concrete) holding an entry that is not finite and > 0.
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`.
     """
     _check_hyperprior(hyperprior)
     S, d = row_statistics(second_moments, hierarchy)
+    if scales is not None:
+        _check.same_tree("scales", scales, hierarchy.scales, "hierarchy.scales")
+        for path, lam in jax.tree_util.tree_flatten_with_path(scales)[0]:
+            _check.number(
+                f"scales{jax.tree_util.keystr(path)}", lam, lo=0.0, lo_open=True, array=True
+            )
     scales = hierarchy.scales if scales is None else scales
     sigma0 = jnp.asarray(hierarchy.sigma0)
     total = jnp.zeros(())
@@ -202,14 +256,33 @@ class EMState(NamedTuple):
 
 
 def init(params: PyTree, sigma0: Any = 1.0, where: Any = None) -> EMState:
-    """An EM state for ``params``: scales all one, an empty moments accumulator."""
+    """An EM state for ``params``: scales all one, an empty moments accumulator.
+
+    Raises:
+        ValueError / TypeError: as :func:`bayesnoise.gsm.hierarchy` (``sigma0`` not > 0,
+            ``where`` choosing no leaf).
+    """
     h = gsm.hierarchy(params, sigma0, where)
     return EMState(h, bmoments.init(params), jnp.zeros((), jnp.int32))
 
 
 def accumulate(state: EMState, v_params: PyTree) -> EMState:
-    """Adds one posterior sample of the identifiable weights v to the E-step moments."""
+    """Adds one posterior sample of the identifiable weights v to the E-step moments.
+
+    Raises:
+        TypeError: ``state`` is not an :class:`EMState`.
+        ValueError: ``v_params`` does not have the structure and shapes of the state's params.
+    """
+    _check_state(state)
+    _check.same_tree("v_params", v_params, state.moments.shift, "the state's params")
     return state._replace(moments=bmoments.update(state.moments, v_params))
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, EMState):
+        raise TypeError(
+            f"state must be an EMState (from bn.em.init(params)), got {type(state).__name__}."
+        )
 
 
 def em_step(state: EMState, hyperprior: bnoise.Noise | None = None) -> EMState:
@@ -217,8 +290,13 @@ def em_step(state: EMState, hyperprior: bnoise.Noise | None = None) -> EMState:
 
     Call it from your own loop: run your sampler under ``state.hierarchy`` (e.g. with
     ``bn.gsm.log_prior(v, state.hierarchy)`` as the prior), ``accumulate`` samples, then
-    ``em_step``. Raises a ValueError if nothing was accumulated.
+    ``em_step``.
+
+    Raises:
+        ValueError: nothing was accumulated; or as :func:`m_step`.
+        TypeError: ``state`` is not an :class:`EMState`.
     """
+    _check_state(state)
     count = state.moments.count
     if not isinstance(count, jax.core.Tracer) and float(count) == 0:
         raise ValueError("em_step needs posterior samples: call accumulate(state, v) first.")
@@ -258,8 +336,16 @@ def e_step(
         the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
         through ``bn.moments.second_moment``; ``converged``, ``rhat`` and ``ess`` say whether
         the chains mixed.
+
+    Raises:
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`, or
+            ``extra_log_prior`` is not None or a callable; and as
+            :func:`bayesnoise.sampling.run` (a ``key`` that is not a PRNG key, bad settings).
     """
     from bayesnoise import sampling
+
+    _check_hierarchy(hierarchy)
+    _check_callable("extra_log_prior", extra_log_prior, "a callable v -> scalar", optional=True)
 
     if extra_log_prior is None:
 
@@ -332,11 +418,23 @@ def fit(
         the final E-step); ``penalty_eq14`` (eq. 14 with the posterior variance);
         ``log_likelihood`` (the data log-likelihood of the posterior mean); ``converged``;
         and ``metric`` when ``eval_fn`` is given.
+
+    Raises:
+        TypeError: ``key`` is not a single PRNG key, or a function argument is not callable.
+        ValueError: ``iterations`` is not an int >= 0, a hyperprior :func:`m_step` cannot
+            handle; and as :func:`bayesnoise.gsm.hierarchy` and
+            :func:`bayesnoise.sampling.run`.
     """
-    if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
+    _check.key("key", key)
+    _check.number("iterations", iterations, lo=0)
+    if int(iterations) != iterations:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}.")
     if settings is not None and not callable(settings):
         raise TypeError(f"settings must be a callable i -> dict, got {settings!r}.")
+    _check_callable("log_likelihood", log_likelihood, "a callable log_likelihood(params, *batch)")
+    _check_callable("extra_log_prior", extra_log_prior, "a callable v -> scalar", optional=True)
+    _check_callable("eval_fn", eval_fn, "a callable params -> scalar", optional=True)
+    _check_callable("callback", callback, "a callable record -> None", optional=True)
     _check_hyperprior(hyperprior)
     from bayesnoise import penalties
 
@@ -394,8 +492,23 @@ def linear_posterior(x, y, prior_var, noise_var):
 
     Returns:
         (mean (d,), covariance (d, d)): Σ = (xᵀx / σ² + diag(1 / prior_var))⁻¹, μ = Σ xᵀy / σ².
+
+    Raises:
+        ValueError: ``x`` not (n, d), ``y`` not (n,), ``prior_var`` not a scalar or (d,); or,
+            for concrete values, entries that are not finite, ``prior_var`` or ``noise_var``
+            not > 0.
     """
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = _check_xy(x, y)
+    if _check.concrete(prior_var):
+        _check.number("prior_var", prior_var, lo=0.0, lo_open=True, array=True)
+    if jnp.ndim(prior_var) not in (0, 1) or (
+        jnp.ndim(prior_var) == 1 and jnp.shape(prior_var)[0] != x.shape[1]
+    ):
+        raise ValueError(
+            f"prior_var must be a scalar or one variance per feature, shape ({x.shape[1]},); "
+            f"got shape {jnp.shape(prior_var)}."
+        )
+    _check.number("noise_var", noise_var, lo=0.0, lo_open=True)
     precision = x.T @ x / noise_var + jnp.diag(1.0 / prior_var)
     chol = jnp.linalg.cholesky(precision)
     cov = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=x.dtype))
@@ -408,6 +521,23 @@ class LinearEMResult(NamedTuple):
     noise_var: jax.Array  # () learned σ²
     mean: jax.Array  # (d,) posterior mean of v at the last E-step
     history: dict  # per iteration: "q", "log_evidence", "penalty_eq14"
+
+
+def _check_xy(x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
+    """``x`` (n, d) and ``y`` (n,) as arrays, n >= 1, checked finite when concrete."""
+    for name, value in (("x", x), ("y", y)):
+        if value is None or isinstance(value, (str, bytes, bool)):
+            raise TypeError(f"{name} must be an array of numbers, got {value!r}.")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"x must have shape (n, d) and y shape (n,), with the same n >= 1 examples; got x "
+            f"of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}."
+        )
+    for name, value in (("x", x), ("y", y)):
+        if _check.concrete(value):
+            _check.number(name, value, array=True)
+    return x, y
 
 
 def linear_em(
@@ -424,12 +554,40 @@ def linear_em(
 
     E-step: :func:`linear_posterior`; M-step: λ_j² = E[v_j²] / σ0² (d_j = 1), and, when
     ``learn_noise``, σ² = (‖y − xμ‖² + tr(x Σ xᵀ)) / n. This is automatic relevance
-    determination: irrelevant features' scales go to zero. Compiled as one ``lax.scan``.
+    determination: irrelevant features' scales go to zero (floored at ``min_scale``).
+    Compiled as one ``lax.scan``.
+
+    Args:
+        x: inputs, shape (n, d).
+        y: targets, shape (n,).
+        sigma0: σ0 > 0.
+        iterations: EM iterations, an int >= 0.
+        noise_var: the noise variance σ² > 0 (its starting value when ``learn_noise``);
+            None starts from the variance of ``y``.
+        learn_noise: whether the M-step also learns σ².
+        min_scale: the floor of the scales, >= 0.
+
+    Raises:
+        ValueError: shapes other than x (n, d) and y (n,); non-finite data; ``sigma0`` or
+            ``noise_var`` not finite and > 0; ``iterations`` not an int >= 0; ``min_scale``
+            not finite and >= 0; or ``noise_var=None`` with a constant ``y`` (a start of σ² = 0).
+        TypeError: a setting or an array of the wrong type.
     """
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.float32)
+    x, y = _check_xy(x, y)
+    _check.number("sigma0", sigma0, lo=0.0, lo_open=True)
+    _check.number("iterations", iterations, lo=0, integer=True)
+    _check.number("min_scale", min_scale, lo=0.0)
+    if noise_var is not None:
+        _check.number("noise_var", noise_var, lo=0.0, lo_open=True)
+    x = x.astype(jnp.float32)
+    y = y.astype(jnp.float32)
     n, d = x.shape
     s2 = jnp.var(y) if noise_var is None else jnp.asarray(noise_var, jnp.float32)
+    if noise_var is None and _check.concrete(s2) and not float(s2) > 0:
+        raise ValueError(
+            f"noise_var=None starts σ² at the variance of y, which is {float(s2)}: y is "
+            f"constant. Pass noise_var= (a number > 0) to start from."
+        )
 
     def body(carry, _):
         lam, s2 = carry
@@ -471,8 +629,13 @@ def numpyro_prior(hierarchy: gsm.Hierarchy) -> Callable[[str, Any], Any]:
     numpyro calls ``prior(name, shape)`` per parameter site (names like ``"Dense_0.kernel"``);
     noised leaves get N(0, σ0² λ_row²) with the row scales broadcast along the row axis, other
     leaves N(0, σ0²).
+
+    Raises:
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`.
     """
     import numpyro.distributions as dist
+
+    _check_hierarchy(hierarchy)
 
     scale_by_path = {}
     leaves = jax.tree.leaves(hierarchy.scales, is_leaf=lambda x: x is None)

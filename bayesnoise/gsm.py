@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bayesnoise import _tree
+from bayesnoise import _check, _tree
 from bayesnoise._tree import PyTree, Where
-from bayesnoise.noise import Noise
+from bayesnoise.noise import Noise, check_noise
 
 __all__ = [
     "Hierarchy",
@@ -66,11 +66,35 @@ class Hierarchy:
 jax.tree_util.register_dataclass(Hierarchy, data_fields=["scales", "sigma0"], meta_fields=["axes"])
 
 
-def _check_sigma0(sigma0: Any) -> None:
-    if not isinstance(sigma0, jax.core.Tracer) and not np.all(np.asarray(sigma0) > 0):
-        raise ValueError(
-            f"sigma0 (the prior standard deviation of the weights) must be > 0, got {sigma0!r}."
+def _check_sigma0(sigma0: Any, what: str = "sigma0") -> None:
+    """A finite number > 0 (a scalar: one prior standard deviation for every weight)."""
+    _check.number(
+        f"{what} (the prior standard deviation of the weights)", sigma0, lo=0.0, lo_open=True
+    )
+
+
+def _check_hierarchy(hierarchy: Any, fn: str) -> None:
+    if not isinstance(hierarchy, Hierarchy):
+        raise TypeError(
+            f"{fn}: hierarchy must be a bn.gsm.Hierarchy (from bn.gsm.hierarchy), got "
+            f"{type(hierarchy).__name__}: {hierarchy!r:.200}."
         )
+    _check_sigma0(hierarchy.sigma0, "hierarchy.sigma0")
+
+
+def _check_positive_scales(triples) -> None:
+    """Every concrete scale finite and > 0 (at a zero scale the prior's density is infinite)."""
+    for name, _, s, _ in triples:
+        if s is None or not _check.concrete(s):
+            continue
+        arr = np.asarray(s)
+        bad = arr[~(np.isfinite(arr) & (arr > 0))]
+        if bad.size:
+            raise ValueError(
+                f"hierarchy.scales must be finite and > 0 (the prior N(0, σ0² λ²) needs λ > 0); "
+                f"the scales of leaf {name!r} hold {bad.size} that are not, e.g. "
+                f"{float(bad.flat[0])!r}."
+            )
 
 
 def hierarchy(params: PyTree, sigma0: ArrayLike = 1.0, where: Where = None) -> Hierarchy:
@@ -78,7 +102,7 @@ def hierarchy(params: PyTree, sigma0: ArrayLike = 1.0, where: Where = None) -> H
 
     Args:
         params: any pytree of arrays: a Flax linen variables dict, an NNX ``State``, a plain dict.
-        sigma0: prior standard deviation of the weights, > 0.
+        sigma0: prior standard deviation of the weights, a finite number > 0.
         where: which leaves are noised. ``None``: every ``kernel`` leaf with at least two axes
             (rows on axis -2). A string: a regular expression searched in the leaf path
             (``"Dense_0/kernel"``). A callable ``(path, leaf) -> True | False | None | int``;
@@ -88,15 +112,19 @@ def hierarchy(params: PyTree, sigma0: ArrayLike = 1.0, where: Where = None) -> H
         A :class:`Hierarchy` with ``scales`` of the same tree structure as ``params``.
 
     Raises:
-        ValueError: if ``sigma0 <= 0`` or no leaf is noised.
+        ValueError: ``sigma0`` is not finite or not > 0, or ``where`` chooses no leaf.
+        TypeError: ``sigma0`` is not a real number, or ``where`` is not None, a string or a
+            callable.
     """
     _check_sigma0(sigma0)
     axes = tuple(_tree.row_axes(params, where))
     if all(a is None for _, a in axes):
         paths = ", ".join(p for p, _ in axes[:8]) or "(no leaves)"
         raise ValueError(
-            f"no leaf of the params tree is noised (leaves: {paths}). By default only 'kernel' "
-            f"leaves with at least two axes are; pass `where` to choose leaves by path."
+            f"no leaf of the params tree is noised with where={where!r} (leaves: {paths}); "
+            f"allowed: a `where` that chooses at least one leaf. By default (where=None) only "
+            f"'kernel' leaves with at least two axes are noised; pass `where` to choose leaves "
+            f"by path."
         )
     leaves, treedef = jax.tree.flatten(params)
     scale_leaves = [
@@ -180,8 +208,15 @@ def log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
     """Σ over noised leaves of log N(v; 0, σ0² λ_row²).
 
     Per weight: −½ log(2π σ0² λ²) − v² / (2 σ0² λ²).
+
+    Raises:
+        TypeError: ``hierarchy`` is not a :class:`Hierarchy`.
+        ValueError: the scales do not fit ``v_params``, or (where concrete) a scale is not
+            finite and > 0, or ``hierarchy.sigma0`` is not a finite number > 0.
     """
+    _check_hierarchy(hierarchy, "log_prior")
     triples, _ = scaled_leaves(v_params, hierarchy)
+    _check_positive_scales(triples)
     sigma0 = jnp.asarray(hierarchy.sigma0)
     total = jnp.zeros((), jnp.result_type(float))
     for _, v, s, a in triples:
@@ -197,7 +232,13 @@ def prior_variance(params: PyTree, hierarchy: Hierarchy) -> PyTree:
 
     σ0² λ_row² for the weights of noised leaves; σ0² for every other leaf (biases and leaves not
     noised), the proper prior N(0, σ0²) that :func:`full_log_prior` puts on them.
+
+    Raises:
+        TypeError: ``hierarchy`` is not a :class:`Hierarchy`.
+        ValueError: the scales do not fit ``params``, or ``hierarchy.sigma0`` is not a finite
+            number > 0.
     """
+    _check_hierarchy(hierarchy, "prior_variance")
     triples, treedef = scaled_leaves(params, hierarchy)
     sigma0 = jnp.asarray(hierarchy.sigma0, jnp.result_type(float))
     out = []
@@ -218,7 +259,11 @@ def full_log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
     The default prior of the E-step (:func:`bayesnoise.em.e_step`) and of the Laplace posterior:
     biases and leaves that are not noised get the unscaled weight prior, so the posterior is
     proper whatever the data.
+
+    Raises:
+        TypeError, ValueError: as :func:`log_prior`.
     """
+    _check_hierarchy(hierarchy, "full_log_prior")
     triples, _ = scaled_leaves(v_params, hierarchy)
     sigma0 = jnp.asarray(hierarchy.sigma0)
     total = log_prior(v_params, hierarchy)
@@ -255,14 +300,21 @@ def sample_prior(
     Args:
         key: a PRNG key.
         params: a tree giving the shapes (its values are ignored).
-        noise: the distribution of λ.
-        sigma0: prior standard deviation of w.
+        noise: the distribution of λ (a :mod:`bayesnoise.noise` distribution).
+        sigma0: prior standard deviation of w, a finite number > 0.
         where: which leaves are noised (see :func:`hierarchy`); other leaves are drawn from
             N(0, σ0²) without a scale.
 
     Returns:
         ``(v_params, lambdas)``: the draw of v and the scales tree of λ that produced it.
+
+    Raises:
+        TypeError: ``key`` is not a PRNG key, ``noise`` is not a noise distribution, or
+            ``sigma0`` is not a real number.
+        ValueError: as :func:`hierarchy`.
     """
+    _check.key("key", key)
+    check_noise(noise)
     h = hierarchy(params, sigma0, where)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, 2 * len(leaves))

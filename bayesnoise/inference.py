@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bayesnoise import _tree, gsm
+from bayesnoise import _check, _tree, gsm
 from bayesnoise import nn as bnn
 from bayesnoise import noise as bnoise
 from bayesnoise.noise import Noise
@@ -57,9 +57,20 @@ def weight_scale(params: Any, noise: Noise | Mapping[str, Noise], where: _tree.W
             :func:`bayesnoise.nn.noisy_apply`: the first pattern found in a path wins, and
             leaves no pattern covers are left as they are.
         where: the noised leaves, as in :func:`bayesnoise.gsm.hierarchy`.
+
+    Raises:
+        TypeError: ``noise`` is not a noise or a mapping of them, or ``where`` is not None, a
+            string or a callable.
+        ValueError: ``where`` selects no leaf (the message shows it), or a key of the mapping
+            matches no noised leaf.
     """
+    bnoise.check_spec(noise)
+    axes = _tree.row_axes(params, where)
+    if where is not None and all(a is None for _, a in axes):
+        raise _tree.nothing_chosen(where, "params", [p for p, _ in axes], "noised", "")
     h = gsm.hierarchy(params, where=where)
     leaves, treedef = jax.tree.flatten(h.scales, is_leaf=lambda x: x is None)
+    bnoise.check_patterns(noise, [path for (path, _), s in zip(h.axes, leaves) if s is not None])
     factors = []
     for (path, _), s in zip(h.axes, leaves):
         layer_noise = None if s is None else bnoise.resolve(noise, path)
@@ -92,14 +103,20 @@ ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def mc_logits(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_samples: int) -> jax.Array:
-    """``apply_fn(key, x)`` for S keys at once (vmapped, one compile): shape (S, ...)."""
+    """``apply_fn(key, x)`` for S keys at once (vmapped, one compile): shape (S, ...).
+
+    Raises:
+        TypeError: ``key`` is not a PRNG key, ``apply_fn`` is not callable, or ``num_samples``
+            is not an int.
+        ValueError: ``num_samples`` < 1.
+    """
     key, apply_fn, x = _key_first(key, apply_fn, x, "mc_logits")
     return _draws(key, apply_fn, x, num_samples)
 
 
 def _draws(key, apply_fn, x, num_samples):
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    _check.key("key", key)
+    _check.number("num_samples", num_samples, lo=1, integer=True)
     keys = jax.random.split(key, num_samples)
     return jax.vmap(lambda k: apply_fn(k, x))(keys)
 
@@ -109,13 +126,20 @@ def mc_predict(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_samples: int
 
     Returns:
         class probabilities, shape (..., classes).
+
+    Raises:
+        TypeError / ValueError: as :func:`mc_logits`.
     """
     logits = _draws(*_key_first(key, apply_fn, x, "mc_predict"), num_samples)
     return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
 
 
 def geometric_predict(key: jax.Array, apply_fn: ApplyFn, x: jax.Array, num_samples: int = 32):
-    """Geometric-mean rule: softmax((1/S) Σ_s log softmax(f(x; λ_s))), renormalised."""
+    """Geometric-mean rule: softmax((1/S) Σ_s log softmax(f(x; λ_s))), renormalised.
+
+    Raises:
+        TypeError / ValueError: as :func:`mc_logits`.
+    """
     logits = _draws(*_key_first(key, apply_fn, x, "geometric_predict"), num_samples)
     return jax.nn.softmax(jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=0), axis=-1)
 
@@ -134,7 +158,16 @@ def sampler(apply: Callable[..., Any], variables: Any, *, rng_collection: str = 
         >>> fn = bn.inference.sampler(vd.apply, variables)
         >>> bn.inference.mc_predict(jax.random.key(1), fn, jnp.ones((2, 4)), 16).shape
         (2, 3)
+
+    Raises:
+        TypeError: ``apply`` is not callable, or ``rng_collection`` is not a string.
     """
+    if not callable(apply):
+        raise TypeError(
+            f"apply must be a callable apply(variables, x, rngs=...), such as model.apply; got "
+            f"{apply!r}."
+        )
+    _check.collection(rng_collection)
 
     def apply_fn(key, x):
         return apply(variables, x, rngs={rng_collection: key}, **kwargs)
@@ -149,7 +182,16 @@ def nnx_sampler(model: Any, *, rng_collection: str = "noise"):
     current state; every call merges a copy and reseeds its ``rng_collection`` stream), so
     :func:`mc_predict` can vmap it over keys. The model itself is not changed; its noise must
     be switched on (not deterministic).
+
+    Raises:
+        TypeError: ``model`` is not an NNX module, or ``rng_collection`` is not a string.
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"model must be an NNX module (flax.nnx.Module); got {type(model).__name__}. For a "
+            f"linen model use bn.inference.sampler(model.apply, variables)."
+        )
+    _check.collection(rng_collection)
     graphdef, state = nnx.split(model)
 
     def apply_fn(key, x):

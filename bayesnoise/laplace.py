@@ -87,7 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bayesnoise import _tree, gsm
+from bayesnoise import _check, _tree, gsm
 from bayesnoise import moments as bmoments
 from bayesnoise._tree import PyTree, path_str
 
@@ -154,10 +154,20 @@ def _check_chunk_size(chunk_size: Any) -> None:
 
 
 def _check_temperature(temperature: Any) -> None:
-    if _concrete(temperature) and not np.all(np.asarray(temperature) > 0):
+    _check.number("temperature", temperature, finite=False, array=True)
+    if _concrete(temperature) and not np.all(
+        (np.asarray(temperature) > 0) & np.isfinite(temperature)
+    ):
         raise ValueError(
-            f"temperature must be > 0 (1 is the posterior, < 1 a cold one); got {temperature!r}."
+            f"temperature must be finite and > 0 (1 is the posterior, < 1 a cold one); got "
+            f"{temperature!r}."
         )
+
+
+def _check_common(log_likelihood: Any, key: Any) -> None:
+    _check.function("log_likelihood", log_likelihood, _check.LOG_LIKELIHOOD)
+    if key is not None and _concrete(key):
+        _check.key("key", key)
 
 
 def _is_discrete(y: jax.Array) -> bool:
@@ -173,7 +183,9 @@ def _check_labels(y: jax.Array, num_classes: Any) -> int:
             f"floating targets or use empirical_fisher."
         )
     if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 1
     ):
         raise ValueError(f"num_classes must be an int >= 1 or None; got {num_classes!r}.")
     if not _concrete(y):
@@ -194,7 +206,7 @@ def _check_labels(y: jax.Array, num_classes: Any) -> int:
         return hi + 1
     if int(num_classes) <= hi:
         raise ValueError(
-            f"num_classes={num_classes} but the data hold label {hi}: labels must lie in "
+            f"num_classes={num_classes} but the data hold label {hi}: labels must be in "
             f"[0, num_classes)."
         )
     return int(num_classes)
@@ -224,18 +236,23 @@ def _check_values(tree: PyTree, name: str, meaning: str, *, allow_zero: bool = T
     """Every entry finite and >= 0 (or > 0), naming the first leaf that is not."""
     if not _concrete(tree):
         return
+    bound = ">= 0" if allow_zero else "> 0"
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         x = np.asarray(x)
         bad_finite = int(np.size(x) - np.isfinite(x).sum())
         if bad_finite:
+            hint = (
+                "check log_likelihood and the params there"
+                if name.startswith("the ")
+                else "check the tree passed"
+            )
             raise ValueError(
                 f"{name} ({meaning}) is not finite: leaf {path_str(path)!r} holds "
-                f"{bad_finite} NaN or infinite entries of {x.size}. A curvature must be finite "
-                f"(check the log-likelihood at these params, or the tree you passed)."
+                f"{bad_finite} NaN or infinite entries of {x.size}; it must be finite and "
+                f"{bound} ({hint})."
             )
         bad = int((x < 0).sum() if allow_zero else (x <= 0).sum())
         if bad:
-            bound = ">= 0" if allow_zero else "> 0"
             raise ValueError(
                 f"{name} ({meaning}) must be {bound}: leaf {path_str(path)!r} holds {bad} "
                 f"entries that are not (smallest {x.min():.4g})."
@@ -402,6 +419,7 @@ def _curvature_sum(params, data, key, *, log_likelihood, kind, method, chunk_siz
 
 def _curvature(params, log_likelihood, data, kind, key, num_classes, chunk_size, method):
     """Shared driver of :func:`diag_ggn` and :func:`empirical_fisher`."""
+    _check_common(log_likelihood, key)
     _check_method(method)
     _check_chunk_size(chunk_size)
     arrays, n = _tree.data_tuple(data)
@@ -516,6 +534,8 @@ def diag_ggn(
     Raises:
         ValueError: for data of mismatched leading axes, negative labels, a bad ``method`` or
             ``chunk_size``, the probe without a key, or a non-finite result.
+        TypeError: ``log_likelihood`` is not callable, ``key`` is not None or a PRNG key, or
+            ``data`` is not a tuple of arrays.
     """
     return _curvature(params, log_likelihood, data, "ggn", key, num_classes, chunk_size, method)
 
@@ -540,6 +560,9 @@ def empirical_fisher(
 
     Returns:
         A tree shaped like ``params``.
+
+    Raises:
+        ValueError / TypeError: as :func:`diag_ggn`.
     """
     return _curvature(params, log_likelihood, data, "empirical", key, None, chunk_size, method)
 
@@ -582,7 +605,22 @@ def _evidence(params, ggn, prior_var, total_ll, n) -> jax.Array:
     return total_ll + sum(terms, jnp.zeros(()))
 
 
+_DIAG_GGN_KWARGS = ("num_classes", "chunk_size", "method")
+
+
 def _setup(params, hierarchy, log_likelihood, data, ggn, prior_variance, key, diag_ggn_kwargs):
+    _check_common(log_likelihood, key)
+    unknown = sorted(set(diag_ggn_kwargs) - set(_DIAG_GGN_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"unknown keyword arguments {unknown}; allowed: those of diag_ggn, "
+            f"{', '.join(_DIAG_GGN_KWARGS)}."
+        )
+    if hierarchy is not None and not isinstance(hierarchy, gsm.Hierarchy):
+        raise TypeError(
+            f"hierarchy must be None or a bn.gsm.Hierarchy (from bn.gsm.hierarchy(params)), got "
+            f"{type(hierarchy).__name__}."
+        )
     arrays, n = _tree.data_tuple(data)
     prior_var = _prior_variance(params, hierarchy, prior_variance)
     if ggn is None:
@@ -636,9 +674,12 @@ def posterior(
         A :class:`LaplacePosterior`.
 
     Raises:
-        ValueError: if ``temperature <= 0``, ``ggn`` or ``prior_variance`` does not have the
-            params' structure and shapes, the curvature is not finite or negative, or the data
-            are malformed (see :func:`diag_ggn`).
+        ValueError: if ``temperature`` is not finite and > 0, ``ggn`` or ``prior_variance``
+            does not have the params' structure and shapes, the curvature is not finite or
+            negative, or the data are malformed (see :func:`diag_ggn`).
+        TypeError: ``hierarchy`` is not None or a :class:`bayesnoise.gsm.Hierarchy`,
+            ``temperature`` is not a number, an unknown keyword argument, and as
+            :func:`diag_ggn`.
     """
     _check_temperature(temperature)
     n, prior_var, ggn, evidence = _setup(
@@ -681,6 +722,9 @@ def log_evidence(
 
     Returns:
         A scalar.
+
+    Raises:
+        ValueError / TypeError: as :func:`posterior`.
     """
     return _setup(
         params, hierarchy, log_likelihood, data, ggn, prior_variance, key, diag_ggn_kwargs

@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from bayesnoise import _tree
+from bayesnoise import _check, _tree
 from bayesnoise import noise as bnoise
 from bayesnoise.noise import Noise, require_continuous
 
@@ -68,6 +69,37 @@ def _noise_shape(shape: tuple[int, ...], broadcast_dims) -> tuple[int, ...]:
     return tuple(1 if i in broadcast_dims else n for i, n in enumerate(shape))
 
 
+def _check_dims_type(broadcast_dims: Any) -> tuple[int, ...]:
+    """``broadcast_dims`` as a tuple of ints (a TypeError naming it otherwise)."""
+    allowed = "a tuple of ints (axes of the input, negative ones counted from the end)"
+    if isinstance(broadcast_dims, (int, np.integer)) and not isinstance(broadcast_dims, bool):
+        raise TypeError(f"broadcast_dims must be {allowed}, got the int {broadcast_dims!r}.")
+    try:
+        dims = tuple(broadcast_dims)
+    except TypeError:
+        raise TypeError(f"broadcast_dims must be {allowed}, got {broadcast_dims!r}.") from None
+    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"broadcast_dims must be {allowed}, got {broadcast_dims!r}.")
+    return dims
+
+
+def _check_dims(broadcast_dims: Any, ndim: int) -> tuple[int, ...]:
+    """``broadcast_dims`` as non-negative axes of an input of ``ndim`` axes."""
+    dims = _check_dims_type(broadcast_dims)
+    bad = [d for d in dims if not -ndim <= d < ndim]
+    if bad:
+        raise ValueError(
+            f"broadcast_dims={tuple(broadcast_dims)!r} names axis {bad[0]}, but x has {ndim} "
+            f"axes; allowed: axes in [{-ndim}, {ndim - 1}]."
+        )
+    return tuple(int(d) % ndim for d in dims)
+
+
+def _as_input(x: Any) -> jax.Array:
+    """``x`` as an array of numbers (a TypeError naming ``x`` otherwise)."""
+    return _check.array("x", x, "an array of numbers")
+
+
 def apply_noise(
     noise: Noise,
     key: jax.Array | None,
@@ -81,10 +113,19 @@ def apply_noise(
 
     With ``reparameterized=True`` the draw is differentiable in the noise's parameters (the
     noise must be continuous).
+
+    Raises:
+        TypeError: ``noise`` is not a noise distribution, ``key`` is not a PRNG key (unless
+            ``deterministic``), ``x`` is not an array of numbers, or ``broadcast_dims`` is not a
+            tuple of ints.
+        ValueError: an axis of ``broadcast_dims`` that ``x`` does not have.
     """
+    bnoise.check_noise(noise)
+    x = _as_input(x)
     if deterministic:
         return x * jnp.asarray(noise.scale_factor, x.dtype)
-    dims = tuple(d % x.ndim for d in broadcast_dims)
+    _check.key("key", key)
+    dims = _check_dims(broadcast_dims, x.ndim)
     draw = noise.rsample if reparameterized else noise.sample
     lam = draw(key, _noise_shape(x.shape, dims))
     return x * lam.astype(x.dtype)
@@ -163,7 +204,7 @@ class NNXMultiplicativeNoise(nnx.Module):
     ):
         bnoise.check_noise(noise)
         self.noise = noise
-        self.broadcast_dims = tuple(broadcast_dims)
+        self.broadcast_dims = _check_dims_type(broadcast_dims)
         self.deterministic = deterministic
         self.rng_collection = rng_collection
         self.rngs = _stream(rngs, rng_collection, "NNXMultiplicativeNoise") if rngs else None
@@ -185,6 +226,11 @@ class NNXMultiplicativeNoise(nnx.Module):
 
 
 def _stream(rngs: nnx.Rngs, name: str, who: str):
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(
+            f"{who}: rngs must be an nnx.Rngs with a {name!r} stream, e.g. "
+            f"nnx.Rngs({name}=0); got {type(rngs).__name__}: {rngs!r:.80}."
+        )
     try:
         return rngs[name]
     except (KeyError, AttributeError) as e:
@@ -238,12 +284,16 @@ def input_noise(
         layers: the layer types that get noise.
 
     Raises:
+        TypeError: ``where``, ``rng_collection`` or ``layers`` of the wrong type; at apply time,
+            a key in ``rngs`` that is not a PRNG key.
         ValueError (at apply time): the noisy apply was given no rng for ``rng_collection``.
     """
     bnoise.check_spec(noise)
     matched: list[str] = []
 
     _tree.check_where(where)
+    _check.collection(rng_collection)
+    _check_linen_layers(layers, "input_noise")
 
     def selected(path: str) -> bool:
         return _tree.matches(where, path, None)
@@ -253,6 +303,8 @@ def input_noise(
         if context.method_name != "__call__" or not isinstance(module, layers) or not args:
             return next_fun(*args, **kwargs)
         path = _linen_kernel_path(module)
+        if selected(path):
+            candidates.append(path)
         layer_noise = bnoise.resolve(noise, path) if selected(path) else None
         if layer_noise is None:
             return next_fun(*args, **kwargs)
@@ -270,8 +322,11 @@ def input_noise(
             x = apply_noise(layer_noise, module.make_rng(rng_collection), x, dims)
         return next_fun(x, *args[1:], **kwargs)
 
+    candidates: list[str] = []  # every selected layer, noised or not
     with nn.intercept_methods(interceptor):
         yield matched
+    if candidates:  # none: the caller says that ``where`` selects no layer
+        bnoise.check_patterns(noise, candidates)
 
 
 def noisy_apply(
@@ -288,6 +343,14 @@ def noisy_apply(
     are the model's own (no new parameters). The first call checks that ``where`` selects at
     least one layer and raises a ValueError naming the layer paths otherwise.
 
+    Raises:
+        TypeError: ``model`` is not a linen Module; ``noise``, ``where``, ``rng_collection`` or
+            ``layers`` of the wrong type; at apply time, ``variables`` that are not a dict, or
+            ``rngs`` that are not a dict of PRNG keys.
+        ValueError: an empty noise mapping; at apply time, no rng for ``rng_collection`` (unless
+            ``deterministic``), a noise mapping key that matches no layer, or a ``where`` that
+            selects none.
+
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, bayesnoise as bn
         >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
@@ -295,10 +358,16 @@ def noisy_apply(
         >>> apply = bn.nn.noisy_apply(model, bn.noise.Bernoulli(0.8))
         >>> y = apply(params, jnp.ones((3, 4)), rngs={"noise": jax.random.key(1)})
     """
+    _check_linen_model(model, "noisy_apply")
     bnoise.check_spec(noise)
+    _tree.check_where(where)
+    _check.collection(rng_collection)
+    _check_linen_layers(layers, "noisy_apply")
     checked = []
 
     def apply(variables, *args, rngs=None, deterministic: bool = False, **kwargs):
+        _check_variables(variables)
+        _check_rngs(rngs)
         if not deterministic:
             _require_rng(rngs, rng_collection)
         with input_noise(
@@ -315,6 +384,68 @@ def noisy_apply(
         return out
 
     return apply
+
+
+def _check_rngs(rngs: Any) -> None:
+    """``rngs`` is None or a mapping {stream name: PRNG key}, as ``model.apply`` takes."""
+    if rngs is None:
+        return
+    if not isinstance(rngs, Mapping):
+        raise TypeError(
+            f"rngs must be a dict {{stream name: PRNG key}}, e.g. {{'noise': "
+            f"jax.random.key(0)}}; got {type(rngs).__name__}: {rngs!r:.80}."
+        )
+    for name, value in rngs.items():
+        _check.key(f"rngs[{name!r}]", value)
+
+
+def _check_linen_model(model: Any, who: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{who}: model must be a flax.linen Module (e.g. bn.nn.MLP((8, 2))), got "
+            f"{type(model).__name__}: {model!r:.80}."
+        )
+
+
+def _check_nnx_model(model: Any, who: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"{who}: model must be an nnx.Module, got {type(model).__name__}: {model!r:.80}."
+        )
+
+
+def _check_variables(variables: Any) -> None:
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            f"variables must be the model's variables dict (from model.init), got "
+            f"{type(variables).__name__}: {variables!r:.80}."
+        )
+
+
+def _check_init_key(key: Any) -> None:
+    """A PRNG key, or a dict {stream name: key}, as ``model.init`` takes."""
+    if isinstance(key, Mapping):
+        for name, value in key.items():
+            _check.key(f"key[{name!r}]", value)
+    else:
+        _check.key("key", key)
+
+
+def _check_linen_layers(layers: Any, who: str) -> None:
+    """``layers`` is a non-empty tuple of linen module types."""
+    _check_layer_bases(layers, who, nn.Module, "linen", "(nn.Dense, nn.Conv)")
+
+
+def _check_layer_bases(layers: Any, who: str, base: type, kind: str, example: str) -> None:
+    try:
+        types = tuple(layers)
+    except TypeError:
+        types = None
+    if not types or not all(isinstance(t, type) and issubclass(t, base) for t in types):
+        raise TypeError(
+            f"{who}: layers must be a non-empty tuple of {kind} layer types, e.g. {example}; "
+            f"got {layers!r}."
+        )
 
 
 def _require_rng(rngs: Any, rng_collection: str) -> None:
@@ -408,13 +539,23 @@ def add_input_noise(
         where: which layers, by their kernel path: None (all), a regex, or a callable.
 
     Raises:
-        ValueError: no layer is selected (the message lists the model's layer paths).
+        ValueError: no layer is selected (the message lists the model's layer paths), or
+            ``rngs`` has no ``rng_collection`` stream.
+        TypeError: ``model`` is not an NNX module, ``rngs`` not an ``nnx.Rngs``, or ``noise``,
+            ``where``, ``rng_collection`` or ``layers`` of the wrong type.
     """
+    _check_nnx_model(model, "add_input_noise")
     bnoise.check_spec(noise)
+    _tree.check_where(where)
+    _check.collection(rng_collection)
+    _check_nnx_layers(layers, "add_input_noise")
     stream_rngs = rngs
     _stream(rngs, rng_collection, "add_input_noise")
     found = []
-    for kpath, module in _nnx_layers(model, layers, where):
+    selected = list(_nnx_layers(model, layers, where))
+    if selected:
+        bnoise.check_patterns(noise, [kpath for kpath, _ in selected])
+    for kpath, module in selected:
         layer_noise = bnoise.resolve(noise, kpath)
         if layer_noise is None:
             continue
@@ -428,12 +569,23 @@ def add_input_noise(
     return model
 
 
+def _check_nnx_layers(layers: Any, who: str) -> None:
+    """``layers`` is a non-empty tuple of NNX module types."""
+    _check_layer_bases(layers, who, nnx.Module, "NNX", "(nnx.Linear, nnx.Conv)")
+
+
 def set_deterministic(model: nnx.Module, deterministic: bool = True) -> nnx.Module:
     """Switches every noise of an NNX model on (False) or to the weight-scaling rule (True).
 
     This covers learned noise (:func:`add_learned_noise`) too: switched off, its layers compute
     the mean network.
+
+    Raises:
+        TypeError: ``model`` is not an NNX module, or ``deterministic`` not a bool.
     """
+    _check_nnx_model(model, "set_deterministic")
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}.")
     for _, module in nnx.iter_modules(model):
         if isinstance(module, (NNXMultiplicativeNoise, _NoiseDraws)):
             module.deterministic = deterministic
@@ -490,7 +642,16 @@ def _check_learned(per: Any, init_log_alpha: Any) -> None:
             f"(one per weight, sparse variational dropout); got {per!r}."
         )
     lo, hi = INIT_LOG_ALPHA_RANGE
-    value = float(init_log_alpha)
+    if isinstance(init_log_alpha, (bool, np.bool_, str, bytes)) or init_log_alpha is None:
+        raise TypeError(
+            f"init_log_alpha must be a finite number in [{lo}, {hi}]; got {init_log_alpha!r}."
+        )
+    try:
+        value = float(init_log_alpha)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"init_log_alpha must be a finite number in [{lo}, {hi}]; got {init_log_alpha!r}."
+        ) from None
     if not (math.isfinite(value) and lo <= value <= hi):
         raise ValueError(
             f"init_log_alpha must be a finite number in [{lo}, {hi}] (α = e^{lo:g} .. e^{hi:g}); "
@@ -499,7 +660,13 @@ def _check_learned(per: Any, init_log_alpha: Any) -> None:
 
 
 def _check_layer_types(layers: Any, supported: tuple[type, ...], who: str) -> tuple[type, ...]:
-    layers = tuple(layers)
+    try:
+        layers = tuple(layers)
+    except TypeError:
+        raise TypeError(
+            f"{who}: layers must be a tuple of layer types, {[t.__name__ for t in supported]} "
+            f"or their subclasses; got {layers!r}."
+        ) from None
     bad = [t for t in layers if not (isinstance(t, type) and issubclass(t, supported))]
     if bad or not layers:
         names = [getattr(t, "__name__", repr(t)) for t in bad] or "an empty tuple"
@@ -582,7 +749,10 @@ def learned_noise(
         ValueError: an unknown ``per``; ``init_log_alpha`` not finite or outside [-12, 12];
             no layer selected (at the first init or apply, naming the model's leaves); a
             noisy apply without an rng for ``rng_collection``.
-        TypeError: ``layers`` holds a type other than Dense / Conv.
+        TypeError: ``model`` is not a linen Module; ``layers`` holds a type other than Dense /
+            Conv; ``init_log_alpha`` is not a number; ``where`` or ``rng_collection`` of the
+            wrong type; at init, a ``key`` that is not a PRNG key; at apply, ``variables`` that
+            are not a dict or ``rngs`` that are not a dict of PRNG keys.
 
     Example:
         >>> import jax, jax.numpy as jnp, bayesnoise as bn
@@ -600,8 +770,10 @@ def learned_noise(
         Molchanov, Ashukha & Vetrov (2017), "Variational Dropout Sparsifies Deep Neural
         Networks", ICML.
     """
+    _check_linen_model(model, "learned_noise")
     _check_learned(per, init_log_alpha)
     _tree.check_where(where)
+    _check.collection(rng_collection)
     layers = _check_layer_types(layers, (nn.Dense, nn.Conv), "learned_noise")
     init_log_alpha = float(init_log_alpha)
 
@@ -649,11 +821,14 @@ def learned_noise(
     checked = []
 
     def init(key, *args, **kwargs):
+        _check_init_key(key)
         variables, matched = run(lambda: model.init(key, *args, **kwargs), True)
         _check_matched(matched, where, variables)
         return variables
 
     def apply(variables, *args, rngs=None, deterministic: bool = False, **kwargs):
+        _check_variables(variables)
+        _check_rngs(rngs)
         if not deterministic:
             _require_rng(rngs, rng_collection)
         call = lambda: model.apply(variables, *args, rngs=rngs, **kwargs)  # noqa: E731
@@ -739,10 +914,14 @@ def add_learned_noise(
     Raises:
         ValueError: an unknown ``per``, a bad ``init_log_alpha``, ``rngs`` without the stream,
             or no layer selected (the message lists the model's layer paths).
-        TypeError: ``layers`` holds a type other than Linear / Conv.
+        TypeError: ``model`` is not an NNX module, ``rngs`` not an ``nnx.Rngs``, ``layers``
+            holds a type other than Linear / Conv, or ``init_log_alpha``, ``where`` or
+            ``rng_collection`` of the wrong type.
     """
+    _check_nnx_model(model, "add_learned_noise")
     _check_learned(per, init_log_alpha)
     _tree.check_where(where)
+    _check.collection(rng_collection)
     layers = _check_layer_types(layers, (nnx.Linear, nnx.Conv), "add_learned_noise")
     _stream(rngs, rng_collection, "add_learned_noise")
     init_log_alpha = float(init_log_alpha)
@@ -830,6 +1009,11 @@ def dropconnect(key: jax.Array, params: Any, noise: Noise, where: _tree.Where = 
     on any params tree (linen variables, NNX state); leaves are chosen as in
     :func:`bayesnoise.gsm.hierarchy` (kernels by default). The old order
     ``dropconnect(params, key, ...)`` still works, with a DeprecationWarning.
+
+    Raises:
+        TypeError: ``key`` is not a PRNG key, ``noise`` is not a noise distribution, or
+            ``where`` is not None, a regex or a predicate.
+        ValueError: ``where`` selects no leaf of ``params`` (the message lists the leaves).
     """
     if _is_key(params) and not _is_key(key):
         import warnings
@@ -841,11 +1025,15 @@ def dropconnect(key: jax.Array, params: Any, noise: Noise, where: _tree.Where = 
             stacklevel=2,
         )
         key, params = params, key
+    _check.key("key", key)
     bnoise.check_noise(noise)
+    _tree.check_where(where)
     axes = _tree.row_axes(params, where)
     if all(a is None for _, a in axes):
         raise ValueError(
-            f"dropconnect selects no leaf (leaves: {[p for p, _ in axes]}); pass `where`."
+            f"dropconnect selects no leaf: where={where!r} matched none of the leaves "
+            f"{[p for p, _ in axes][:12]}; allowed: None (every kernel of two or more axes), a "
+            f"regex found in one of these paths, or a predicate that selects one."
         )
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
@@ -873,6 +1061,12 @@ class MLP(nn.Module):
         activation: the hidden layers' nonlinearity.
         dtype: the computation dtype (e.g. ``jnp.bfloat16`` for mixed precision); params stay
             float32 and the output is float32.
+
+    Raises:
+        TypeError: (at init or apply) ``features`` not a sequence of ints, a non-callable
+            ``activation``, or an unknown ``dtype``.
+        ValueError: (at init or apply) ``features`` empty or holding a width < 1, or an ``x``
+            without a batch axis.
     """
 
     features: tuple[int, ...] = (400, 400, 10)
@@ -881,9 +1075,35 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        _check_features(self.features)
+        if not callable(self.activation):
+            raise TypeError(f"MLP: activation must be a callable, got {self.activation!r}.")
+        if self.dtype is not None:
+            try:
+                jnp.dtype(self.dtype)
+            except TypeError:
+                raise TypeError(
+                    f"MLP: dtype must be None or a dtype such as jnp.bfloat16, got {self.dtype!r}."
+                ) from None
+        if jnp.ndim(x) < 1:
+            raise ValueError(
+                f"MLP: x must have a leading batch axis, got shape {jnp.shape(x)}; allowed: "
+                f"(batch, ...) inputs."
+            )
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.features):
             x = nn.Dense(width, dtype=self.dtype)(x)
             if i < len(self.features) - 1:
                 x = self.activation(x)
         return x.astype(jnp.float32)
+
+
+def _check_features(features: Any) -> None:
+    """MLP widths: a non-empty sequence of ints >= 1."""
+    allowed = "a non-empty tuple of ints >= 1 (the hidden widths, then the output size)"
+    if isinstance(features, (str, bytes)) or not isinstance(features, Sequence):
+        raise TypeError(f"MLP: features must be {allowed}, got {features!r}.")
+    if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in features):
+        raise TypeError(f"MLP: features must be {allowed}, got {tuple(features)!r}.")
+    if not features or any(w < 1 for w in features):
+        raise ValueError(f"MLP: features must be {allowed}, got {tuple(features)!r}.")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import jax
@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 from scipy import special
+
+from bayesnoise import _check
 
 __all__ = [
     "Noise",
@@ -49,6 +51,7 @@ __all__ = [
     "NoiseSpec",
     "check_noise",
     "check_spec",
+    "check_patterns",
     "resolve",
 ]
 
@@ -64,9 +67,56 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_param(cls: str, name: str, value: Any, **bounds: Any) -> None:
+    """Checks one parameter of a noise: a finite real number (a scalar) within ``bounds`` (the
+    keywords of :func:`bayesnoise._check.number`); a traced value passes unchecked."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1e308:
+        digits = str(abs(value))
+        raise ValueError(
+            f"{cls}: {name} must be a finite number, got an int too large for a float "
+            f"({'-' if value < 0 else ''}{digits[:4]}... with {len(digits)} digits)."
+        )
+    try:
+        _check.number(name, value, **bounds)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{cls}: {e}") from None
+    if _is_concrete(value) and abs(float(value)) > _FLOAT32_MAX:
+        raise ValueError(
+            f"{cls}: {name} must be a finite number of float32 range (|{name}| <= 3.4e38: the "
+            f"draws are float32), got {value!r}."
+        )
+
+
 def _check_positive(cls: str, name: str, value: Any) -> None:
-    if _is_concrete(value) and not np.all(np.asarray(value) > 0):
-        raise ValueError(f"{cls}: {name} must be > 0, got {name}={value!r}.")
+    _check_param(cls, name, value, lo=0.0, lo_open=True)
+
+
+def _draw_args(key: Any, shape: Any) -> tuple[int, ...]:
+    """Checks the key and shape of a draw; returns the shape as a tuple."""
+    _check.key("key", key)
+    return _check.shape("shape", shape)
+
+
+def _check_x(x: Any) -> None:
+    """Checks the argument of ``log_prob``: real numbers (or bools), any shape."""
+    if not _is_concrete(x):
+        return
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        if x is None or isinstance(x, (str, bytes)):
+            dtype = np.dtype(object)
+        else:
+            try:
+                dtype = np.asarray(x).dtype
+            except Exception:  # an object NumPy cannot read as an array
+                dtype = np.dtype(object)
+    if np.dtype(dtype).kind not in "biuf":
+        raise TypeError(
+            f"x must be a real number or an array of them (the values of λ), got {x!r}."
+        )
 
 
 def require_continuous(noise: Noise, what: str) -> None:
@@ -80,13 +130,17 @@ def require_continuous(noise: Noise, what: str) -> None:
 
 class Noise:
     """Base class of the noise distributions. Subclasses define ``dist`` and the moments, and
-    name in ``_positive`` the parameters that must be > 0 (checked on construction)."""
+    name in ``_positive`` the parameters that must be finite numbers > 0 and in ``_finite`` those
+    that must be finite numbers (checked on construction)."""
 
     continuous: bool = True
     _positive: tuple[str, ...] = ()
+    _finite: tuple[str, ...] = ()
     _numpyro: str | None = None  # the numpyro distribution taking the fields in order, if any
 
     def __post_init__(self):
+        for name in self._finite:
+            _check_param(type(self).__name__, name, getattr(self, name))
         for name in self._positive:
             _check_positive(type(self).__name__, name, getattr(self, name))
 
@@ -98,23 +152,44 @@ class Noise:
         cls = getattr(_distributions(), self._numpyro)
         return cls(*(getattr(self, f.name) for f in dataclasses.fields(self)))
 
-    def sample(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
-        """Draws λ of the given shape, i.i.d., as float32."""
-        return jnp.asarray(self.dist.sample(key, tuple(shape)), jnp.float32)
+    def sample(self, key: jax.Array | None = None, shape: tuple[int, ...] | int = ()) -> jax.Array:
+        """Draws λ of the given shape, i.i.d., as float32.
 
-    def rsample(self, key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
+        Args:
+            key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); required.
+            shape: the shape of the draw, a tuple of ints >= 0 (an int n means ``(n,)``).
+
+        Raises:
+            TypeError: ``key`` is missing or not a single PRNG key, or ``shape`` is not a tuple
+                of ints.
+            ValueError: a dimension of ``shape`` is negative.
+        """
+        shape = _draw_args(key, shape)
+        return jnp.asarray(self.dist.sample(key, shape), jnp.float32)
+
+    def rsample(self, key: jax.Array | None = None, shape: tuple[int, ...] | int = ()) -> jax.Array:
         """A reparameterised draw of λ: differentiable in the noise's parameters.
 
         Use it to learn a noise level by gradient (e.g. Gaussian α, as in variational dropout).
+        ``key`` and ``shape`` are as in :meth:`sample`.
 
         Raises:
-            ValueError: the noise is not continuous (Bernoulli draws have no such gradient).
+            ValueError: the noise is not continuous (Bernoulli draws have no such gradient), or
+                a dimension of ``shape`` is negative.
+            TypeError: as :meth:`sample`.
         """
         require_continuous(self, "a reparameterised draw (rsample)")
-        return jnp.asarray(self.dist.rsample(key, tuple(shape)), jnp.float32)
+        shape = _draw_args(key, shape)
+        return jnp.asarray(self.dist.rsample(key, shape), jnp.float32)
 
     def log_prob(self, x: ArrayLike) -> jax.Array:
-        """Log density (or log mass, for a discrete noise) of λ at ``x``."""
+        """Log density (or log mass, for a discrete noise) of λ at ``x``.
+
+        Raises:
+            TypeError: ``x`` is not a real number or an array of them (its values are not
+                checked).
+        """
+        _check_x(x)
         return self.dist.log_prob(jnp.asarray(x, jnp.float32))
 
     @property
@@ -146,28 +221,26 @@ class Bernoulli(Noise):
     spike-and-slab marginal (1 − keep) δ_0 + keep N(0, σ0²).
 
     Args:
-        keep: probability of keeping a unit, in (0, 1].
+        keep: probability of keeping a unit, a number in (0, 1].
 
     Raises:
-        ValueError: if ``keep`` is outside (0, 1].
+        ValueError: if ``keep`` is NaN or outside (0, 1].
+        TypeError: if ``keep`` is not a real number (a string, None, a bool, an array).
     """
 
     keep: float = 0.5
     continuous = False
 
     def __post_init__(self):
-        if _is_concrete(self.keep) and not (0.0 < float(self.keep) <= 1.0):
-            raise ValueError(
-                f"Bernoulli: keep must be in (0, 1] (the probability of keeping a unit), "
-                f"got keep={self.keep!r}."
-            )
+        _check_param("Bernoulli", "keep", self.keep, lo=0.0, hi=1.0, lo_open=True)
 
     @property
     def dist(self):
         return _distributions().Bernoulli(probs=self.keep)
 
-    def sample(self, key, shape=()):
-        return jax.random.bernoulli(key, self.keep, tuple(shape)).astype(jnp.float32)
+    def sample(self, key=None, shape=()):
+        shape = _draw_args(key, shape)
+        return jax.random.bernoulli(key, self.keep, shape).astype(jnp.float32)
 
     @property
     def mean(self):
@@ -185,7 +258,11 @@ class Gaussian(Noise):
     ``alpha = (1 − p) / p`` matches the variance of inverted dropout with keep rate p.
 
     Args:
-        alpha: the variance of λ, > 0.
+        alpha: the variance of λ, a finite number > 0.
+
+    Raises:
+        ValueError: ``alpha`` is not finite or not > 0.
+        TypeError: ``alpha`` is not a real number.
     """
 
     alpha: float = 1.0
@@ -209,8 +286,12 @@ class Beta(Noise):
     """Beta noise λ ~ Beta(a, b) on (0, 1): mean a/(a+b), variance ab/((a+b)²(a+b+1)).
 
     Args:
-        a: first concentration, > 0.
-        b: second concentration, > 0.
+        a: first concentration, a finite number > 0.
+        b: second concentration, a finite number > 0.
+
+    Raises:
+        ValueError: ``a`` or ``b`` is not finite or not > 0.
+        TypeError: ``a`` or ``b`` is not a real number.
     """
 
     a: float = 1.0
@@ -218,20 +299,22 @@ class Beta(Noise):
     _positive = ("a", "b")
     _numpyro = "Beta"
 
-    def sample(self, key, shape=()):
+    def sample(self, key=None, shape=()):
         # Exact inverse-CDF draws when one concentration is 1 (far cheaper than gamma draws):
         # Beta(a, 1) has CDF x^a, Beta(1, b) has CDF 1 − (1 − x)^b.
+        shape = _draw_args(key, shape)
         if _is_concrete(self.a) and _is_concrete(self.b):
             if float(self.b) == 1.0:
-                u = jax.random.uniform(key, tuple(shape), jnp.float32)
+                u = jax.random.uniform(key, shape, jnp.float32)
                 return u ** (1.0 / self.a)
             if float(self.a) == 1.0:
-                u = jax.random.uniform(key, tuple(shape), jnp.float32)
+                u = jax.random.uniform(key, shape, jnp.float32)
                 return 1.0 - u ** (1.0 / self.b)
         return super().sample(key, shape)
 
     def log_prob(self, x):
         # numpyro clips x into the support; be exact at and outside the boundary instead.
+        _check_x(x)
         x = jnp.asarray(x, jnp.float32)
         inside = (x > 0) & (x < 1)
         lp = self.dist.log_prob(jnp.where(inside, x, 0.5))
@@ -251,8 +334,15 @@ class Beta(Noise):
 class Gamma(Noise):
     """Gamma noise λ ~ Gamma(concentration, rate): mean c/r, variance c/r².
 
-    ``Gamma(c, c)`` has mean 1 and variance 1/c. Both parameters must be > 0: the
-    concentration (shape) and the rate (inverse scale).
+    ``Gamma(c, c)`` has mean 1 and variance 1/c.
+
+    Args:
+        concentration: the shape, a finite number > 0.
+        rate: the inverse scale, a finite number > 0.
+
+    Raises:
+        ValueError: a parameter is not finite or not > 0.
+        TypeError: a parameter is not a real number.
     """
 
     _numpyro = "Gamma"
@@ -276,13 +366,18 @@ class LogNormal(Noise):
     ``LogNormal(-s²/2, s)`` has mean 1 and variance exp(s²) − 1.
 
     Args:
-        loc: mean of log λ.
-        scale: standard deviation of log λ, > 0.
+        loc: mean of log λ, a finite number.
+        scale: standard deviation of log λ, a finite number > 0.
+
+    Raises:
+        ValueError: ``loc`` is not finite, or ``scale`` is not finite or not > 0.
+        TypeError: a parameter is not a real number.
     """
 
     loc: float = 0.0
     scale: float = 1.0
     _positive = ("scale",)
+    _finite = ("loc",)
     _numpyro = "LogNormal"
 
     @property
@@ -303,8 +398,12 @@ class InverseGammaScale(Noise):
     E[λ] = √b Γ(a − ½)/Γ(a) (finite for a > ½), E[λ²] = b/(a − 1) (finite for a > 1).
 
     Args:
-        a: shape of the inverse gamma on λ², > 0.
-        b: scale of the inverse gamma on λ², > 0.
+        a: shape of the inverse gamma on λ², a finite number > 0.
+        b: scale of the inverse gamma on λ², a finite number > 0.
+
+    Raises:
+        ValueError: ``a`` or ``b`` is not finite or not > 0.
+        TypeError: ``a`` or ``b`` is not a real number.
     """
 
     a: float = 2.0
@@ -355,20 +454,68 @@ def check_noise(noise: Any, what: str = "noise") -> None:
 
 
 def check_spec(spec: Any) -> None:
-    """Raises unless ``spec`` is a noise or a non-empty mapping {path regex: noise}."""
+    """Raises unless ``spec`` is a noise or a non-empty mapping {path regex: noise}.
+
+    Raises:
+        TypeError: not a noise, a key that is not a string, or a value that is not a noise.
+        ValueError: an empty mapping, or a key that is not a valid regular expression.
+    """
     if isinstance(spec, Mapping):
         if not spec:
-            raise ValueError("the noise mapping is empty: give at least one pattern -> noise.")
+            raise ValueError(
+                "the noise mapping is empty; allowed: a noise, or a mapping with at least one "
+                "pattern -> noise."
+            )
         for pattern, noise in spec.items():
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"the noise mapping's key {pattern!r} must be a string (a regex searched in "
+                    f"the kernel paths), got a {type(pattern).__name__}."
+                )
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    f"the noise mapping's key {pattern!r} is not a valid regular expression "
+                    f"({e}); allowed: a regex searched in the kernel paths."
+                ) from None
             check_noise(noise, f"noise for pattern {pattern!r}")
     else:
         check_noise(spec)
 
 
+def check_patterns(spec: NoiseSpec, paths: Iterable[str]) -> None:
+    """Raises when a key of a noise mapping matches none of ``paths`` (the kernel paths of the
+    layers that can be noised): a pattern that matches no layer is a mistake, not a no-op.
+
+    Raises:
+        ValueError: naming the key and the paths it could have matched.
+    """
+    if not isinstance(spec, Mapping):
+        return
+    paths = list(paths)
+    for pattern in spec:
+        if not any(re.search(pattern, p) for p in paths):
+            shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
+            raise ValueError(
+                f"the noise mapping's key {pattern!r} matches no layer; allowed: a regex found in "
+                f"one of the kernel paths: {shown or 'none (no layer can be noised)'}."
+            )
+
+
 def resolve(spec: NoiseSpec, path: str) -> Noise | None:
-    """The noise a spec gives the kernel at ``path``, or None when the spec does not cover it."""
+    """The noise a spec gives the kernel at ``path``, or None when the spec does not cover it.
+
+    Raises:
+        TypeError, ValueError: ``spec`` is not a noise or a mapping {path regex: noise} (see
+            :func:`check_spec`), or ``path`` is not a string.
+    """
     if isinstance(spec, Noise):
         return spec
+    if not isinstance(spec, Mapping):
+        check_spec(spec)
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a string such as 'Dense_0/kernel', got {path!r}.")
     for pattern, noise in spec.items():
         if re.search(pattern, path):
             return noise

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bayesnoise import _tree, gsm
+from bayesnoise import _check, _tree, gsm
 from bayesnoise import nn as bnn
 from bayesnoise._tree import PyTree
 from bayesnoise.noise import Noise
@@ -84,11 +84,68 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
 def _moments(noise: Noise | float, mean: float | None = None) -> tuple[float, float]:
+    """(E[λ], Var[λ]) of a noise, or of a variance given as a number (mean 1 unless given)."""
+    if mean is not None:
+        _check.number("mean (E[λ])", mean)
     if isinstance(noise, Noise):
-        return noise.mean, noise.variance
-    if not isinstance(noise, jax.core.Tracer) and float(noise) < 0:
-        raise ValueError(f"the noise variance must be >= 0, got {noise!r}.")
+        m, s2 = noise.mean, noise.variance
+        if _check.concrete((m, s2)) and not (np.isfinite(m) and np.isfinite(s2)):
+            raise ValueError(
+                f"noise must have a finite mean and variance, got {noise!r} with mean {m} and "
+                f"variance {s2}."
+            )
+        return m, s2
+    if noise is None or isinstance(noise, (str, bytes, bool, np.bool_)):
+        raise TypeError(
+            f"noise must be a bayesnoise.noise distribution or the noise variance (a finite "
+            f"number >= 0), got {noise!r}."
+        )
+    _check.number("noise (the noise variance)", noise, lo=0.0)
     return (1.0 if mean is None else mean), noise
+
+
+def _array(name: str, value: ArrayLike) -> jax.Array:
+    """``value`` as an array, after checking it holds real numbers."""
+    return _check.array(name, value, "a real number or an array of them")
+
+
+def _check_wx(w: jax.Array, x: jax.Array, max_w_ndim: int | None = None) -> None:
+    """x (n, d), w (d,) or (d, k): static shape checks."""
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (n, d) (examples, inputs), got shape {x.shape}.")
+    if w.ndim < 1 or (max_w_ndim is not None and w.ndim > max_w_ndim):
+        allowed = "(d,) or (d, k)" if max_w_ndim == 2 else "(d, ...)"
+        raise ValueError(f"w must have shape {allowed}, got shape {w.shape}.")
+    if w.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"w has shape {w.shape} and x has shape {x.shape}: w's first axis must have x's "
+            f"{x.shape[1]} inputs (x (n, d), w (d,) or (d, k))."
+        )
+
+
+def _check_y(y: jax.Array, want: tuple[int, ...]) -> None:
+    if y.shape != want:
+        raise ValueError(
+            f"y must have the shape {want} of x @ w (one target per example and output), got "
+            f"shape {y.shape}."
+        )
+
+
+def _check_b(b: ArrayLike, want: tuple[int, ...]) -> jax.Array:
+    """``b`` as an array: a finite number, or an array broadcasting to ``want``."""
+    if np.ndim(b) == 0 and not isinstance(b, (str, bytes)) and b is not None:
+        _check.number("b", b)
+    b = _array("b", b)
+    try:
+        ok = np.broadcast_shapes(b.shape, want) == want
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"b must be a number or an array that broadcasts to the shape {want} of x @ w, got "
+            f"shape {b.shape}."
+        )
+    return b
 
 
 def _row_energy(w: jax.Array) -> jax.Array:
@@ -103,19 +160,40 @@ def linear_regression(w: ArrayLike, x: ArrayLike, noise: Noise | float) -> jax.A
     Args:
         w: weights (d,) or (d, k).
         x: inputs (n, d).
-        noise: a noise distribution, or its variance.
+        noise: a noise distribution, or its variance (a finite number >= 0).
+
+    Raises:
+        TypeError: ``noise`` is neither a noise nor a number, or ``w`` or ``x`` holds no numbers.
+        ValueError: the variance is negative or not finite (or the noise's is infinite), or the
+            shapes of ``w`` and ``x`` do not fit.
     """
     _, s2 = _moments(noise)
-    x = jnp.asarray(x)
+    w, x = _array("w", w), _array("x", x)
+    _check_wx(w, x)
     return 0.5 * s2 * jnp.sum(_row_energy(w) * jnp.sum(x**2, axis=0))
 
 
 def expected_linear_loss(
     w: ArrayLike, x: ArrayLike, y: ArrayLike, noise: Noise | float, mean: float | None = None
 ) -> jax.Array:
-    """E_λ[½ Σ_i ‖y_i − (λ_i ⊙ x_i) w‖²] in closed form: the clean loss at m·w plus eq. 4."""
+    """E_λ[½ Σ_i ‖y_i − (λ_i ⊙ x_i) w‖²] in closed form: the clean loss at m·w plus eq. 4.
+
+    Args:
+        w: weights (d,) or (d, k).
+        x: inputs (n, d).
+        y: targets, the shape of ``x @ w``: (n,) or (n, k).
+        noise: a noise distribution, or its variance (a finite number >= 0).
+        mean: E[λ] when ``noise`` is a variance (default 1), a finite number.
+
+    Raises:
+        TypeError, ValueError: as :func:`linear_regression`, or ``y`` has another shape than
+            ``x @ w``, or ``mean`` is not a finite number.
+    """
     m, _ = _moments(noise, mean)
-    resid = jnp.asarray(y) - m * (jnp.asarray(x) @ jnp.asarray(w))
+    w, x, y = _array("w", w), _array("x", x), _array("y", y)
+    _check_wx(w, x, max_w_ndim=2)
+    _check_y(y, (x.shape[0],) + w.shape[1:])
+    resid = y - m * (x @ w)
     return 0.5 * jnp.sum(resid**2) + linear_regression(w, x, noise)
 
 
@@ -127,11 +205,20 @@ def logistic_regression(
     Args:
         w: weights (d,).
         x: inputs (n, d).
-        noise: a noise distribution, or its variance (then ``mean`` defaults to 1).
-        b: bias (not noised).
+        noise: a noise distribution, or its variance, a finite number >= 0 (then ``mean``
+            defaults to 1).
+        b: bias (not noised): a finite number, or an array broadcasting to the shape of x @ w.
+        mean: E[λ] when ``noise`` is a variance, a finite number.
+
+    Raises:
+        TypeError: ``noise`` is neither a noise nor a number, or an array holds no numbers.
+        ValueError: the variance is negative or not finite (or the noise's is infinite), or the
+            shapes of ``w``, ``x`` and ``b`` do not fit.
     """
     m, s2 = _moments(noise, mean)
-    x, w = jnp.asarray(x), jnp.asarray(w)
+    x, w = _array("x", x), _array("w", w)
+    _check_wx(w, x, max_w_ndim=2)
+    b = _check_b(b, (x.shape[0],) + w.shape[1:])
     p = jax.nn.sigmoid(m * (x @ w) + b)
     return 0.5 * s2 * jnp.sum(p * (1 - p) * ((x**2) @ (w**2)))
 
@@ -144,10 +231,23 @@ def approx_expected_logistic_loss(
     b: ArrayLike = 0.0,
     mean: float | None = None,
 ) -> jax.Array:
-    """Σ_i [A(η_i) − y_i η_i] at η = m x·w + b, plus eq. 5: ≈ E_λ of the noisy logistic loss."""
+    """Σ_i [A(η_i) − y_i η_i] at η = m x·w + b, plus eq. 5: ≈ E_λ of the noisy logistic loss.
+
+    Args:
+        w, x, noise, b, mean: as in :func:`logistic_regression`.
+        y: labels in {0, 1} (or probabilities), the shape of ``x @ w``.
+
+    Raises:
+        TypeError, ValueError: as :func:`logistic_regression`, or ``y`` has another shape than
+            ``x @ w``.
+    """
     m, _ = _moments(noise, mean)
-    eta = m * (jnp.asarray(x) @ jnp.asarray(w)) + b
-    clean = jnp.sum(jax.nn.softplus(eta) - jnp.asarray(y) * eta)
+    x, w, y = _array("x", x), _array("w", w), _array("y", y)
+    _check_wx(w, x, max_w_ndim=2)
+    _check_y(y, (x.shape[0],) + w.shape[1:])
+    b = _check_b(b, y.shape)
+    eta = m * (x @ w) + b
+    clean = jnp.sum(jax.nn.softplus(eta) - y * eta)
     return clean + logistic_regression(w, x, noise, b, mean)
 
 
@@ -181,6 +281,7 @@ def ml2_neg_log_prior(
     Raises:
         ValueError: ``variance`` does not match ``v_params`` in structure or shapes, or holds a
             negative or non-finite entry; or the hierarchy does not match ``v_params``.
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`.
 
     Example:
         >>> import jax.numpy as jnp, bayesnoise as bn
@@ -292,6 +393,11 @@ def _second_moments(params: PyTree, variance: PyTree | None) -> PyTree:
 
 def _rows(params: PyTree, hierarchy: gsm.Hierarchy, variance: PyTree | None):
     """(S_j, d_j) per noised leaf, in flattening order: S_j = Σ_k (x_jk² + Var[x_jk])."""
+    if not isinstance(hierarchy, gsm.Hierarchy):
+        raise TypeError(
+            f"hierarchy must be a bn.gsm.Hierarchy (from bn.gsm.hierarchy), got "
+            f"{type(hierarchy).__name__}: {hierarchy!r:.200}."
+        )
     second = _second_moments(params, variance)
     sums = jax.tree.leaves(gsm.row_sums(second, hierarchy))
     sizes = jax.tree.leaves(gsm.row_sizes(params, hierarchy))
@@ -313,17 +419,26 @@ def kl_log_uniform(log_alpha: ArrayLike) -> jax.Array:
     k1 − ½ log α.
 
     Args:
-        log_alpha: log α, any shape.
+        log_alpha: log α, any shape (±∞ give the limits 0 and ∞).
 
     Returns:
         the KL of every entry, same shape (float).
+
+    Raises:
+        TypeError: ``log_alpha`` is not a number or an array of them.
+        ValueError: ``log_alpha`` holds NaN (checked where concrete).
 
     Example:
         >>> import jax.numpy as jnp, bayesnoise as bn
         >>> [round(float(k), 4) for k in bn.penalties.kl_log_uniform(jnp.array([-4.0, 0.0, 8.0]))]
         [2.6342, 0.4312, 0.0002]
     """
-    la = jnp.asarray(log_alpha)
+    la = _array("log_alpha", log_alpha)
+    if _check.concrete(la) and bool(jnp.any(jnp.isnan(la))):
+        raise ValueError(
+            f"log_alpha must be a number or an array of them, none NaN; got "
+            f"{int(jnp.sum(jnp.isnan(la)))} NaN entries of {la.size}."
+        )
     if not jnp.issubdtype(la.dtype, jnp.floating):
         la = la.astype(jnp.result_type(float))
     return K1 * jax.nn.sigmoid(-(K2 + K3 * la)) + 0.5 * jax.nn.softplus(-la)

@@ -46,7 +46,7 @@ import optax
 from jax.experimental import sparse as jsparse
 from jax.typing import ArrayLike
 
-from bayesnoise import _tree
+from bayesnoise import _check, _tree
 from bayesnoise import nn as bnn
 from bayesnoise._tree import PyTree, Where
 
@@ -90,8 +90,14 @@ def snr(mean: PyTree, std: PyTree) -> PyTree:
 
     Returns:
         A tree like ``mean`` with |μ| / σ in every leaf.
+
+    Raises:
+        ValueError: the trees differ in structure or shapes; or, for concrete values, ``mean``
+            or ``std`` holds a NaN or infinite entry, or ``std`` a negative one.
     """
     _check_same_tree(mean, std, "mean", "std")
+    _check_values(mean, "mean", "posterior means")
+    _check_values(std, "std", "posterior standard deviations", nonnegative=True)
 
     def leaf(m, s):
         a = jnp.abs(m)
@@ -110,14 +116,56 @@ def spr(mean: PyTree, std: PyTree) -> PyTree:
 
     Returns:
         A tree like ``mean`` with |μ| + σ in every leaf.
+
+    Raises:
+        ValueError: as :func:`snr`.
     """
     _check_same_tree(mean, std, "mean", "std")
+    _check_values(mean, "mean", "posterior means")
+    _check_values(std, "std", "posterior standard deviations", nonnegative=True)
     return jax.tree.map(lambda m, s: jnp.abs(m) + s, mean, std)
 
 
 def magnitude(mean: PyTree) -> PyTree:
-    """Magnitude |μ| per weight (the classic baseline; ``mean`` may be point estimates)."""
+    """Magnitude |μ| per weight (the classic baseline; ``mean`` may be point estimates).
+
+    Raises:
+        ValueError: a concrete ``mean`` holds NaN or infinite entries.
+    """
+    _check_values(mean, "mean", "posterior means or point estimates")
     return jax.tree.map(jnp.abs, mean)
+
+
+def _check_values(tree: PyTree, name: str, meaning: str, nonnegative: bool = False) -> None:
+    """Raises a ValueError naming the first leaf of a concrete ``tree`` with a NaN or infinite
+    entry (or, with ``nonnegative``, a negative one); one small transfer for all leaves."""
+    flat = [
+        (_tree.path_str(p), jnp.asarray(x))
+        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
+        if x is not None
+    ]
+    if not flat or not _check.concrete([x for _, x in flat]):
+        return
+
+    def stats(x):
+        bad = ~jnp.isfinite(x)
+        first = jnp.ravel(x)[jnp.argmax(jnp.ravel(bad))] if x.size else jnp.zeros(())
+        low = jnp.min(jnp.where(bad, jnp.inf, x)) if x.size else jnp.zeros(())
+        return jnp.sum(bad), first, jnp.sum(x < 0), low
+
+    for (leaf, x), (n_bad, first, n_neg, low) in zip(
+        flat, jax.device_get([stats(x) for _, x in flat])
+    ):
+        if n_bad:
+            raise ValueError(
+                f"{name} ({meaning}) must be finite: leaf {leaf!r} of shape {tuple(x.shape)} "
+                f"holds {n_bad} NaN or infinite entries (such as {first})."
+            )
+        if nonnegative and n_neg:
+            raise ValueError(
+                f"{name} ({meaning}) must be >= 0: leaf {leaf!r} of shape {tuple(x.shape)} "
+                f"holds {n_neg} negative entries (the smallest {low})."
+            )
 
 
 def _kernel_tree(params: PyTree, values: dict[str, Any], fill: Callable[[Any], Any]) -> PyTree:
@@ -212,9 +260,10 @@ def log_alpha_threshold(params: PyTree, threshold: float = 3.0) -> ThresholdMask
 
     Raises:
         ValueError: the params hold no learned noise, or ``threshold`` is NaN.
+        TypeError: ``threshold`` is not a number.
     """
-    if not isinstance(threshold, jax.core.Tracer) and np.isnan(threshold):
-        raise ValueError(f"threshold must be a number (a log α); got {threshold!r}.")
+    if not isinstance(threshold, jax.core.Tracer):
+        _check.number("threshold", threshold, finite=False)  # ±inf: keep all / none
     layers = bnn.learned_layers(params, require=True)
     keep = {layer.path: layer.weight_log_alpha < threshold for layer in layers}
     removed = sum(jnp.sum(~k) for k in keep.values())
@@ -250,6 +299,49 @@ def _prunable(name: str, leaf: Any, where: Where, include_biases: bool) -> bool:
     return (choice is not None and choice is not False) or is_bias
 
 
+def _chosen(flat: list, where: Where, include_biases: bool, batched: bool = False) -> list[bool]:
+    """Whether each (path, leaf) of a flattened scores tree is prunable (``batched``: leaves
+    carry a leading seed axis, and are chosen from their per-seed shapes)."""
+    _tree.check_where(where)
+    out = []
+    for path, leaf in flat:
+        if leaf is not None and batched:
+            leaf = jax.ShapeDtypeStruct(jnp.shape(leaf)[1:], jnp.result_type(leaf))
+        name = _tree.path_str(path)
+        out.append(leaf is not None and _prunable(name, leaf, where, include_biases))
+    return out
+
+
+def _check_chosen(flat: list, chosen: list[bool], where: Where) -> None:
+    if not any(chosen):
+        raise _tree.nothing_chosen(
+            where,
+            "scores",
+            [_tree.path_str(p) for p, _ in flat],
+            "prunable",
+            "By default only 'kernel' leaves with at least two axes are; pass `where` (a "
+            "regular expression on the path or a predicate) or include_biases=True to choose "
+            "more.",
+        )
+
+
+def _check_scores(flat: list, chosen: list[bool]) -> None:
+    """Raises a ValueError naming the first prunable leaf that holds a NaN score (concrete
+    scores only; one small transfer for all leaves)."""
+    leaves = [(_tree.path_str(p), x) for (p, x), c in zip(flat, chosen) if c]
+    if not leaves or not _check.concrete([x for _, x in leaves]):
+        return
+    nans = np.asarray(jax.device_get([jnp.sum(jnp.isnan(jnp.asarray(x))) for _, x in leaves]))
+    if nans.any():
+        i = int(np.flatnonzero(nans)[0])
+        name, x = leaves[i]
+        raise ValueError(
+            f"scores must not be NaN: leaf {name!r} of shape {jnp.shape(x)} holds {nans[i]} NaN "
+            f"scores. Allowed: numbers (+inf is kept longest); a NaN score usually comes from "
+            f"NaN posterior moments (check the mean and std given to snr or spr)."
+        )
+
+
 def _check_scope(scope: Any) -> None:
     if scope not in SCOPES:
         raise ValueError(
@@ -264,7 +356,7 @@ def _check_fraction(fraction: Any, name: str = "fraction") -> None:
     f = np.asarray(fraction)
     if not np.issubdtype(f.dtype, np.number) or not np.all((f >= 0) & (f <= 1)):
         raise ValueError(
-            f"{name} must lie in [0, 1] (the share of prunable weights removed); got {fraction!r}."
+            f"{name} must be in [0, 1] (the share of prunable weights removed); got {fraction!r}."
         )
 
 
@@ -277,18 +369,10 @@ def _ranking(scores: PyTree, scope: str, where: Where, include_biases: bool) -> 
     """
     _check_scope(scope)
     flat, treedef = jax.tree_util.tree_flatten_with_path(scores, is_leaf=_is_none)
-    chosen = []
-    for path, leaf in flat:
-        name = _tree.path_str(path)
-        chosen.append(leaf is not None and _prunable(name, leaf, where, include_biases))
-    if not any(chosen):
-        paths = ", ".join(_tree.path_str(p) for p, _ in flat[:8]) or "(no leaves)"
-        raise ValueError(
-            f"no leaf of the scores tree is prunable (leaves: {paths}). By default only "
-            f"'kernel' leaves with at least two axes are; pass `where` (a regular expression "
-            f"on the path or a predicate) or include_biases=True to choose more."
-        )
+    chosen = _chosen(flat, where, include_biases)
+    _check_chosen(flat, chosen, where)
     prunable = [jnp.asarray(leaf) for (_, leaf), c in zip(flat, chosen) if c]
+    _check_scores(flat, chosen)
     dtype = jnp.result_type(*prunable)
     if scope == "global":
         values = jnp.concatenate([s.astype(dtype).ravel() for s in prunable])
@@ -357,7 +441,8 @@ def mask(
     weights: those of rank ≥ n − kept in a stable ascending sort of the scores. So a kept
     weight never scores lower than a removed one, and ties are broken deterministically: among
     equal scores, the weight first in flattening order (leaves in ``jax.tree.flatten`` order,
-    row-major within a leaf) is removed first. NaN scores sort last (kept longest).
+    row-major within a leaf) is removed first. Concrete scores must not be NaN; under ``jit``
+    they are not checked, and NaN scores sort last (kept longest).
 
     The function is jit- and vmap-able with ``fraction`` traced (then clipped to [0, 1]).
 
@@ -376,8 +461,9 @@ def mask(
         all True.
 
     Raises:
-        ValueError: if a concrete ``fraction`` lies outside [0, 1], ``scope`` is unknown, or no
-            leaf is prunable.
+        ValueError: if a concrete ``fraction`` lies outside [0, 1], ``scope`` is unknown, no
+            leaf is prunable (the message shows ``where``), or a concrete prunable score is NaN.
+        TypeError: ``where`` is not None, a string or a callable.
 
     Example:
         >>> import jax, jax.numpy as jnp, bayesnoise as bn
@@ -459,7 +545,8 @@ def apply(params: PyTree, mask: PyTree) -> PyTree:
         if not ok:
             raise ValueError(
                 f"the mask of leaf {name!r} has shape {m.shape}, which does not broadcast to the "
-                f"leaf's shape {w.shape}."
+                f"leaf's shape {w.shape}: a mask leaf must have its parameter's shape, or one "
+                f"that broadcasts to it (such as a row mask), or be None."
             )
         out.append(jnp.where(m, w, jnp.zeros((), w.dtype)))
     return jax.tree.unflatten(treedef, out)
@@ -548,9 +635,11 @@ def curve(
         ``batched`` (with trailing axes if ``eval_fn`` returns arrays).
 
     Raises:
-        ValueError: on fractions outside [0, 1] or not 1-D, an unknown ``scope``, scores that
-            do not match the params, unequal leading axes when ``batched``, or a bad
-            ``chunk_size``.
+        ValueError: on fractions outside [0, 1], not 1-D or empty, an unknown ``scope``, scores
+            that do not match the params, NaN scores, no prunable leaf, unequal leading axes
+            when ``batched``, or a bad ``chunk_size``.
+        TypeError: ``eval_fn`` is not callable, or ``where`` is not None, a string or a
+            callable.
 
     Example:
         >>> import jax.numpy as jnp, bayesnoise as bn
@@ -559,13 +648,20 @@ def curve(
         >>> bn.prune.curve(count, params, bn.prune.magnitude(params), jnp.array([0, 0.5, 1]))
         Array([4, 2, 0], dtype=int32)
     """
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be a callable params -> metric, got {eval_fn!r}.")
     _check_scope(scope)
+    _tree.check_where(where)
     _check_same_tree(params, scores, "params", "scores")
     fractions = fractions if isinstance(fractions, jax.core.Tracer) else jnp.asarray(fractions)
     if fractions.ndim != 1:
         raise ValueError(f"fractions must be a 1-D array; got shape {fractions.shape}.")
+    if fractions.shape[0] == 0:
+        raise ValueError("fractions must hold at least one fraction; got an empty array [].")
     _check_fraction(fractions, "every fraction")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}.")
     if batched:
         sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(params)}
@@ -574,6 +670,11 @@ def curve(
                 f"batched=True needs a common leading (seed) axis on every leaf of params and "
                 f"scores; got leading sizes {sorted(sizes, key=str)}."
             )
+    # the checks _ranking makes outside jit: some leaf prunable, no NaN score
+    flat = jax.tree_util.tree_flatten_with_path(scores, is_leaf=_is_none)[0]
+    chosen = _chosen(flat, where, include_biases, batched=bool(batched))
+    _check_chosen(flat, chosen, where)
+    _check_scores(flat, chosen)
     try:
         hash(eval_fn)
     except TypeError:  # jit needs a hashable static argument: compare by identity instead
@@ -637,21 +738,31 @@ def breakpoint_fraction(
         The breakpoint, a float; 0.0 when the smallest fraction already fails.
 
     Raises:
-        ValueError: on arrays of different lengths, not 1-D, or a negative tolerance.
+        ValueError: on arrays of different lengths, not 1-D or empty, fractions outside
+            [0, 1] (or NaN), or a tolerance that is negative or not finite.
+        TypeError: an argument that is not a number (or an array of them).
 
     Example:
         >>> import bayesnoise as bn
         >>> bn.prune.breakpoint_fraction([0.0, 0.5, 0.8, 0.9], [0.02, 0.025, 0.04, 0.028], 0.02)
         0.5
     """
+    _check.number("fractions", fractions, lo=0.0, hi=1.0, array=True)
+    _check.number("tolerance", tolerance, lo=0.0)
+    # NaN is a metric value (it fails the tolerance): only the types are checked
+    if not _is_real(metric):
+        raise TypeError(f"metric must be a 1-D array of numbers, got {metric!r}.")
+    if not _is_real(unpruned) or np.ndim(unpruned) != 0:
+        raise TypeError(
+            f"unpruned must be a number (the unpruned model's metric), got {unpruned!r}."
+        )
     f = np.asarray(fractions, np.float64)
     m = np.asarray(metric, np.float64)
-    if f.ndim != 1 or f.shape != m.shape:
+    if f.ndim != 1 or f.shape != m.shape or f.size == 0:
         raise ValueError(
-            f"fractions and metric must be 1-D of equal length; got shapes {f.shape} and {m.shape}."
+            f"fractions and metric must be 1-D of equal length >= 1; got shapes {f.shape} and "
+            f"{m.shape}."
         )
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0; got {tolerance!r}.")
     unpruned = float(unpruned)
     limit = unpruned * (1 + tolerance) if relative else unpruned + tolerance
     order = np.argsort(f, kind="stable")
@@ -661,6 +772,16 @@ def breakpoint_fraction(
     failed = np.flatnonzero(~ok)
     last = len(f) if failed.size == 0 else int(failed[0])
     return float(f[last - 1]) if last > 0 else 0.0
+
+
+def _is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number or an array of them (NaN included; no bools)."""
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+        return False
+    try:
+        return np.asarray(value).dtype.kind in "iuf"
+    except Exception:  # an object NumPy cannot read as an array
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +852,22 @@ def to_sparse(
         A tree like ``params`` whose pruned kernels are BCOO arrays. Use :func:`sparse_dense`
         for x @ W with such a kernel, :func:`from_sparse` to get dense params back, and
         :func:`stored_bytes` for the size.
+
+    Raises:
+        ValueError: the mask does not fit the params (see :func:`apply`), or ``index_dtype``
+            cannot hold every coordinate of a leaf stored sparse.
+        TypeError: ``index_dtype`` is not an integer dtype.
     """
+    if index_dtype is not None:
+        try:
+            kind = np.dtype(index_dtype).kind
+        except TypeError:
+            kind = None
+        if kind not in ("i", "u"):
+            raise TypeError(
+                f"index_dtype must be None or an integer dtype such as np.int16, got "
+                f"{index_dtype!r}."
+            )
     pruned = apply(params, mask)
     by_path = {
         _tree.path_str(p): m
@@ -747,6 +883,12 @@ def to_sparse(
         w = np.asarray(w)
         keep = np.broadcast_to(np.asarray(m, bool), w.shape)
         dtype = np.dtype(index_dtype or _smallest_int(max(w.shape)))
+        if max(w.shape) - 1 > np.iinfo(dtype).max:
+            raise ValueError(
+                f"index_dtype={dtype.name} cannot hold the coordinates of leaf "
+                f"{_tree.path_str(path)!r} of shape {w.shape}: it must be an integer dtype "
+                f"that reaches {max(w.shape) - 1} (None chooses the smallest that does)."
+            )
         kept = int(keep.sum())
         if not always and kept * (w.itemsize + w.ndim * dtype.itemsize) >= w.nbytes:
             out.append(jnp.asarray(w))
@@ -784,8 +926,17 @@ def sparse_dense(x: ArrayLike, kernel: jax.Array | jsparse.BCOO) -> jax.Array:
 
     Returns:
         An array of shape (..., out).
+
+    Raises:
+        ValueError: ``kernel`` is not 2-D, or ``x``'s last axis is not its first.
     """
     x = jnp.asarray(x)
+    if jnp.ndim(kernel) != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"sparse_dense(x, kernel): kernel must have shape (in, out) and x shape (..., in); "
+            f"got x of shape {tuple(x.shape)} and kernel of shape "
+            f"{tuple(jnp.shape(kernel))}."
+        )
     if not _is_sparse(kernel):
         return x @ kernel
     lead = x.shape[:-1]

@@ -72,7 +72,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bayesnoise import _loop, _tree
+from bayesnoise import _check, _loop, _tree
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
 from bayesnoise.sgld import sgld as _sgld
@@ -166,10 +166,15 @@ def init(
 
     Returns:
         A :class:`SamplerState` for :func:`step`.
+
+    Raises:
+        ValueError: ``num_data`` is not an int >= 1, ``transform`` is not an optax transform,
+            or concrete ``params`` hold a NaN or infinite entry.
+        TypeError: ``log_likelihood`` or ``log_prior`` is not callable.
     """
     num_data = _check_positive_int("num_data", num_data, 1, "the number of examples N")
-    if not callable(log_likelihood) or not callable(log_prior):
-        raise ValueError("log_likelihood and log_prior must be callables.")
+    _check_callables(log_likelihood, log_prior)
+    _check_start(params)
     if not hasattr(transform, "init") or not hasattr(transform, "update"):
         raise ValueError(
             f"transform must be an optax GradientTransformation (such as bn.sgld(1e-5)), got "
@@ -183,6 +188,44 @@ def _all_finite(tree: PyTree) -> jax.Array:
     """Whether every entry of every leaf is finite (one fused reduction per leaf)."""
     flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+@jax.jit
+def _finite_per_leaf(tree: PyTree) -> list:
+    """(non-finite entries, first non-finite entry) per leaf, in one compiled call."""
+
+    def one(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
+            return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        bad = ~jnp.isfinite(x)
+        return jnp.sum(bad, dtype=jnp.int32), jnp.ravel(x)[jnp.argmax(jnp.ravel(bad))]
+
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def _check_start(params: PyTree, name: str = "params") -> None:
+    """Raises a ValueError naming the first leaf of concrete ``params`` that is not finite
+    (one explicit transfer of two numbers per leaf)."""
+    if not _check.concrete(params):
+        return
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat:
+        return
+    stats = jax.device_get(_finite_per_leaf(params))
+    for (path, leaf), (bad, first) in zip(flat, stats):
+        if bad:
+            raise ValueError(
+                f"{name} (the starting state) must be finite: leaf "
+                f"{_tree.path_str(path)!r} of shape {tuple(np.shape(leaf))} holds {int(bad)} "
+                f"NaN or infinite entries (such as {first}). A chain cannot start there; a "
+                f"smaller step size does not help."
+            )
+
+
+def _check_callables(log_likelihood: Any, log_prior: Any) -> None:
+    _check.function("log_likelihood", log_likelihood, _check.LOG_LIKELIHOOD)
+    _check.function("log_prior", log_prior, "log_prior(params) -> scalar")
 
 
 def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerState, StepInfo]:
@@ -200,9 +243,31 @@ def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerStat
 
     Returns:
         ``(new_state, info)``: the next state and a :class:`StepInfo`.
+
+    Raises:
+        TypeError: ``key`` is not a PRNG key, ``state`` not a :class:`SamplerState`, or
+            ``batch`` not a tuple of arrays.
+        ValueError: the arrays of ``batch`` differ in their leading axis.
     """
-    kernel = state.kernel
+    if _check.concrete(key):
+        _check.key("key", key)
+    if not isinstance(state, SamplerState):
+        raise TypeError(
+            f"state must be a SamplerState (from bn.sampling.init), got {type(state).__name__}."
+        )
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
+        raise TypeError(
+            f"batch must be a tuple of arrays with a common leading axis, such as (x, y); got "
+            f"{type(batch).__name__}{' of shape ' + str(np.shape(batch)) if hasattr(batch, 'shape') else ''}."
+        )
     batch = tuple(batch)
+    sizes = [jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(batch)]
+    if not sizes or None in sizes or len(set(sizes)) != 1 or sizes[0] == 0:
+        raise ValueError(
+            f"batch must be a tuple of arrays with a common leading axis of n >= 1 examples; got "
+            f"shapes {[tuple(jnp.shape(a)) for a in jax.tree.leaves(batch)]}."
+        )
+    kernel = state.kernel
     u, grads = jax.value_and_grad(kernel.potential)(state.params, batch)
     updates, new_opt = kernel.transform.update(grads, state.opt_state, state.params, key=key)
     new_params = optax.apply_updates(state.params, updates)
@@ -232,7 +297,15 @@ class AutoSettings(NamedTuple):
 
 
 def prior_precision(params: PyTree, log_prior: Callable[[PyTree], jax.Array]) -> PyTree:
-    """−∂²log p(θ)/∂θ_k² per weight, as −H·1 (exact for priors independent across weights)."""
+    """−∂²log p(θ)/∂θ_k² per weight, as −H·1 (exact for priors independent across weights).
+
+    Raises:
+        TypeError: ``log_prior`` is not callable.
+    """
+    if not callable(log_prior):
+        raise TypeError(
+            f"log_prior must be a callable log_prior(params) -> scalar, got {log_prior!r}."
+        )
     ones = jax.tree.map(jnp.ones_like, params)
     _, hv = jax.jvp(jax.grad(log_prior), (params,), (ones,))
     return jax.tree.map(jnp.negative, hv)
@@ -360,18 +433,47 @@ def auto_settings(
         An :class:`AutoSettings`.
 
     Raises:
-        ValueError: a prior that is not proper in some weight, a non-finite curvature, or a
-            curvature tree of the wrong structure.
+        ValueError: a prior that is not proper in some weight, a non-finite curvature, a
+            curvature tree of the wrong structure, or a setting out of range (named in the
+            message).
+        TypeError: ``key`` is not a PRNG key, or a setting has the wrong type.
     """
     from bayesnoise import laplace
 
-    if not float(temperature) > 0:
+    _check.key("key", key)
+    _check_callables(log_likelihood, log_prior)
+    _check.number("temperature", temperature, finite=False)
+    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
         raise ValueError(
-            f"automatic settings need a temperature > 0 (T = 0 is optimisation), got "
+            f"temperature must be a finite number > 0 for automatic settings (T = 0 is optimisation), got "
             f"{temperature!r}; pass learning_rate= explicitly for T = 0."
         )
+    data, num_data = _tree.data_tuple(data)
+    if batch_size is not None:
+        _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
+        if batch_size > num_data:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {num_data} examples in data; use at most "
+                f"{num_data}, or None."
+            )
+    _check_positive_int("num_chains", num_chains, 1, "the number of chains")
+    _check_positive_int("max_steps", max_steps, 1, "the most steps per chain")
+    _check_positive_int("min_samples", min_samples, 1, "the fewest kept states per chain")
+    _check_positive_int("hessian_examples", hessian_examples, 1, "examples of the Hessian")
+    for name, value in (
+        ("max_step", max_step),
+        ("noise_fraction", noise_fraction),
+        ("target_ess", target_ess),
+        ("step_scale", step_scale),
+    ):
+        _check.number(name, value, lo=0.0, lo_open=True)
+    if positions is not None:
+        positions = list(positions)
+        if not positions:
+            raise ValueError("positions must be None or a non-empty list of params trees, got [].")
+        for i, p in enumerate(positions):
+            _check.same_tree(f"positions[{i}]", p, params, "params")
     T = float(temperature)
-    num_data = int(jax.tree.leaves(data)[0].shape[0])
     n = min(num_data, 128) if batch_size is None else int(batch_size)
     k_ggn, k_pow, k_sub = jax.random.split(key, 3)
 
@@ -412,7 +514,7 @@ def auto_settings(
     idx = jax.random.choice(k_sub, num_data, (m,), replace=False) if m < num_data else None
     sub = tuple(a if idx is None else jnp.take(a, idx, axis=0) for a in data)
 
-    positions = [params] if positions is None else list(positions)
+    positions = [params] if positions is None else positions
 
     # Per-weight steps d_k = min(max_step, c / ρ_k): weights the data barely touch (ρ_k → 0,
     # such as the rows of inputs that are always zero) take the largest step, those it dominates
@@ -743,6 +845,11 @@ def _check_positive_int(name: str, value: Any, minimum: int, meaning: str) -> in
 
 
 def _chain_keys(key: Any, num_chains: int | None) -> jax.Array:
+    if not hasattr(key, "dtype") or isinstance(key, (np.integer, np.floating, np.bool_)):
+        raise TypeError(
+            f"key must be a PRNG key such as jax.random.key(0), or a vector of keys (one per "
+            f"chain); got {key!r}."
+        )
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
@@ -930,8 +1037,17 @@ def run(
         num_chains = 4
     chain_keys = _chain_keys(key, num_chains)
     n_chains = chain_keys.shape[0]
-    if not callable(log_likelihood) or not callable(log_prior):
-        raise ValueError("log_likelihood and log_prior must be callables.")
+    _check_callables(log_likelihood, log_prior)
+    if not is_auto and not callable(learning_rate):
+        _check.number("learning_rate", learning_rate, lo=0.0, lo_open=True)
+    _check.number("temperature", temperature, lo=0.0)
+    if not callable(transform):
+        raise TypeError(
+            f"transform must be a callable transform(learning_rate, temperature=T) returning an "
+            f"optax transform, such as bn.sgld; got {transform!r}."
+        )
+    if auto is not None:
+        _check_auto_options(auto)
     data, num_data = _tree.data_tuple(data)
     if batch_size is not None:
         batch_size = _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
@@ -949,8 +1065,7 @@ def run(
             _check_positive_int(name, value, low, meaning)
     num_traced = _check_positive_int("num_traced", num_traced, 0, "weights traced")
     for name, value in (("rhat_threshold", rhat_threshold), ("ess_threshold", ess_threshold)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        _check.number(name, value, lo=0.0, lo_open=True)
 
     if params_per_chain:
         for leaf in jax.tree.leaves(params):
@@ -964,6 +1079,7 @@ def run(
         one_params = params
     if not jax.tree.leaves(one_params):
         raise ValueError("params has no array leaves to sample.")
+    _check_start(params)
 
     # Shapes of the user's functions, checked once before compiling the whole run.
     n_check = batch_size or (min(num_data, 128) if is_auto else num_data)
@@ -979,17 +1095,20 @@ def run(
     if lp_shape != ():
         raise ValueError(f"log_prior(params) must return a scalar, got shape {lp_shape}.")
     if predict is not None:
-        if not callable(predict) or predict_inputs is None:
+        if not callable(predict):
+            raise TypeError(
+                f"predict must be None or a callable predict(params, inputs), got {predict!r}."
+            )
+        if predict_inputs is None:
             raise ValueError(
-                "predict must be a callable predict(params, inputs) and predict_inputs the "
-                "held-out inputs to average it over."
+                "predict_inputs must be the held-out inputs to average predict over, got None."
             )
         predict_inputs = jnp.asarray(predict_inputs)
         want = data[0].shape[1:]
         if predict_inputs.ndim == 0 or predict_inputs.shape[1:] != want:
             raise ValueError(
-                f"predict_inputs must hold examples shaped like the training inputs, (M,) + "
-                f"{tuple(want)}; got shape {tuple(predict_inputs.shape)}."
+                f"predict_inputs must hold examples shaped like the training inputs: it must "
+                f"have shape (M,) + {tuple(want)}; got shape {tuple(predict_inputs.shape)}."
             )
         jax.eval_shape(predict, one_params, predict_inputs)
 
@@ -1006,10 +1125,20 @@ def run(
     )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
     if not is_auto:
+        floor, _ = _runaway_floor(
+            params,
+            params_per_chain,
+            log_likelihood,
+            log_prior,
+            data,
+            batch_size or num_data,
+            temperature,
+        )
         result = _run_fixed(
             chain_keys,
             params,
             data,
+            floor=floor,
             learning_rate=learning_rate,
             batch_size=batch_size or num_data,
             num_burnin=0 if num_burnin is None else num_burnin,
@@ -1047,12 +1176,89 @@ def run(
     return _finish(result, settings, rhat_threshold, ess_threshold)
 
 
-def _start_log_posterior(params, log_likelihood, log_prior, data, n):
+@functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "n", "per_chain"))
+def _start_log_posterior(params, data, *, log_likelihood, log_prior, n, per_chain):
     """(−U at ``params`` on the first n examples scaled to the whole data set, the standard
-    deviation of the per-example log-likelihoods there)."""
+    deviation of the per-example log-likelihoods there), each of shape (C,) (C = 1 unless
+    ``per_chain``, where params has a leading chain axis)."""
     num_data = data[0].shape[0]
-    ll = log_likelihood(params, *(a[:n] for a in data))
-    return log_prior(params) + (num_data / n) * jnp.sum(ll), jnp.std(ll)
+    head = tuple(a[:n] for a in data)
+
+    def one(p):
+        ll = log_likelihood(p, *head)
+        return log_prior(p) + (num_data / n) * jnp.sum(ll), jnp.std(ll)
+
+    if per_chain:
+        return jax.vmap(one)(params)
+    lp, sd = one(params)
+    return lp[None], sd[None]
+
+
+def _runaway_floor(
+    params, per_chain, log_likelihood, log_prior, data, batch_size, temperature
+) -> tuple[float, np.ndarray]:
+    """The log posterior below which a chain has run away, and −U at every chain's start.
+
+    A chain whose minibatch log posterior falls more than 20 nats per parameter (plus 20
+    standard deviations of its minibatch estimate) below the start's has run away: a divergence
+    that stays finite, treated as one. −inf where the start itself is not finite."""
+    num_data = int(data[0].shape[0])
+    one = jax.tree.map(lambda a: a[0], params) if per_chain else params
+    num_params = sum(int(np.size(a)) for a in jax.tree.leaves(one))
+    n_floor = min(num_data, 1024)
+    lp, sd = jax.device_get(
+        _start_log_posterior(
+            params,
+            data,
+            log_likelihood=log_likelihood,
+            log_prior=log_prior,
+            n=n_floor,
+            per_chain=bool(per_chain),
+        )
+    )
+    lp, sd = np.asarray(lp, np.float64), np.asarray(sd, np.float64)
+    if not np.all(np.isfinite(lp)):
+        return -np.inf, lp
+    n_batch = min(num_data, batch_size or 128)
+    noise_sd = num_data * float(np.max(sd)) / math.sqrt(n_batch)
+    t = max(float(temperature), 1.0) if not callable(temperature) else 1.0
+    return float(np.min(lp)) - 20.0 * num_params * t - 20.0 * noise_sd, lp
+
+
+# the options of run(auto=...): auto_settings' own, and the driver's
+_AUTO_OPTIONS = (
+    "max_step",
+    "noise_fraction",
+    "target_ess",
+    "max_steps",
+    "min_samples",
+    "hessian_examples",
+    "adapt_windows",
+    "max_retries",
+)
+
+
+def _check_auto_options(auto: Any) -> None:
+    """Checks the options of ``run(auto=...)`` before anything is computed."""
+    if not isinstance(auto, dict):
+        raise TypeError(f"auto must be None or a dict of auto_settings options, got {auto!r}.")
+    unknown = sorted(set(auto) - set(_AUTO_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(
+            f"auto has unknown options {unknown}; allowed: {', '.join(_AUTO_OPTIONS)}."
+        )
+    for name in ("max_step", "noise_fraction", "target_ess"):
+        if name in auto:
+            _check.number(f"auto['{name}']", auto[name], lo=0.0, lo_open=True)
+    for name, low, meaning in (
+        ("max_steps", 1, "the most steps per chain"),
+        ("min_samples", 1, "the fewest kept states per chain"),
+        ("hessian_examples", 1, "examples of the Hessian"),
+        ("adapt_windows", 0, "adaptation windows"),
+        ("max_retries", 0, "restarts after a divergence"),
+    ):
+        if name in auto:
+            _check_positive_int(f"auto['{name}']", auto[name], low, meaning)
 
 
 def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
@@ -1109,19 +1315,18 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
             curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
         return curvature
 
-    # A chain whose minibatch log posterior falls more than 20 nats per parameter (plus 20
-    # standard deviations of its minibatch estimate) below the start's has run away: a
-    # divergence that stays finite, treated as one.
-    num_params = sum(int(np.size(a)) for a in jax.tree.leaves(one_params))
+    floor, start_lp = _runaway_floor(
+        params, params_per_chain, log_likelihood, log_prior, data, batch_size, temperature
+    )
     n_floor = min(int(data[0].shape[0]), 1024)
-    starts = chain_positions(params) if params_per_chain else [one_params]
-    start_lp, spread = np.inf, 0.0
-    for p in starts:
-        lp, sd = _start_log_posterior(p, log_likelihood, log_prior, data, n_floor)
-        start_lp, spread = min(start_lp, float(lp)), max(spread, float(sd))
-    n_batch = min(int(data[0].shape[0]), batch_size or 128)
-    noise_sd = data[0].shape[0] * spread / math.sqrt(n_batch)
-    floor = start_lp - 20.0 * num_params * max(float(temperature), 1.0) - 20.0 * noise_sd
+    for c, lp in enumerate(start_lp):
+        if not math.isfinite(lp):
+            raise ValueError(
+                f"the log posterior at the starting params{'' if len(start_lp) == 1 else f' of chain {c}'} "
+                f"must be finite, got {lp} (log_prior(params) + N/n × the sum of "
+                f"log_likelihood over the first {n_floor} examples): check log_likelihood, "
+                f"log_prior and the data there."
+            )
 
     def attempt(settings, state, per_chain, salt, **run):
         return _run_fixed(
@@ -1322,19 +1527,52 @@ def _run_fixed(
             else f"sampling step {step_t - num_burnin}"
         )
         lr_text = "a schedule" if callable(static.learning_rate) else repr(static.learning_rate)
+        advice = (
+            f"Lower the learning rate (now {lr_text}), or check log_likelihood and log_prior at "
+            f"the last finite state (the error's .result.params)."
+        )
+        if step_t == 0 and not _first_step_finite(
+            chain_keys[chain], params, chain if params_per_chain else None, data, static
+        ):
+            advice = (
+                "The log posterior or its gradient is already NaN or inf at the starting params, "
+                "on the first minibatch, before any step: a smaller learning rate does not help. "
+                "log_likelihood and log_prior must be finite at the starting params: check them, "
+                "and the data, there."
+            )
         raise DivergenceError(
             f"SGLD diverged at step {step_t} ({phase}, chain {chain}) with step size "
             f"η_t = {eta:g}: the log posterior, its gradient or the parameters became NaN or inf"
             f"{'' if not np.isfinite(floor) else ', or the log posterior fell below ' + format(floor, '.4g')}. "
-            f"Lower the learning rate (now {lr_text}), or check log_likelihood and log_prior at "
-            f"the last finite state (the error's .result.params). "
-            f"{int((bad >= 0).sum())} of {n_chains} chains diverged.",
+            f"{advice} {int((bad >= 0).sum())} of {n_chains} chains diverged.",
             step=step_t,
             step_size=eta,
             chain=chain,
             result=result,
         )
     return result
+
+
+def _first_step_finite(chain_key, params, chain, data, static) -> bool:
+    """Whether U and ∇U at a chain's starting params are finite on its first minibatch (the
+    one its step 0 took); read once, after a divergence at step 0."""
+    try:
+        num_data = int(data[0].shape[0])
+        if static.batch_size < num_data:
+            perm = _loop.shuffled_batches(
+                jax.random.fold_in(jax.random.split(chain_key, 2)[1], 0),
+                num_data,
+                static.batch_size,
+            )
+            batch = tuple(jnp.take(a, perm[0], axis=0) for a in data)
+        else:
+            batch = tuple(data)
+        start = params if chain is None else jax.tree.map(lambda x: x[chain], params)
+        kernel = Kernel(static.log_likelihood, static.log_prior, num_data, None)
+        u, grads = jax.value_and_grad(kernel.potential)(start, batch)
+        return bool(jax.device_get(jnp.isfinite(u) & _all_finite(grads)))
+    except Exception:  # the diagnosis must never hide the divergence itself
+        return True
 
 
 def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshold):

@@ -46,9 +46,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from bayesnoise import _check
 from bayesnoise._tree import PyTree
 
 __all__ = [
@@ -88,7 +90,13 @@ def _as_key(key: int | jax.Array | None, seed: int | jax.Array | None = None) ->
     if value is None:
         return jax.random.key(0)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if not -(2**63) <= int(value) < 2**63:
+            raise ValueError(
+                f"{name} must be an int seed in [-2**63, 2**63) or a PRNG key (jax.random.key), "
+                f"got {value!r}."
+            )
         return jax.random.key(int(value))
+    given = value
     try:
         value = jnp.asarray(value)
     except TypeError:
@@ -105,9 +113,10 @@ def _as_key(key: int | jax.Array | None, seed: int | jax.Array | None = None) ->
         return jax.random.key(value)
     if value.dtype == jnp.uint32 and value.shape == (2,):
         return jax.random.wrap_key_data(value)
+    shown = f"{given!r} " if np.size(given) <= 4 and _is_concrete(given) else ""
     raise ValueError(
-        f"{name} must be an int or a PRNG key (jax.random.key), got {value.dtype} of shape "
-        f"{value.shape}."
+        f"{name} must be an int or a PRNG key (jax.random.key), got {shown}({value.dtype} of "
+        f"shape {value.shape})."
     )
 
 
@@ -152,29 +161,70 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _check_state(state: object, kind: type, fn: str) -> None:
+    if not isinstance(state, kind):
+        raise TypeError(
+            f"{fn}: state must be a {kind.__name__} (from this transform's init), got "
+            f"{type(state).__name__}: {state!r:.200}."
+        )
+
+
+def _check_updates(updates: PyTree, like: PyTree, like_name: str) -> None:
+    """The updates (gradients) have the tree structure of ``like`` (static)."""
+    want, got = jax.tree.structure(like), jax.tree.structure(updates)
+    if want != got:
+        raise ValueError(
+            f"updates (the gradients) must have the tree structure of {like_name}: got {got}, "
+            f"expected {want}."
+        )
+
+
+def _check_number(name: str, value: object, allowed: str, **bounds) -> None:
+    """A real number within ``bounds`` (see :func:`bayesnoise._check.number`); the message says
+    ``name must be allowed``. Traced values pass unchecked."""
+    try:
+        _check.number(name, value, **bounds)
+    except (TypeError, ValueError) as e:
+        shown = repr(value) if np.size(value) <= 4 else f"an array of shape {np.shape(value)}"
+        raise type(e)(f"{name} must be {allowed}, got {shown}.") from None
+
+
 def _check_learning_rate(learning_rate: float | optax.Schedule) -> None:
     if callable(learning_rate):
         return
-    if _is_concrete(learning_rate) and not float(learning_rate) > 0:
-        raise ValueError(
-            f"learning_rate (the step size η = ε/2) must be > 0 or a schedule, got "
-            f"{learning_rate!r}."
-        )
+    _check_number(
+        "learning_rate",
+        learning_rate,
+        "a finite number > 0 (the step size η = ε/2) or a schedule t -> η_t",
+        lo=0.0,
+        lo_open=True,
+    )
 
 
 def _check_temperature(temperature: float) -> None:
-    if _is_concrete(temperature) and not float(temperature) >= 0:
-        raise ValueError(
-            f"temperature must be >= 0 (1 samples the posterior, 0 is plain gradient descent), "
-            f"got {temperature!r}."
-        )
+    _check_number(
+        "temperature",
+        temperature,
+        "a finite number >= 0 (1 samples the posterior, 0 is plain gradient descent)",
+        lo=0.0,
+    )
 
 
-def step_size(learning_rate: float | optax.Schedule, count: ArrayLike) -> jax.Array:
-    """η_t: ``learning_rate(count)`` for a schedule, else the constant ``learning_rate``."""
+def _step_size(learning_rate: float | optax.Schedule, count: ArrayLike) -> jax.Array:
     if callable(learning_rate):
         return jnp.asarray(learning_rate(count))
     return jnp.asarray(learning_rate)
+
+
+def step_size(learning_rate: float | optax.Schedule, count: ArrayLike) -> jax.Array:
+    """η_t: ``learning_rate(count)`` for a schedule, else the constant ``learning_rate``.
+
+    Raises:
+        TypeError: a constant ``learning_rate`` that is not a real number.
+        ValueError: a constant ``learning_rate`` that is not finite and > 0.
+    """
+    _check_learning_rate(learning_rate)
+    return _step_size(learning_rate, count)
 
 
 def _normal_like(key: jax.Array, tree: PyTree) -> PyTree:
@@ -250,8 +300,11 @@ def sgld(
         An ``optax.GradientTransformationExtraArgs`` whose state is :class:`SGLDState`.
 
     Raises:
-        ValueError: if a constant ``learning_rate`` is not > 0, ``temperature`` is < 0, the key
-            is not an int or a key, or the preconditioner has the wrong structure or entries.
+        ValueError: if a constant ``learning_rate`` is not finite and > 0, ``temperature`` is
+            not finite and >= 0, ``max_drift`` is not finite and > 0, the key is not an int or a
+            key, or the preconditioner or ``gradient_noise`` has the wrong structure or entries.
+        TypeError: if ``learning_rate``, ``temperature`` or ``max_drift`` is not a real number
+            (nor a schedule, for ``learning_rate``).
 
     Example:
         >>> import jax, jax.numpy as jnp, bayesnoise as bn
@@ -271,8 +324,14 @@ def sgld(
     """
     _check_learning_rate(learning_rate)
     _check_temperature(temperature)
-    if max_drift is not None and _is_concrete(max_drift) and not float(max_drift) > 0:
-        raise ValueError(f"max_drift (K noise deviations per step) must be > 0, got {max_drift!r}.")
+    if max_drift is not None:
+        _check_number(
+            "max_drift",
+            max_drift,
+            "a finite number > 0 (K noise deviations per step) or None",
+            lo=0.0,
+            lo_open=True,
+        )
     key0 = _as_key(key, seed)
 
     def init_fn(params: PyTree) -> SGLDState:
@@ -282,7 +341,12 @@ def sgld(
 
     def update_fn(updates: PyTree, state: SGLDState, params: PyTree | None = None, **extra):
         del params
-        eta = step_size(learning_rate, state.count)
+        _check_state(state, SGLDState, "sgld update")
+        if preconditioner is not None:
+            _check_updates(updates, preconditioner, "the preconditioner")
+        if gradient_noise is not None:
+            _check_updates(updates, gradient_noise, "gradient_noise")
+        eta = _step_size(learning_rate, state.count)
         new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
         scale = jnp.sqrt(2.0 * eta * temperature)
@@ -355,8 +419,11 @@ def psgld(
         An ``optax.GradientTransformationExtraArgs`` whose state is :class:`PSGLDState`.
 
     Raises:
-        ValueError: for a constant ``learning_rate`` <= 0, ``decay`` outside [0, 1),
-            ``eps`` <= 0 or ``temperature`` < 0.
+        ValueError: for a constant ``learning_rate`` that is not finite and > 0, ``decay``
+            outside [0, 1), ``eps`` not finite and > 0, ``temperature`` not finite and >= 0, or
+            a key that is not an int or a key.
+        TypeError: if one of these is not a real number (nor a schedule, for
+            ``learning_rate``).
 
     References:
         Li, C., Chen, C., Carlson, D. & Carin, L. (2016). Preconditioned stochastic gradient
@@ -364,13 +431,21 @@ def psgld(
     """
     _check_learning_rate(learning_rate)
     _check_temperature(temperature)
-    if _is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
-        raise ValueError(
-            f"decay (α, the decay of the average of squared gradients) must be in [0, 1), "
-            f"got {decay!r}."
-        )
-    if _is_concrete(eps) and not float(eps) > 0:
-        raise ValueError(f"eps (λ, the damping of the preconditioner) must be > 0, got {eps!r}.")
+    _check_number(
+        "decay",
+        decay,
+        "a number in [0, 1) (α, the decay of the average of squared gradients)",
+        lo=0.0,
+        hi=1.0,
+        hi_open=True,
+    )
+    _check_number(
+        "eps",
+        eps,
+        "a finite number > 0 (λ, the damping of the preconditioner)",
+        lo=0.0,
+        lo_open=True,
+    )
     key0 = _as_key(key, seed)
 
     def init_fn(params: PyTree) -> PSGLDState:
@@ -379,7 +454,9 @@ def psgld(
 
     def update_fn(updates: PyTree, state: PSGLDState, params: PyTree | None = None, **extra):
         del params
-        eta = step_size(learning_rate, state.count)
+        _check_state(state, PSGLDState, "psgld update")
+        _check.same_tree("updates", updates, state.nu, "the state's params")
+        eta = _step_size(learning_rate, state.count)
         new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
         nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * g * g, state.nu, updates)
@@ -413,7 +490,8 @@ def polynomial_schedule(a: float, b: float, gamma: float) -> Callable[[ArrayLike
         A schedule t -> η_t = a (b + t)^(−γ) / 2 (an ``optax.Schedule``).
 
     Raises:
-        ValueError: if ``a <= 0``, ``b <= 0`` or ``gamma`` is not in (0.5, 1].
+        ValueError: if ``a`` or ``b`` is not finite and > 0, or ``gamma`` is not in (0.5, 1].
+        TypeError: if one of them is not a real number.
 
     Example:
         >>> import bayesnoise as bn
@@ -425,18 +503,26 @@ def polynomial_schedule(a: float, b: float, gamma: float) -> Callable[[ArrayLike
         Welling, M. & Teh, Y. W. (2011). Bayesian learning via stochastic gradient Langevin
         dynamics. ICML, section 3.
     """
-    if not float(a) > 0:
-        raise ValueError(f"a (the scale of ε_t = a (b + t)^-γ) must be > 0, got {a!r}.")
-    if not float(b) > 0:
-        raise ValueError(f"b (the offset of ε_t = a (b + t)^-γ) must be > 0, got {b!r}.")
-    if not 0.5 < float(gamma) <= 1.0:
-        raise ValueError(
-            f"gamma (the decay exponent of ε_t = a (b + t)^-γ) must be in (0.5, 1] so that "
-            f"Σ ε_t = ∞ and Σ ε_t² < ∞, got {gamma!r}."
-        )
+    _check_number(
+        "a", a, "a finite number > 0 (the scale of ε_t = a (b + t)^-γ)", lo=0.0, lo_open=True
+    )
+    _check_number(
+        "b", b, "a finite number > 0 (the offset of ε_t = a (b + t)^-γ)", lo=0.0, lo_open=True
+    )
+    _check_number(
+        "gamma",
+        gamma,
+        "a number in (0.5, 1] (the decay exponent of ε_t = a (b + t)^-γ), so that Σ ε_t = ∞ "
+        "and Σ ε_t² < ∞",
+        lo=0.5,
+        hi=1.0,
+        lo_open=True,
+    )
     a, b, gamma = float(a), float(b), float(gamma)
 
     def schedule(count: ArrayLike) -> jax.Array:
+        if isinstance(count, (str, bytes)) or count is None:
+            raise TypeError(f"count (the step t) must be a number >= 0, got {count!r}.")
         t = jnp.asarray(count, jnp.result_type(float))
         return 0.5 * a * (b + t) ** (-gamma)
 

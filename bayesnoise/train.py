@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesnoise import _loop, penalties
+from bayesnoise import _check, _loop, penalties
 from bayesnoise._tree import PyTree
 
 __all__ = [
+    "DivergenceError",
     "categorical_log_likelihood",
     "classification_loss",
     "regression_loss",
@@ -45,11 +46,23 @@ def categorical_log_likelihood(logits: jax.Array, labels: jax.Array) -> jax.Arra
 
     Args:
         logits: shape (n, classes).
-        labels: integer labels, shape (n,).
+        labels: integer labels in [0, classes), shape (n,).
 
     Returns:
         shape (n,): the log-probability of each example's label.
+
+    Raises:
+        TypeError: labels that are not integers.
+        ValueError: shapes other than (n, classes) and (n,); a label outside [0, classes)
+            (checked where the labels are concrete, not under ``jit``).
     """
+    logits, labels = _numbers("logits", logits), _numbers("labels", labels)
+    _check_labels(labels, logits.shape, "labels")
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must have shape (n, classes) and labels shape (n,); got logits of shape "
+            f"{logits.shape} and labels of shape {labels.shape}."
+        )
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
 
 
@@ -57,11 +70,15 @@ def classification_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
     """Softmax cross-entropy with integer labels. ``apply_fn(params, x, key)`` returns logits.
 
     Returns:
-        ``loss_fn(params, x, y, key) -> (mean loss, {"accuracy": mean accuracy})``.
+        ``loss_fn(params, x, y, key) -> (mean loss, {"accuracy": mean accuracy})``; the loss
+        raises a TypeError on labels ``y`` that are not integers, and a ValueError on a
+        concrete label outside [0, classes).
     """
+    _check_callable("apply_fn", apply_fn)
 
     def loss_fn(params, x, y, key):
         logits = apply_fn(params, x, key)
+        _check_labels(jnp.asarray(y), jnp.shape(logits), "y")
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
@@ -70,9 +87,16 @@ def classification_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
 
 def regression_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
     """Mean squared error; ``apply_fn(params, x, key)`` returns predictions (n,) or (n, 1)."""
+    _check_callable("apply_fn", apply_fn)
 
     def loss_fn(params, x, y, key):
-        pred = apply_fn(params, x, key).reshape(y.shape)
+        pred = apply_fn(params, x, key)
+        if jnp.size(pred) != jnp.size(y):
+            raise ValueError(
+                f"apply_fn's predictions must have y's shape {jnp.shape(y)} (or (n, 1) for y of "
+                f"shape (n,)); got shape {jnp.shape(pred)}."
+            )
+        pred = pred.reshape(y.shape)
         mse = jnp.mean((pred - y) ** 2)
         return mse, {"rmse": jnp.sqrt(mse)}
 
@@ -80,6 +104,37 @@ def regression_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
 
 
 LIKELIHOODS = ("categorical", "gaussian")
+
+
+def _numbers(name: str, v: Any) -> jax.Array:
+    """``v`` as a JAX array of numbers (a TypeError naming ``name`` otherwise)."""
+    return _check.array(name, v, "an array of numbers")
+
+
+def _check_callable(name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable, got {type(fn).__name__}: {fn!r:.80}.")
+
+
+def _check_labels(labels: jax.Array, logits_shape: tuple[int, ...], name: str) -> None:
+    """Integer class labels, each in [0, classes) where they are concrete."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        kind = {"f": "float", "b": "bool", "c": "complex"}.get(labels.dtype.kind, "non-integer")
+        raise TypeError(
+            f"{name} must be integer class labels in [0, classes), got {kind} labels (dtype "
+            f"{labels.dtype.name}); cast whole-number labels with .astype(int)."
+        )
+    if not logits_shape or not _check.concrete(labels) or labels.size == 0:
+        return
+    classes = logits_shape[-1]
+    values = np.asarray(labels)
+    bad = (values < 0) | (values >= classes)
+    if bad.any():
+        first = values[bad].flat[0]
+        raise ValueError(
+            f"{name} must be class labels in [0, {classes}) for logits of {classes} classes; "
+            f"got a label {first} ({int(bad.sum())} of {values.size} out of range)."
+        )
 
 
 def _gaussian_log_likelihood(outputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -135,6 +190,8 @@ def variational_loss(
     Raises:
         ValueError: ``num_data`` < 1, ``kl_weight`` < 0 or not finite, ``warmup_steps`` < 0,
             an unknown ``likelihood``; at call time, a warm-up without ``step``.
+        TypeError: a size or weight that is not a number (or a whole number, for the sizes),
+            or an ``apply_fn`` / ``kl_fn`` that is not callable.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, bayesnoise as bn
@@ -151,14 +208,18 @@ def variational_loss(
         >>> sorted(res.history)
         ['accuracy', 'kl', 'kl_scale', 'loss', 'nll']
     """
-    if int(num_data) != num_data or num_data < 1:
-        raise ValueError(
-            f"num_data must be a positive int (the training set size); got {num_data!r}."
-        )
-    if not (math.isfinite(float(kl_weight)) and kl_weight >= 0):
-        raise ValueError(f"kl_weight must be a finite number >= 0; got {kl_weight!r}.")
-    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0; got {warmup_steps!r}.")
+    _check_callable("apply_fn", apply_fn)
+    if not _is_count(num_data, 1):
+        error = TypeError if not _is_real(num_data) else ValueError
+        raise error(f"num_data must be a positive int (the training set size); got {num_data!r}.")
+    if not (_is_real(kl_weight) and math.isfinite(float(kl_weight)) and kl_weight >= 0):
+        error = TypeError if not _is_real(kl_weight) else ValueError
+        raise error(f"kl_weight must be a finite number >= 0; got {kl_weight!r}.")
+    if not _is_count(warmup_steps, 0):
+        error = TypeError if not _is_real(warmup_steps) else ValueError
+        raise error(f"warmup_steps must be an int >= 0; got {warmup_steps!r}.")
+    if kl_fn is not None:
+        _check_callable("kl_fn", kl_fn)
     if callable(likelihood):
         log_lik = likelihood
     elif likelihood == "categorical":
@@ -194,6 +255,40 @@ def variational_loss(
     return loss_fn
 
 
+def _is_real(v: Any) -> bool:
+    """A real number (a Python or NumPy int or float, or a 0-d array of one), not a bool."""
+    if isinstance(v, (bool, np.bool_, str, bytes)) or v is None:
+        return False
+    try:
+        a = np.asarray(v)
+    except Exception:  # an object NumPy cannot read
+        return False
+    return a.ndim == 0 and a.dtype.kind in "iuf"
+
+
+def _is_count(v: Any, lo: int) -> bool:
+    """A whole number >= lo (an int, or a float with no fractional part)."""
+    return _is_real(v) and math.isfinite(float(v)) and float(v) == int(v) and int(v) >= lo
+
+
+def _check_count(name: str, v: Any, lo: int) -> None:
+    """An int >= lo (a float with no fractional part is taken too, as ``int(v)`` reads it)."""
+    if not _check.concrete(v) or _is_count(v, lo):
+        return
+    error = ValueError if _is_real(v) else TypeError
+    raise error(f"{name} must be an int >= {lo}, got {v!r}.")
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation (with init and update), e.g. "
+            f"optax.adam(1e-3); got {type(optimizer).__name__}: {optimizer!r:.80}."
+        )
+
+
 def _takes_step(loss_fn: Callable) -> bool:
     """Whether ``loss_fn`` declares a parameter named ``step``."""
     try:
@@ -210,12 +305,26 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation):
     parameter named ``step`` (as :func:`variational_loss` does) and ``count`` is given, the
     loss is called with ``step=count``, the number of steps taken before this one. Jit it
     yourself (or use :func:`fit`, which compiles the whole run).
+
+    Raises:
+        TypeError: ``loss_fn`` is not callable, or ``optimizer`` is not an optax transformation.
     """
+    _check_callable("loss_fn", loss_fn)
+    _check_optimizer(optimizer)
     takes_step = _takes_step(loss_fn)
+
+    def checked_loss(*args, **kwargs):
+        out = loss_fn(*args, **kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+            raise TypeError(
+                f"loss_fn must be a function returning a pair (loss, metrics dict), e.g. "
+                f"(loss, {{}}); it returned {type(out).__name__}: {out!r:.80}."
+            )
+        return out
 
     def step(params, opt_state, x, y, key, count=None):
         kwargs = {"step": count} if takes_step and count is not None else {}
-        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        value_and_grad = jax.value_and_grad(checked_loss, has_aux=True)
         (loss, aux), grads = value_and_grad(params, x, y, key, **kwargs)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -228,6 +337,21 @@ class FitResult(NamedTuple):
     params: PyTree  # the final params
     opt_state: Any  # the final optimizer state
     history: dict  # name -> array of shape (epochs,)
+
+
+class DivergenceError(FloatingPointError):
+    """Training diverged: the loss or the parameters became NaN or inf.
+
+    Attributes:
+        epoch: the first epoch (0-based) whose mean loss is not finite, or None if only the
+            parameters are.
+        result: the :class:`FitResult` as it ended (its history shows where the loss went).
+    """
+
+    def __init__(self, message: str, *, epoch: int | None, result: FitResult):
+        super().__init__(message)
+        self.epoch = epoch
+        self.result = result
 
 
 def fit(
@@ -272,19 +396,48 @@ def fit(
 
     Returns:
         :class:`FitResult` with the history of per-epoch means.
+
+    Raises:
+        TypeError: ``key`` is not a PRNG key; ``epochs``, ``batch_size`` or ``initial_step`` is
+            not an int; x or y is not an array of numbers; ``loss_fn`` or ``eval_fn`` is not
+            callable; ``optimizer`` is not an optax transformation.
+        ValueError: ``epochs`` < 1, ``batch_size`` outside [1, len(x)], ``initial_step`` < 0,
+            x and y of different lengths, x or y or the initial params holding NaN or inf, or an
+            ``opt_state`` whose structure is not that of ``optimizer.init(params)``.
+        DivergenceError: the final params hold NaN or inf (checked once, after the loop).
     """
+    _check.key("key", key)
+    _check_callable("loss_fn", loss_fn)
+    _check_optimizer(optimizer)
+    if eval_fn is not None:
+        _check_callable("eval_fn", eval_fn)
+    x, y = _data_array("x", x), _data_array("y", y)
     n = int(x.shape[0])
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    _check_count("epochs", epochs, 1)
+    _check_count("batch_size", batch_size, 1)
     if not 1 <= int(batch_size) <= n:
         raise ValueError(
             f"batch_size must be in [1, {n}] (the number of examples), got {batch_size}."
         )
     if y.shape[0] != n:
-        raise ValueError(f"x has {n} examples but y has {y.shape[0]}.")
-    x, y = jnp.asarray(x), jnp.asarray(y)
+        raise ValueError(
+            f"x and y must have the same number of examples (their leading axis): x has {n} "
+            f"but y has {y.shape[0]}."
+        )
+    _check_count("initial_step", initial_step, 0)
+    _check_finite_data("x", x)
+    _check_finite_data("y", y)
+    if not jax.tree.leaves(params):
+        raise ValueError(
+            f"params must be a pytree holding the arrays to train, e.g. model.init(key, x); got "
+            f"{params!r:.80}, which holds none."
+        )
+    _check_finite_params(params)
     if opt_state is None:
         opt_state = _init_state(params, optimizer=optimizer)
+    else:
+        like = jax.eval_shape(optimizer.init, params)
+        _check.same_tree("opt_state", opt_state, like, "optimizer.init(params)")
     first_step = jax.device_put(np.int32(initial_step))
 
     def run_chunk(carry, start, length):
@@ -312,7 +465,83 @@ def fit(
     history = (
         records[0] if len(records) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *records)
     )
-    return FitResult(params, opt_state, history)
+    result = FitResult(params, opt_state, history)
+    _check_diverged(result)
+    return result
+
+
+def _data_array(name: str, v: Any) -> jax.Array:
+    """A training array with a leading example axis (lists and NumPy arrays are converted)."""
+    v = _check.array(name, v, "an array of numbers with a leading example axis")
+    if v.ndim < 1:
+        raise ValueError(
+            f"{name} must have a leading example axis, got shape {v.shape}; allowed: arrays "
+            f"of shape (n, ...)."
+        )
+    return jnp.asarray(v)
+
+
+@jax.jit
+def _bad_rows(a: jax.Array) -> jax.Array:
+    """Per example, whether any of its entries is NaN or inf."""
+    return ~jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
+
+
+def _check_finite_data(name: str, a: jax.Array) -> None:
+    """Raises when a concrete float array holds NaN or inf, naming the first such example."""
+    if not jnp.issubdtype(a.dtype, jnp.inexact) or not _check.concrete(a) or a.size == 0:
+        return
+    if bool(jax.device_get(_all_finite(a))):
+        return
+    bad = np.flatnonzero(np.asarray(jax.device_get(_bad_rows(a))))
+    raise ValueError(
+        f"{name} holds NaN or inf in {bad.size} of {a.shape[0]} examples (the first at index "
+        f"{int(bad[0])}); the training data must be finite: drop or impute those examples."
+    )
+
+
+def _check_finite_params(params: PyTree) -> None:
+    """Raises when concrete initial params hold NaN or inf, naming the first such leaf."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    floats = [
+        (p, leaf)
+        for p, leaf in leaves
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    if not floats or not _check.concrete([leaf for _, leaf in floats]):
+        return
+    if bool(jax.device_get(_all_finite([leaf for _, leaf in floats]))):
+        return
+    for path, leaf in floats:
+        if not bool(jax.device_get(_all_finite(leaf))):
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} holds NaN or inf; the initial params must "
+                f"be finite."
+            )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _check_diverged(result: FitResult) -> None:
+    """Raises :class:`DivergenceError` when the final params are not finite (one scalar read
+    back after the compiled loop, none inside it)."""
+    if bool(jax.device_get(_all_finite(result.params))):
+        return
+    loss = np.asarray(jax.device_get(result.history.get("loss", np.zeros(0))))
+    bad = np.flatnonzero(~np.isfinite(loss))
+    epoch = int(bad[0]) if bad.size else None
+    where = f"from epoch {epoch} on" if epoch is not None else "at the end"
+    raise DivergenceError(
+        f"training diverged: the parameters are NaN or inf {where} (mean loss per epoch: "
+        f"{np.array2string(loss[:8], precision=4)}{' ...' if loss.size > 8 else ''}). Lower the "
+        f"learning rate, or check the loss function; the error's .result holds the run.",
+        epoch=epoch,
+        result=result,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer",))

@@ -204,7 +204,7 @@ def test_nothing_to_noise():
 
 @pytest.mark.parametrize("sigma0", [0.0, -1.0])
 def test_bad_sigma0(sigma0):
-    with pytest.raises(ValueError, match=f"sigma0.*must be > 0, got {sigma0}"):
+    with pytest.raises(ValueError, match=f"sigma0.*must be a finite number > 0, got {sigma0}"):
         bn.gsm.hierarchy(mlp_params(), sigma0=sigma0)
 
 

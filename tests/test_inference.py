@@ -72,7 +72,7 @@ def test_mc_predict_is_vmapped_loop_and_geometric_is_renormalised():
     g = np.exp(np.log(probs).mean(0))
     np.testing.assert_allclose(geo, g / g.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(geo).sum(-1), 1.0, rtol=1e-5)
-    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 0"):
         bn.inference.mc_predict(key, noisy, x, 0)
 
 

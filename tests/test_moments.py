@@ -77,7 +77,9 @@ def test_merge_equals_one_stream(na, nb, seed):
     m = bn.moments.merge(a, b)
     assert float(m.count) == na + nb
     if na + nb == 0:
-        assert np.all(np.asarray(bn.moments.mean(m)["w"]) == 0)
+        assert np.all(np.asarray(m.mean_dev["w"]) == 0)
+        with pytest.raises(ValueError, match="no samples"):
+            bn.moments.mean(m)
         return
     ref = np.asarray(xs, np.float64)
     np.testing.assert_allclose(bn.moments.mean(m)["w"], ref.mean(0), rtol=1e-5, atol=1e-5)

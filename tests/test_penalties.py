@@ -45,7 +45,9 @@ def test_linear_penalty_formula_with_variance():
     x, w, _ = regression_data(jax.random.key(2))
     want = 0.5 * 0.3 * float(np.sum(np.asarray(w) ** 2 * np.sum(np.asarray(x) ** 2, axis=0)))
     assert float(bn.penalties.linear_regression(w, x, 0.3)) == pytest.approx(want, rel=1e-5)
-    with pytest.raises(ValueError, match="variance must be >= 0, got -0.1"):
+    with pytest.raises(
+        ValueError, match=r"noise \(the noise variance\) must be a finite number >= 0, got -0.1"
+    ):
         bn.penalties.linear_regression(w, x, -0.1)
 
 

@@ -41,7 +41,10 @@ def test_fit_on_digits_learns_under_noise():
 
 @pytest.mark.parametrize(
     "epochs,batch_size,match",
-    [(1, 20, r"batch_size must be in \[1, 10\].*got 20"), (0, 2, "epochs must be >= 1, got 0")],
+    [
+        (1, 20, r"batch_size must be in \[1, 10\].*got 20"),
+        (0, 2, "epochs must be an int >= 1, got 0"),
+    ],
 )
 def test_fit_rejects_bad_sizes(epochs, batch_size, match):
     x, y = jnp.ones((10, 2)), jnp.zeros(10, jnp.int32)

@@ -1,0 +1,381 @@
+"""Bad inputs to bn.nn, bn.train, bn.distill, bn.data and bn.io raise clear errors: the
+argument, the value given and what is allowed."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from bad_inputs import bad_count, bad_key, bad_positive, clear_error, not_a_number, not_finite
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bayesnoise as bn
+
+# the shared value strategies draw floats near the float64 limits; showing them as float32
+# overflows harmlessly
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+KEY = jax.random.key(0)
+X = jax.random.normal(jax.random.key(1), (12, 5))
+Y = jnp.arange(12) % 3
+MODEL = bn.nn.MLP((8, 3))
+PARAMS = MODEL.init(KEY, X[:1])
+NOISE = bn.noise.Bernoulli(0.8)
+APPLY = bn.nn.noisy_apply(MODEL, NOISE)
+LOSS = bn.train.classification_loss(lambda p, x, k: MODEL.apply(p, x))
+OPT = optax.sgd(0.1)
+
+
+def fit(**changes):
+    args = dict(key=KEY, params=PARAMS, loss_fn=LOSS, optimizer=OPT, x=X, y=Y)
+    kwargs = dict(epochs=1, batch_size=4)
+    for name, value in changes.items():
+        (args if name in args else kwargs)[name] = value
+    return bn.train.fit(*args.values(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- nn
+
+
+@settings(max_examples=15, deadline=None)
+@given(key=bad_key())
+def test_apply_noise_and_dropconnect_reject_a_bad_key(key):
+    with clear_error("key", key):
+        bn.nn.apply_noise(NOISE, key, X)
+    with clear_error("key", key):
+        bn.nn.dropconnect(key, PARAMS, NOISE)
+
+
+def test_apply_noise_checks_broadcast_dims_and_x():
+    with clear_error("broadcast_dims", "(5,)"):
+        bn.nn.apply_noise(NOISE, KEY, X, broadcast_dims=(5,))
+    with clear_error("broadcast_dims", "-3"):
+        bn.nn.apply_noise(NOISE, KEY, X, broadcast_dims=(-3,))
+    with clear_error("broadcast_dims", 1):
+        bn.nn.apply_noise(NOISE, KEY, X, 1)
+    with clear_error("broadcast_dims", "1.5"):
+        bn.nn.apply_noise(NOISE, KEY, X, (1.5,))
+    with clear_error("x", "'abc'"):
+        bn.nn.apply_noise(NOISE, KEY, "abc")
+    with clear_error("noise", None):
+        bn.nn.apply_noise(None, KEY, X)
+    # the valid forms keep working: negative axes, and no key when deterministic
+    assert bn.nn.apply_noise(NOISE, KEY, X, (-1,)).shape == X.shape
+    np.testing.assert_allclose(bn.nn.apply_noise(NOISE, None, X, deterministic=True), 0.8 * X)
+
+
+def test_noisy_apply_rejects_bad_rngs_and_variables():
+    with clear_error("rngs['noise']", None):
+        APPLY(PARAMS, X[:2], rngs={"noise": None})
+    with clear_error("rngs", "PRNGKeyArray"):
+        APPLY(PARAMS, X[:2], rngs=KEY)
+    with clear_error("variables", None):
+        APPLY(None, X[:2], rngs={"noise": KEY})
+    with clear_error("model", None):
+        bn.nn.noisy_apply(None, NOISE)
+    with clear_error("rng_collection", 3):
+        bn.nn.noisy_apply(MODEL, NOISE, rng_collection=3)
+    with clear_error("layers", "int"):
+        bn.nn.noisy_apply(MODEL, NOISE, layers=(int,))
+
+
+def test_dropconnect_names_where_when_it_selects_nothing():
+    with clear_error("where", "'nomatch'"):
+        bn.nn.dropconnect(KEY, PARAMS, NOISE, where="nomatch")
+
+
+@pytest.mark.parametrize(
+    "features,shown",
+    [((), "()"), ((8, 0, 3), "(8, 0, 3)"), ((-4, 3), "(-4, 3)"), (10, "10"), ((2.5,), "2.5")],
+)
+def test_mlp_rejects_bad_features(features, shown):
+    with clear_error("features", shown):
+        bn.nn.MLP(features).init(KEY, X[:1])
+
+
+def test_mlp_rejects_a_bad_activation_dtype_or_input():
+    with clear_error("activation", None):
+        bn.nn.MLP((3,), activation=None).init(KEY, X[:1])
+    with clear_error("dtype", "'foo'"):
+        bn.nn.MLP((3,), dtype="foo").init(KEY, X[:1])
+    with clear_error("x", "()"):
+        bn.nn.MLP((3,)).init(KEY, jnp.ones(()))
+
+
+def test_learned_noise_and_nnx_transforms_reject_bad_arguments():
+    with clear_error("init_log_alpha", "'a'"):
+        bn.nn.learned_noise(MODEL, init_log_alpha="a")
+    with clear_error("model", None):
+        bn.nn.learned_noise(None)
+    vd = bn.nn.learned_noise(MODEL)
+    with clear_error("key", None):
+        vd.init(None, X[:1])
+    with clear_error("rngs['noise']", None):
+        vd.apply(vd.init(KEY, X[:1]), X[:2], rngs={"noise": None})
+    linear = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    with clear_error("rngs", None):
+        bn.nn.add_input_noise(linear, NOISE, None)
+    with clear_error("rngs", None):
+        bn.nn.add_learned_noise(linear, rngs=None)
+    with clear_error("model", None):
+        bn.nn.add_input_noise(None, NOISE, nnx.Rngs(noise=0))
+    with clear_error("model", None):
+        bn.nn.set_deterministic(None)
+    with clear_error("rngs", 3):
+        bn.nn.NNXMultiplicativeNoise(NOISE, rngs=3)
+    with clear_error("broadcast_dims", 5):
+        bn.nn.NNXMultiplicativeNoise(NOISE, broadcast_dims=5)
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize(
+    "argument, values",
+    [
+        ("key", bad_key()),
+        ("epochs", bad_count(1)),
+        ("batch_size", bad_count(1)),
+        ("initial_step", bad_count(0)),
+    ],
+)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_fit_rejects_bad_arguments(argument, values, data):
+    value = data.draw(values)
+    with clear_error(argument, value):
+        fit(**{argument: value})
+
+
+def test_fit_rejects_a_string_epochs_and_mismatched_data():
+    with clear_error("epochs", "'2'"):
+        fit(epochs="2")
+    with clear_error("y", "11"):
+        fit(y=Y[:11])
+    with clear_error("x", None):
+        fit(x=None)
+    with clear_error("x", "()"):
+        fit(x=jnp.ones(()))
+
+
+def test_fit_takes_a_list_as_x():
+    res = fit(x=np.asarray(X).tolist())
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(res.params))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fit_rejects_non_finite_data_and_params_before_training(bad):
+    with clear_error("x", "index 3"):
+        fit(x=X.at[3, 1].set(bad))
+    regression = bn.train.regression_loss(lambda p, x, k: MODEL.apply(p, x)[:, 0])
+    with clear_error("y", "index 5"):
+        fit(loss_fn=regression, y=jnp.ones(12).at[5].set(bad))
+    params = jax.tree.map(lambda leaf: leaf.at[(0,) * leaf.ndim].set(bad), PARAMS)
+    with clear_error("params", "['params']"):
+        fit(params=params)
+
+
+def test_fit_rejects_float_labels_for_a_classification_loss():
+    with clear_error("y", "float"):
+        fit(y=Y.astype(jnp.float32) + 0.5)
+
+
+def test_fit_rejects_bad_functions_and_states():
+    with clear_error("loss_fn", None):
+        fit(loss_fn=None)
+    with clear_error("optimizer", "'adam'"):
+        fit(optimizer="adam")
+    with clear_error("eval_fn", 5):
+        fit(eval_fn=5)
+    with clear_error("params", None):
+        fit(params=None)
+    with clear_error("opt_state", "PyTreeDef({})"):
+        fit(opt_state={})
+    with clear_error("loss_fn", "0.0"):
+        fit(loss_fn=lambda p, x, y, k: 0.0)
+
+
+def test_categorical_log_likelihood_rejects_bad_labels():
+    logits = jnp.zeros((2, 3))
+    with clear_error("labels", 7):
+        bn.train.categorical_log_likelihood(logits, jnp.array([0, 7]))
+    with clear_error("labels", -1):
+        bn.train.categorical_log_likelihood(logits, jnp.array([0, -1]))
+    with clear_error("labels", "float"):
+        bn.train.categorical_log_likelihood(logits, jnp.array([0.0, 1.0]))
+    with clear_error("labels", "(3,)"):
+        bn.train.categorical_log_likelihood(logits, jnp.array([0, 1, 2]))
+    with clear_error("logits", None):
+        bn.train.categorical_log_likelihood(None, jnp.array([0, 1]))
+    # under jit the labels are not read: the value is computed as before
+    out = jax.jit(bn.train.categorical_log_likelihood)(logits, jnp.array([0, 2]))
+    np.testing.assert_allclose(out, -np.log(3.0) * np.ones(2), rtol=1e-6)
+
+
+def test_losses_reject_bad_functions_and_shapes():
+    with clear_error("apply_fn", None):
+        bn.train.classification_loss(None)
+    with clear_error("apply_fn", None):
+        bn.train.regression_loss(None)
+    regression = bn.train.regression_loss(lambda p, x, k: MODEL.apply(p, x))
+    with clear_error("apply_fn", "(12, 3)"):
+        regression(PARAMS, X, jnp.ones(12), KEY)
+    with clear_error("y", 5):
+        LOSS(PARAMS, X, Y + 5, KEY)
+    with clear_error("loss_fn", None):
+        bn.train.make_step(None, OPT)
+    with clear_error("optimizer", None):
+        bn.train.make_step(LOSS, None)
+
+
+@settings(max_examples=15, deadline=None)
+@given(value=st.one_of(not_a_number(), not_finite(), st.floats(max_value=0.5)))
+def test_variational_loss_rejects_a_bad_num_data(value):
+    with clear_error("num_data", value):
+        bn.train.variational_loss(lambda p, x, k: x, value)
+
+
+@settings(max_examples=15, deadline=None)
+@given(value=st.one_of(not_a_number(), not_finite(), st.floats(max_value=-1e-9)))
+def test_variational_loss_rejects_a_bad_kl_weight(value):
+    with clear_error("kl_weight", value):
+        bn.train.variational_loss(lambda p, x, k: x, 10, kl_weight=value)
+
+
+@settings(max_examples=15, deadline=None)
+@given(value=bad_count(0))
+def test_variational_loss_rejects_bad_warmup_steps(value):
+    with clear_error("warmup_steps", value):
+        bn.train.variational_loss(lambda p, x, k: x, 10, warmup_steps=value)
+
+
+# ----------------------------------------------------------------------------------- distill
+
+
+@pytest.mark.parametrize(
+    "sizes,shown", [([], "()"), ([5], "(5,)"), ([3, 2.5], "2.5"), ([3, -2], "-2"), (None, "None")]
+)
+def test_weight_count_rejects_bad_sizes(sizes, shown):
+    with clear_error("layer_sizes", shown):
+        bn.distill.weight_count(sizes)
+
+
+@settings(max_examples=15, deadline=None)
+@given(value=st.one_of(not_a_number(), not_finite(), st.floats(max_value=0.99)))
+def test_student_sizes_rejects_a_bad_budget(value):
+    with clear_error("num_weights", value):
+        bn.distill.student_sizes([64, 32, 10], value)
+
+
+@settings(max_examples=15, deadline=None)
+@given(value=st.one_of(bad_positive(), not_a_number()))
+def test_soft_target_loss_rejects_a_bad_temperature(value):
+    z = jnp.zeros((2, 3))
+    with clear_error("temperature", value):
+        bn.distill.soft_target_loss(z, z, temperature=value)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    value=st.one_of(
+        not_finite(),
+        not_a_number(),
+        st.floats(max_value=-1e-9),
+        st.floats(min_value=1.0, exclude_min=True, allow_infinity=False),
+    )
+)
+def test_soft_target_loss_rejects_a_bad_alpha(value):
+    z = jnp.zeros((2, 3))
+    with clear_error("alpha", value):
+        bn.distill.soft_target_loss(z, z, jnp.array([0, 1]), alpha=value)
+
+
+def test_soft_target_loss_rejects_bad_labels_and_logits():
+    z = jnp.zeros((2, 3))
+    with clear_error("labels", 5):
+        bn.distill.soft_target_loss(z, z, jnp.array([0, 5]), alpha=0.5)
+    with clear_error("labels", "float32"):
+        bn.distill.soft_target_loss(z, z, jnp.array([0.0, 1.0]), alpha=0.5)
+    with clear_error("student_logits", None):
+        bn.distill.soft_target_loss(None, z)
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+def test_load_mnist_names_a_folder_given_as_path(tmp_path):
+    with clear_error("path", str(tmp_path), kinds=(FileNotFoundError,)):
+        bn.data.load_mnist(path=tmp_path)
+
+
+def test_data_rejects_a_bad_name_or_text():
+    with clear_error("data set", "[]"):
+        bn.data.load([])
+    with clear_error("text", None):
+        bn.data.tokenize(None)
+
+
+# ---------------------------------------------------------------------------------------- io
+
+
+def test_save_names_a_file_in_the_way(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with clear_error("path", str(blocker), kinds=(NotADirectoryError,)):
+        bn.io.save(blocker / "x.msgpack", {"w": jnp.ones(2)})
+    with clear_error("path", str(tmp_path / "no"), kinds=(FileNotFoundError,)):
+        bn.io.save(tmp_path / "no" / "x.msgpack", {"w": jnp.ones(2)})
+    with clear_error("path", str(tmp_path), kinds=(IsADirectoryError,)):
+        bn.io.save(tmp_path, {"w": jnp.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(path=st.one_of(st.none(), st.integers(), st.just(b"x.msgpack"), st.just("")))
+def test_save_and_load_reject_a_path_that_is_not_one(path):
+    with clear_error("path", path):
+        bn.io.save(path, {"w": 1})
+    with clear_error("path", path):
+        bn.io.load(path)
+
+
+def test_save_names_the_tree_and_the_place_of_a_bad_leaf(tmp_path):
+    path = tmp_path / "t.msgpack"
+    with clear_error("tree", "['f']"):
+        bn.io.save(path, {"f": lambda v: v})
+    with clear_error("tree", "2**63"):
+        bn.io.save(path, {"n": 2**70})
+    with clear_error("tree", "object array"):
+        bn.io.save(path, {"a": np.array([object()], dtype=object)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_names_a_missing_file_and_a_template_that_does_not_fit(tmp_path):
+    with clear_error("path", str(tmp_path / "nope.msgpack"), kinds=(FileNotFoundError,)):
+        bn.io.load(tmp_path / "nope.msgpack")
+    with clear_error("path", str(tmp_path), kinds=(IsADirectoryError,)):
+        bn.io.load(tmp_path)
+    path = tmp_path / "ok.msgpack"
+    bn.io.save(path, {"w": jnp.ones(2)})
+    with clear_error("like", "'v'"):
+        bn.io.load(path, like={"v": jnp.ones(3)})
+    with clear_error("like", "int"):
+        bn.io.load(path, like=5)
+
+
+def test_write_text_and_bytes_reject_the_wrong_type(tmp_path):
+    path = tmp_path / "t.txt"
+    with clear_error("text", b"abc"):
+        bn.io.write_text(path, b"abc")
+    with clear_error("encoding", "'nope'"):
+        bn.io.write_text(path, "x", encoding="nope")
+    with clear_error("text", "'ascii'"):
+        bn.io.write_text(path, "é", encoding="ascii")
+    with clear_error("data", "str"):
+        bn.io.write_bytes(path, "abc")
+    assert not os.path.exists(path)
