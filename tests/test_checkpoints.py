@@ -241,3 +241,35 @@ def test_a_garbage_checkpoint_in_a_run_folder_reruns_its_stage_with_a_warning(
     assert {"train", "prune"} <= set(res2["timings"]) and "sgld" not in res2["timings"]
     for path in (garbage, truncated):  # written again, whole
         assert set(bn.io.load(path)) == {"config", "value"}
+
+
+def strict_json(path):
+    """The file read as strict JSON: NaN and Infinity are errors."""
+
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_unconverged_chains_stop_the_run_before_pruning_and_a_rerun_can_go_on(
+    run_folder, caplog_info, capsys
+):
+    strict_json(run_folder / "results.json")
+    capsys.readouterr()
+    assert run_cli(run_folder, "eval.allow_unconverged=false") == 1
+    err = capsys.readouterr().err
+    assert "did not converge" in err and "max split R-hat" in err
+    assert "eval.allow_unconverged=true" in err and "Traceback" not in err
+    text = logged(caplog_info)
+    assert "[sgld] resumed" in text and "[prune] running" not in text
+    assert run_cli(run_folder, "eval.allow_unconverged=true") == 0
+    assert "[sgld] resumed" in logged(caplog_info)
+
+
+def test_results_are_strict_json_with_non_finite_numbers_as_null(caplog_info):
+    from bayesnoise.pipeline.stages import to_json
+
+    text = to_json({"a": float("nan"), "b": [1.0, np.float32("inf")], "c": {"d": np.int64(3)}})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 3}}
+    assert "2 numbers were NaN or inf" in caplog_info.text and "b[1]" in caplog_info.text

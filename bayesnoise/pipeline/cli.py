@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -11,11 +12,7 @@ def _run(args: argparse.Namespace) -> int:
     from bayesnoise import pipeline
     from bayesnoise.pipeline import config
 
-    try:
-        cfg = config.load_config(args.config, args.set or ())
-    except (config.ConfigError, FileNotFoundError) as e:
-        print(f"bayesnoise run: {e}", file=sys.stderr)
-        return 2
+    cfg = config.load_config(args.config, args.set or ())
     pipeline.run(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
     return 0
 
@@ -49,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-resume", action="store_true", help="ignore finished stages' checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     run.set_defaults(func=_run)
     bench = sub.add_parser("bench", help="run a benchmark suite and write its results as JSON")
     bench.add_argument(
@@ -58,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the suite to run (default: %(default)s)",
     )
     bench.add_argument("--out", default=None, help="a JSON file for the results (default: none)")
+    bench.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     bench.set_defaults(func=_bench)
     return parser
 
@@ -73,15 +72,69 @@ def _show_log() -> logging.Handler:
     return handler
 
 
+def _exit_code(error: BaseException) -> int:
+    """2 for a bad config or argument, 1 for a run that failed."""
+    from bayesnoise.pipeline import config, runfolder
+
+    if isinstance(error, (config.ConfigError, runfolder.UsageError)):
+        return 2
+    return getattr(error, "exit_code", 1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. A user error is one line on stderr and an exit status: 2 for a bad
+    config or argument, 1 for a failed run (divergence, unreadable data, unconverged chains
+    before pruning, a run folder in use), 130 for Ctrl-C. ``--debug`` shows the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = _show_log()
+    prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            f"\n{prog}: interrupted. Finished stages are saved: rerunning the same command "
+            f"resumes from them.",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        code = _exit_code(e)
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        hint = ""
+        if code != 2 and not _ours(e):
+            message = f"{type(e).__name__}: {message}"
+            hint = " (--debug shows the traceback)"
+        print(f"{prog}: {message}{hint}", file=sys.stderr)
+        return code
     finally:
         logging.getLogger("bayesnoise").removeHandler(handler)
 
 
+def _ours(error: BaseException) -> bool:
+    from bayesnoise.pipeline import runfolder
+
+    return isinstance(error, runfolder.RunError)
+
+
+def entry() -> None:
+    """The ``bayesnoise`` console script: :func:`main`, then exit with its status.
+
+    After Ctrl-C the process leaves with ``os._exit`` once its output is flushed: the
+    interpreter's normal shutdown can crash while XLA's threads are still busy with the
+    computation that was interrupted, turning status 130 into a segmentation fault.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

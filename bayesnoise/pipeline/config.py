@@ -368,9 +368,12 @@ class DataConfig(_Section):
         if self.path is not None and "path" not in takes:
             got = f"{self.path!r}, but {self.name} is bundled with scikit-learn, without a path"
             raise _bad("path", got, "null")
-        for k in self.options:
+        for k, v in self.options.items():
             if k == "path" or k not in takes:
                 raise _unknown_key(f"options.{k}", [o for o in takes if o != "path"])
+            allowed = bdata.option_problem(self.name, k, v)
+            if allowed is not None:
+                raise _bad(f"options.{k}", repr(v), allowed)
         return self
 
     @property
@@ -564,6 +567,9 @@ class EvalConfig(_Section):
     tolerance: _Float = Field(0.01, ge=0)  # of the breakpoint: a point of error, 1% of the RMSE
     relative: bool | None = None  # null: relative for rmse, absolute for error
     mc_samples: int = Field(16, ge=1)  # noise draws of Monte Carlo predictions
+    # prune from chains that did not converge (R-hat, ESS) when the pruning scores or the EM
+    # scales read them; false: the prune stage stops with what to change
+    allow_unconverged: bool = False
 
 
 class Config(_Section):

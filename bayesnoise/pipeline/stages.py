@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bayesnoise import data as bdata
 from bayesnoise import (
     distill,
     em,
@@ -46,8 +47,10 @@ from bayesnoise import (
 from bayesnoise import io as bio
 from bayesnoise import nn as bnn
 from bayesnoise.pipeline import config as bconfig
-from bayesnoise.pipeline import report
-from bayesnoise.pipeline.checkpoints import Checkpoints, staged
+from bayesnoise.pipeline import report, runfolder
+from bayesnoise.pipeline.checkpoints import Checkpoints
+from bayesnoise.pipeline.checkpoints import staged as _staged
+from bayesnoise.pipeline.runfolder import RunError, UsageError
 from bayesnoise.sgld import psgld, sgld
 
 __all__ = ["run", "STAGES"]
@@ -65,7 +68,7 @@ class _Task:
 
     def __init__(self, cfg: bconfig.Config):
         self.cfg = cfg
-        ds = cfg.data.load()
+        ds = _load_data(cfg)
         self.ds = ds
         self.classification = ds.task == "classification"
         to_dense = lambda a: np.asarray(a.toarray() if hasattr(a, "toarray") else a, np.float32)
@@ -83,6 +86,16 @@ class _Task:
         self.noise = bconfig.build_noise(cfg)  # for a learned noise: model -> LearnedNoise
         self.learned = cfg.noise.kind == "learned"
         self.y_std = float(getattr(ds, "y_std", 1.0))
+        n = len(self.x_train)
+        for key, size in (
+            ("train.batch_size", cfg.train.batch_size),
+            ("sgld.batch_size", cfg.sgld.batch_size),
+        ):
+            if size is not None and size > n:
+                raise UsageError(
+                    f"{key}: got {size}, larger than the {n} training examples of "
+                    f"{ds.name}; allowed: 1 to {n}."
+                )
 
     def init(self, key):
         return self.model.init(key, self.x_train[:1])
@@ -107,6 +120,23 @@ class _Task:
         if self.classification:
             return train.categorical_log_likelihood(out, y)
         return -0.5 * (out[:, 0] - y) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
+
+
+def _load_data(cfg: bconfig.Config):
+    """The config's data set; a missing or unreadable file is a failed run."""
+    try:
+        return cfg.data.load()
+    except (OSError, bdata.DataError) as e:
+        raise RunError(f"cannot load the data set {cfg.data.name}: {e}") from e
+
+
+def _check_finite(what: str, params, advice: str) -> None:
+    """A failed run when any leaf of ``params`` is NaN or inf (one scalar read back)."""
+    finite = jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda a: jnp.all(jnp.isfinite(a)), params), True
+    )
+    if not bool(finite):
+        raise RunError(f"{what} diverged: its parameters are NaN or inf. {advice}")
 
 
 def _optimizer(tc: bconfig.TrainConfig, steps: int) -> optax.GradientTransformation:
@@ -508,8 +538,93 @@ def run(
     Returns:
         the results dictionary written to ``out/results.json``.
     """
-    out = Path(out or cfg.out or f"runs/{cfg.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    files = ("results.json", "config.yaml", *(f"checkpoints/{s}.msgpack" for s in STAGES))
+    out = runfolder.prepare(out or cfg.out or f"runs/{cfg.name}", files=files)
+    with runfolder.lock(out):
+        return _run(cfg, out, resume, progress)
+
+
+def _advice(cfg: bconfig.Config, stage: str) -> str:
+    """What to change when ``stage`` diverged."""
+    if stage.startswith("sgld"):
+        return (
+            f"Lower sgld.step_size (now {cfg.sgld.step_size}), or set it to auto (the "
+            f"curvature-based steps)."
+        )
+    return f"Lower train.learning_rate (now {cfg.train.learning_rate:g})."
+
+
+def _check_converged(cfg: bconfig.Config, post: dict) -> None:
+    """Stops before pruning when the chains did not converge (their moments, the scales EM
+    learned from them and the posterior predictive would be reported as if they had), unless
+    ``eval.allow_unconverged``."""
+    diag = post.get("diagnostics", {})
+    if diag.get("converged", True) or cfg.eval.allow_unconverged:
+        return
+    rhat = np.asarray(post.get("rhat", np.zeros(0)), np.float64)
+    ess = np.asarray(post.get("ess", np.zeros(0)), np.float64)
+    figures = (
+        f"max split R-hat {np.max(rhat):.3g} (allowed <= {cfg.sgld.rhat_threshold:g}), min ESS "
+        f"{np.min(ess):.3g} (allowed >= {cfg.sgld.ess_threshold:g})"
+        if rhat.size and ess.size
+        else "no diagnostics"
+    )
+    auto = (
+        "" if cfg.sgld.step_size == "auto" else f", sgld.step_size: auto (now {cfg.sgld.step_size})"
+    )
+    raise RunError(
+        f"[prune] the SGLD chains did not converge ({figures}): not pruning. Change "
+        f"sgld.max_steps (now {cfg.sgld.max_steps}){auto} or sgld.chains, or go on anyway with "
+        f"--set eval.allow_unconverged=true; rerunning resumes from the finished stages."
+    )
+
+
+def _check_trained(task: _Task, trained: dict, stage: str) -> None:
+    """Stops when the trained network is no better than a constant guess on the test set
+    (the majority class, or the training mean): training that ran away but stayed finite."""
+    y_train, y_test = np.asarray(task.y_train), np.asarray(task.y_test)
+    if task.classification:
+        guess = float(np.mean(y_test != np.bincount(y_train).argmax()))
+        what = f"test error {trained['metric']:.4g} against {guess:.4g} for the majority class"
+    else:
+        guess = float(np.sqrt(np.mean((y_test - y_train.mean()) ** 2)) * task.y_std)
+        what = f"test RMSE {trained['metric']:.4g} against {guess:.4g} for the training mean"
+    if not trained["metric"] < guess:
+        raise RunError(
+            f"[{stage}] training failed: {what}. Lower train.learning_rate (now "
+            f"{task.cfg.train.learning_rate:g}) or train longer (train.epochs, now "
+            f"{task.cfg.train.epochs})."
+        )
+
+
+def to_json(results: dict) -> str:
+    """``results`` as strict JSON: a NaN or infinite number becomes null, with a warning naming
+    where (JSON has no NaN)."""
+    replaced: list[str] = []
+
+    def clean(x, path):
+        if isinstance(x, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+            replaced.append(path)
+            return None
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+
+    text = json.dumps(clean(results, ""), indent=2, allow_nan=False)
+    if replaced:
+        _log.warning(
+            "results: %d numbers were NaN or inf and are written as null: %s",
+            len(replaced),
+            ", ".join(replaced[:8]) + (" ..." if len(replaced) > 8 else ""),
+        )
+    return text
+
+
+def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
     cfg_dict = cfg.to_dict()
     bio.write_text(out / "config.yaml", cfg.to_yaml())
     ckpt = Checkpoints(out, cfg_dict, resume)
@@ -519,42 +634,43 @@ def run(
     timings["data"] = round(time.perf_counter() - t0, 2)
     key = jax.random.key(cfg.train.seed)
 
+    def staged(stage: str, fn):
+        try:
+            return _staged(ckpt, timings, stage, fn)
+        except FloatingPointError as e:  # train.DivergenceError, sampling.DivergenceError
+            raise RunError(f"[{stage}] {e} {_advice(cfg, stage)}") from e
+
     if task.learned:
         train_stage = lambda: _train_learned(task, jax.random.fold_in(key, 1), progress)
     else:
         train_stage = lambda: _train(task, task.noise, jax.random.fold_in(key, 1), progress)
-    trained = staged(ckpt, timings, "train", train_stage)
+    trained = staged("train", train_stage)
+    _check_trained(task, trained, "train")
     reference = staged(
-        ckpt, timings, "reference", lambda: _train(task, None, jax.random.fold_in(key, 2), progress)
+        "reference", lambda: _train(task, None, jax.random.fold_in(key, 2), progress)
     )
+    _check_trained(task, reference, "reference")
     post = staged(
-        ckpt,
-        timings,
         "sgld",
         lambda: _sgld(
             task, trained["params"], jax.random.fold_in(key, 3), progress, cfg.em.enabled
         ),
     )
     ref_post = staged(
-        ckpt,
-        timings,
         "sgld_reference",
         lambda: _sgld(task, reference["params"], jax.random.fold_in(key, 4), progress, False),
     )
-    pruned = staged(ckpt, timings, "prune", lambda: _prune(task, post, trained.get("variables")))
+    _check_converged(cfg, post)
+    pruned = staged("prune", lambda: _prune(task, post, trained.get("variables")))
     tuned = None
     if cfg.prune.finetune_epochs > 0:
         tuned = staged(
-            ckpt,
-            timings,
             "finetune",
             lambda: _finetune(task, post, jax.random.fold_in(key, 6), progress),
         )
     soft = None
     if cfg.prune.soft_target.enabled and task.classification:
         soft = staged(
-            ckpt,
-            timings,
             "soft_target",
             lambda: _soft_target(
                 task, _pruning_moments(task, post)[0], jax.random.fold_in(key, 5), progress
@@ -593,7 +709,7 @@ def run(
         out, task, results, post, ref_post, learned=trained.get("variables")
     )
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 2)
-    bio.write_text(out / "results.json", json.dumps(results, indent=2))
+    bio.write_text(out / "results.json", to_json(results))
     _log.info("%s", report.table(results))
     _log.info("results: %s", out / "results.json")
     _log.info("plots:   %s", ", ".join(results["plots"]))
