@@ -717,7 +717,7 @@ def log_evidence(
     exact for a linear-Gaussian model whose precision is diagonal, evaluated at the mode.
 
     Args:
-        params, hierarchy, log_likelihood, data, ggn, prior_variance, key, **diag_ggn_kwargs:
+        params, hierarchy, log_likelihood, data, ggn, prior_variance, key, ``**diag_ggn_kwargs``:
             as in :func:`posterior`.
 
     Returns:

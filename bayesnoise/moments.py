@@ -4,9 +4,12 @@ Samples are never stored: the state holds a count, the running mean and the runn
 squared deviations M2 per weight, so memory is O(params) per chain.
 
 Update (Welford, 1962), for a new sample x after n − 1 samples:
+
     n ← n + 1,  δ = x − m,  m ← m + δ / n,  M2 ← M2 + δ (x − m),
+
 applied to x − c with c the first sample (shifted data; the mean is c + m).
 Merge (Chan, Golub & LeVeque, 1979) of (n_a, m_a, M2_a) and (n_b, m_b, M2_b):
+
     n = n_a + n_b,  δ = m_b − m_a,  m = m_a + δ n_b / n,  M2 = M2_a + M2_b + δ² n_a n_b / n.
 
 Checks: the trees a state meets (samples, another state) must have its structure and leaf

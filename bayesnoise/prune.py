@@ -717,7 +717,7 @@ def breakpoint_fraction(
 ) -> float:
     """The largest fraction up to which the curve stays within tolerance of the unpruned model.
 
-    With the fractions in ascending order, a point is within tolerance when
+    With the fractions in ascending order, a point is within tolerance when::
 
         metric ≤ unpruned + tolerance              (absolute: +0.01 = one percentage point of
                                                     an error rate in [0, 1])
