@@ -45,10 +45,14 @@ def fit(**changes):
 @settings(max_examples=15, deadline=None)
 @given(key=bad_key())
 def test_apply_noise_and_dropconnect_reject_a_bad_key(key):
-    with clear_error("key", key):
+    with clear_error("key", key) as noise_error:
         bn.nn.apply_noise(NOISE, key, X)
-    with clear_error("key", key):
+    with clear_error("key", key) as dropconnect_error:
         bn.nn.dropconnect(key, PARAMS, NOISE)
+    assert noise_error.type is TypeError and dropconnect_error.type is TypeError
+    # the same calls with a key draw: some inputs kept (scaled by nothing), some dropped
+    kept = np.asarray(bn.nn.apply_noise(NOISE, KEY, X)) != 0
+    assert kept.shape == X.shape and 0 < kept.mean() < 1
 
 
 def test_apply_noise_checks_broadcast_dims_and_x():
@@ -70,23 +74,37 @@ def test_apply_noise_checks_broadcast_dims_and_x():
 
 
 def test_noisy_apply_rejects_bad_rngs_and_variables():
-    with clear_error("rngs['noise']", None):
+    errors = []
+    with clear_error("rngs['noise']", None) as e:
         APPLY(PARAMS, X[:2], rngs={"noise": None})
-    with clear_error("rngs", "PRNGKeyArray"):
+    errors.append(e)
+    with clear_error("rngs", "PRNGKeyArray") as e:
         APPLY(PARAMS, X[:2], rngs=KEY)
-    with clear_error("variables", None):
+    errors.append(e)
+    with clear_error("variables", None) as e:
         APPLY(None, X[:2], rngs={"noise": KEY})
-    with clear_error("model", None):
+    errors.append(e)
+    with clear_error("model", None) as e:
         bn.nn.noisy_apply(None, NOISE)
-    with clear_error("rng_collection", 3):
+    errors.append(e)
+    with clear_error("rng_collection", 3) as e:
         bn.nn.noisy_apply(MODEL, NOISE, rng_collection=3)
-    with clear_error("layers", "int"):
+    errors.append(e)
+    with clear_error("layers", "int") as e:
         bn.nn.noisy_apply(MODEL, NOISE, layers=(int,))
+    errors.append(e)
+    assert [e.type for e in errors] == [TypeError] * 6
+    assert APPLY(PARAMS, X[:2], rngs={"noise": KEY}).shape == (2, 3)  # the valid call
 
 
 def test_dropconnect_names_where_when_it_selects_nothing():
-    with clear_error("where", "'nomatch'"):
+    with clear_error("where", "'nomatch'") as e:
         bn.nn.dropconnect(KEY, PARAMS, NOISE, where="nomatch")
+    assert e.type is ValueError and "Dense_0" in str(e.value)  # the leaves it could have chosen
+    dropped = bn.nn.dropconnect(KEY, PARAMS, NOISE, where="Dense_0")
+    np.testing.assert_array_equal(
+        dropped["params"]["Dense_1"]["kernel"], PARAMS["params"]["Dense_1"]["kernel"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,22 +112,27 @@ def test_dropconnect_names_where_when_it_selects_nothing():
     [((), "()"), ((8, 0, 3), "(8, 0, 3)"), ((-4, 3), "(-4, 3)"), (10, "10"), ((2.5,), "2.5")],
 )
 def test_mlp_rejects_bad_features(features, shown):
-    with clear_error("features", shown):
+    with clear_error("features", shown) as e:
         bn.nn.MLP(features).init(KEY, X[:1])
+    # a tuple with a size out of range is a ValueError; anything else a TypeError
+    tuple_of_ints = isinstance(features, tuple) and all(isinstance(f, int) for f in features)
+    assert e.type is (ValueError if tuple_of_ints else TypeError)
 
 
 def test_mlp_rejects_a_bad_activation_dtype_or_input():
-    with clear_error("activation", None):
+    with clear_error("activation", None) as activation:
         bn.nn.MLP((3,), activation=None).init(KEY, X[:1])
-    with clear_error("dtype", "'foo'"):
+    with clear_error("dtype", "'foo'") as dtype:
         bn.nn.MLP((3,), dtype="foo").init(KEY, X[:1])
-    with clear_error("x", "()"):
+    with clear_error("x", "()") as scalar:
         bn.nn.MLP((3,)).init(KEY, jnp.ones(()))
+    assert (activation.type, dtype.type, scalar.type) == (TypeError, TypeError, ValueError)
 
 
 def test_learned_noise_and_nnx_transforms_reject_bad_arguments():
-    with clear_error("init_log_alpha", "'a'"):
+    with clear_error("init_log_alpha", "'a'") as e:
         bn.nn.learned_noise(MODEL, init_log_alpha="a")
+    assert e.type is TypeError
     with clear_error("model", None):
         bn.nn.learned_noise(None)
     vd = bn.nn.learned_noise(MODEL)
@@ -130,6 +153,9 @@ def test_learned_noise_and_nnx_transforms_reject_bad_arguments():
         bn.nn.NNXMultiplicativeNoise(NOISE, rngs=3)
     with clear_error("broadcast_dims", 5):
         bn.nn.NNXMultiplicativeNoise(NOISE, broadcast_dims=5)
+    # the valid forms: a learned noise's init gives log α at its default beside each kernel
+    alphas = [a for a in jax.tree.leaves(vd.init(KEY, X[:1])) if np.all(np.asarray(a) == -4.0)]
+    assert alphas
 
 
 # ------------------------------------------------------------------------------------- train
@@ -148,19 +174,28 @@ def test_learned_noise_and_nnx_transforms_reject_bad_arguments():
 @given(data=st.data())
 def test_fit_rejects_bad_arguments(argument, values, data):
     value = data.draw(values)
-    with clear_error(argument, value):
+    with clear_error(argument, value) as e:
         fit(**{argument: value})
+    # what is allowed, in the words of the argument's kind
+    assert ("a PRNG key" if argument == "key" else "must be an int") in str(e.value)
 
 
 def test_fit_rejects_a_string_epochs_and_mismatched_data():
-    with clear_error("epochs", "'2'"):
+    with clear_error("epochs", "'2'") as epochs:
         fit(epochs="2")
-    with clear_error("y", "11"):
+    with clear_error("y", "11") as y:
         fit(y=Y[:11])
-    with clear_error("x", None):
+    with clear_error("x", None) as none:
         fit(x=None)
-    with clear_error("x", "()"):
+    with clear_error("x", "()") as scalar:
         fit(x=jnp.ones(()))
+    assert [e.type for e in (epochs, y, none, scalar)] == [
+        TypeError,
+        ValueError,
+        TypeError,
+        ValueError,
+    ]
+    assert "12" in str(y.value)  # the length x has, which y must match
 
 
 def test_fit_takes_a_list_as_x():
