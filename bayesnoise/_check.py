@@ -24,6 +24,7 @@ __all__ = [
     "array",
     "function",
     "collection",
+    "all_finite",
 ]
 
 
@@ -208,3 +209,10 @@ def collection(rng_collection: Any) -> None:
             f"rng_collection must be a non-empty str naming an rng stream, e.g. 'noise'; got "
             f"{rng_collection!r}."
         )
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every leaf is finite: a boolean scalar, traceable (one fused
+    reduction per leaf)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)

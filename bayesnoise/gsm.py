@@ -60,6 +60,17 @@ class Hierarchy:
     axes: tuple[tuple[str, int | None], ...] = ()
 
     def replace(self, **kwargs) -> Hierarchy:
+        """A copy with fields replaced; new scales are checked here (where concrete), once,
+        rather than on every evaluation of the prior.
+
+        Raises:
+            ValueError: a new scale is not finite and > 0, or a new ``sigma0`` is not a finite
+                number > 0.
+        """
+        if "scales" in kwargs:
+            _check_positive_scales(kwargs["scales"])
+        if "sigma0" in kwargs:
+            _check_sigma0(kwargs["sigma0"], "hierarchy.sigma0")
         return dataclasses.replace(self, **kwargs)
 
 
@@ -82,11 +93,12 @@ def _check_hierarchy(hierarchy: Any, fn: str) -> None:
     _check_sigma0(hierarchy.sigma0, "hierarchy.sigma0")
 
 
-def _check_positive_scales(triples) -> None:
+def _check_positive_scales(scales: PyTree) -> None:
     """Every concrete scale finite and > 0 (at a zero scale the prior's density is infinite)."""
-    for name, _, s, _ in triples:
-        if s is None or not _check.concrete(s):
+    for path, s in jax.tree_util.tree_leaves_with_path(scales):
+        if not _check.concrete(s):
             continue
+        name = _tree.path_str(path)
         arr = np.asarray(s)
         bad = arr[~(np.isfinite(arr) & (arr > 0))]
         if bad.size:
@@ -211,12 +223,11 @@ def log_prior(v_params: PyTree, hierarchy: Hierarchy) -> jax.Array:
 
     Raises:
         TypeError: ``hierarchy`` is not a :class:`Hierarchy`.
-        ValueError: the scales do not fit ``v_params``, or (where concrete) a scale is not
-            finite and > 0, or ``hierarchy.sigma0`` is not a finite number > 0.
+        ValueError: the scales do not fit ``v_params``, or ``hierarchy.sigma0`` is not a
+            finite number > 0. (Scales are checked where they are set: :meth:`Hierarchy.replace`.)
     """
     _check_hierarchy(hierarchy, "log_prior")
     triples, _ = scaled_leaves(v_params, hierarchy)
-    _check_positive_scales(triples)
     sigma0 = jnp.asarray(hierarchy.sigma0)
     total = jnp.zeros((), jnp.result_type(float))
     for _, v, s, a in triples:

@@ -135,10 +135,6 @@ class LaplacePosterior(NamedTuple):
 # ----------------------------------------------------------------------------- checks
 
 
-def _concrete(*xs: Any) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
-
-
 def _check_method(method: Any) -> None:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
@@ -155,7 +151,7 @@ def _check_chunk_size(chunk_size: Any) -> None:
 
 def _check_temperature(temperature: Any) -> None:
     _check.number("temperature", temperature, finite=False, array=True)
-    if _concrete(temperature) and not np.all(
+    if _check.concrete(temperature) and not np.all(
         (np.asarray(temperature) > 0) & np.isfinite(temperature)
     ):
         raise ValueError(
@@ -166,7 +162,7 @@ def _check_temperature(temperature: Any) -> None:
 
 def _check_common(log_likelihood: Any, key: Any) -> None:
     _check.function("log_likelihood", log_likelihood, _check.LOG_LIKELIHOOD)
-    if key is not None and _concrete(key):
+    if key is not None and _check.concrete(key):
         _check.key("key", key)
 
 
@@ -188,7 +184,7 @@ def _check_labels(y: jax.Array, num_classes: Any) -> int:
         or num_classes < 1
     ):
         raise ValueError(f"num_classes must be an int >= 1 or None; got {num_classes!r}.")
-    if not _concrete(y):
+    if not _check.concrete(y):
         if num_classes is None:
             raise ValueError(
                 "the labels are traced (diag_ggn called under jit), so num_classes cannot be read "
@@ -234,7 +230,7 @@ def _check_like(tree: PyTree, params: PyTree, name: str, meaning: str) -> PyTree
 
 def _check_values(tree: PyTree, name: str, meaning: str, *, allow_zero: bool = True) -> None:
     """Every entry finite and >= 0 (or > 0), naming the first leaf that is not."""
-    if not _concrete(tree):
+    if not _check.concrete(tree):
         return
     bound = ">= 0" if allow_zero else "> 0"
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -470,7 +466,7 @@ def _curvature(params, log_likelihood, data, kind, key, num_classes, chunk_size,
         num_classes=items if kind == "categorical" else None,
     )
     result = jax.tree.map(lambda t: t / n, total)
-    if _concrete(result, diagnostic):
+    if _check.concrete((result, diagnostic)):
         _check_values(result, "the diagonal curvature", f"computed with method={method!r}")
         if kind == "categorical":
             mass = float(diagnostic) / n

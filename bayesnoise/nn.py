@@ -303,9 +303,10 @@ def input_noise(
         if context.method_name != "__call__" or not isinstance(module, layers) or not args:
             return next_fun(*args, **kwargs)
         path = _linen_kernel_path(module)
-        if selected(path):
+        chosen = selected(path)
+        if chosen:
             candidates.append(path)
-        layer_noise = bnoise.resolve(noise, path) if selected(path) else None
+        layer_noise = bnoise.resolve(noise, path) if chosen else None
         if layer_noise is None:
             return next_fun(*args, **kwargs)
         matched.append(path)

@@ -63,10 +63,6 @@ def _distributions():
     return numpyro.distributions
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -83,7 +79,7 @@ def _check_param(cls: str, name: str, value: Any, **bounds: Any) -> None:
         _check.number(name, value, **bounds)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{cls}: {e}") from None
-    if _is_concrete(value) and abs(float(value)) > _FLOAT32_MAX:
+    if _check.concrete(value) and abs(float(value)) > _FLOAT32_MAX:
         raise ValueError(
             f"{cls}: {name} must be a finite number of float32 range (|{name}| <= 3.4e38: the "
             f"draws are float32), got {value!r}."
@@ -102,7 +98,7 @@ def _draw_args(key: Any, shape: Any) -> tuple[int, ...]:
 
 def _check_x(x: Any) -> None:
     """Checks the argument of ``log_prob``: real numbers (or bools), any shape."""
-    if not _is_concrete(x):
+    if not _check.concrete(x):
         return
     dtype = getattr(x, "dtype", None)
     if dtype is None:
@@ -303,7 +299,7 @@ class Beta(Noise):
         # Exact inverse-CDF draws when one concentration is 1 (far cheaper than gamma draws):
         # Beta(a, 1) has CDF x^a, Beta(1, b) has CDF 1 − (1 − x)^b.
         shape = _draw_args(key, shape)
-        if _is_concrete(self.a) and _is_concrete(self.b):
+        if _check.concrete(self.a) and _check.concrete(self.b):
             if float(self.b) == 1.0:
                 u = jax.random.uniform(key, shape, jnp.float32)
                 return u ** (1.0 / self.a)

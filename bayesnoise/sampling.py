@@ -184,12 +184,6 @@ def init(
     return SamplerState(params, kernel.transform.init(params), jnp.zeros((), jnp.int32), kernel)
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    """Whether every entry of every leaf is finite (one fused reduction per leaf)."""
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
 @jax.jit
 def _finite_per_leaf(tree: PyTree) -> list:
     """(non-finite entries, first non-finite entry) per leaf, in one compiled call."""
@@ -271,7 +265,7 @@ def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerStat
     u, grads = jax.value_and_grad(kernel.potential)(state.params, batch)
     updates, new_opt = kernel.transform.update(grads, state.opt_state, state.params, key=key)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(u) & _all_finite(grads) & _all_finite(new_params)
+    ok = jnp.isfinite(u) & _check.all_finite(grads) & _check.all_finite(new_params)
     params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_params, state.params)
     opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_opt, state.opt_state)
     new = state.replace(params=params, opt_state=opt_state, count=state.count + 1)
@@ -790,7 +784,7 @@ def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, stati
         s = (t - num_burnin) // thin
 
         def one(m, p, lp, ok, buf_lp, buf_tr, pred):
-            ok = ok & _all_finite(p)
+            ok = ok & _check.all_finite(p)
             m_new = _moments.update(m, p)
             m = jax.tree.map(lambda a, b: jnp.where(ok, a, b), m_new, m)
             buf_lp = buf_lp.at[s].set(jnp.where(ok, lp, jnp.nan).astype(jnp.float32))
@@ -816,7 +810,7 @@ def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, stati
         new_state, info = jax.vmap(step, in_axes=(0, 0, None if full_batch else 0))(
             keys_t, c.state, batch
         )
-        # a runaway chain: its log posterior fell below the floor (−inf unless automatic)
+        # a runaway chain: its log posterior fell below the floor (see _runaway_floor)
         ok = alive & info.finite & (info.log_posterior >= floor)
         if num_samples > 0:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
@@ -1221,7 +1215,7 @@ def _runaway_floor(
         return -np.inf, lp
     n_batch = min(num_data, batch_size or 128)
     noise_sd = num_data * float(np.max(sd)) / math.sqrt(n_batch)
-    t = max(float(temperature), 1.0) if not callable(temperature) else 1.0
+    t = max(float(temperature), 1.0)
     return float(np.min(lp)) - 20.0 * num_params * t - 20.0 * noise_sd, lp
 
 
@@ -1570,7 +1564,7 @@ def _first_step_finite(chain_key, params, chain, data, static) -> bool:
         start = params if chain is None else jax.tree.map(lambda x: x[chain], params)
         kernel = Kernel(static.log_likelihood, static.log_prior, num_data, None)
         u, grads = jax.value_and_grad(kernel.potential)(start, batch)
-        return bool(jax.device_get(jnp.isfinite(u) & _all_finite(grads)))
+        return bool(jax.device_get(jnp.isfinite(u) & _check.all_finite(grads)))
     except Exception:  # the diagnosis must never hide the divergence itself
         return True
 

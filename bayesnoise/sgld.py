@@ -113,7 +113,7 @@ def _as_key(key: int | jax.Array | None, seed: int | jax.Array | None = None) ->
         return jax.random.key(value)
     if value.dtype == jnp.uint32 and value.shape == (2,):
         return jax.random.wrap_key_data(value)
-    shown = f"{given!r} " if np.size(given) <= 4 and _is_concrete(given) else ""
+    shown = f"{given!r} " if np.size(given) <= 4 and _check.concrete(given) else ""
     raise ValueError(
         f"{name} must be an int or a PRNG key (jax.random.key), got {shown}({value.dtype} of "
         f"shape {value.shape})."
@@ -146,7 +146,7 @@ def _check_preconditioner(
                 f"every {name} leaf needs its parameter's shape {jnp.shape(g)} (or a scalar), "
                 f"got a leaf of shape {jnp.shape(m)}."
             )
-        if _is_concrete(m):
+        if _check.concrete(m):
             low = float(jnp.min(m)) if jnp.size(m) else 1.0
             ok = (low >= 0 if allow_zero else low > 0) and bool(jnp.all(jnp.isfinite(m)))
             if not ok:
@@ -155,10 +155,6 @@ def _check_preconditioner(
                     f"{name} entries must be finite and {bound}, got minimum {low} in a leaf of "
                     f"shape {jnp.shape(m)}."
                 )
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _check_state(state: object, kind: type, fn: str) -> None:

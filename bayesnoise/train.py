@@ -520,10 +520,7 @@ def _check_finite_params(params: PyTree) -> None:
             )
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+_all_finite = jax.jit(_check.all_finite)
 
 
 def _check_diverged(result: FitResult) -> None:

@@ -72,15 +72,6 @@ def _show_log() -> logging.Handler:
     return handler
 
 
-def _exit_code(error: BaseException) -> int:
-    """2 for a bad config or argument, 1 for a run that failed."""
-    from bayesnoise.pipeline import config, runfolder
-
-    if isinstance(error, (config.ConfigError, runfolder.UsageError)):
-        return 2
-    return getattr(error, "exit_code", 1)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line. A user error is one line on stderr and an exit status: 2 for a bad
     config or argument, 1 for a failed run (divergence, unreadable data, unconverged chains
@@ -103,22 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        code = _exit_code(e)
+        from bayesnoise.pipeline.runfolder import RunError
+
+        # ConfigError and UsageError carry 2, RunError 1; anything else is a failed run
+        code = getattr(e, "exit_code", 1)
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         hint = ""
-        if code != 2 and not _ours(e):
+        if code != 2 and not isinstance(e, RunError):
             message = f"{type(e).__name__}: {message}"
             hint = " (--debug shows the traceback)"
         print(f"{prog}: {message}{hint}", file=sys.stderr)
         return code
     finally:
         logging.getLogger("bayesnoise").removeHandler(handler)
-
-
-def _ours(error: BaseException) -> bool:
-    from bayesnoise.pipeline import runfolder
-
-    return isinstance(error, runfolder.RunError)
 
 
 def entry() -> None:

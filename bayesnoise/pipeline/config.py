@@ -73,7 +73,10 @@ class ConfigError(ValueError):
         key: the dotted key of the (first) bad entry, e.g. ``"train.batch_size"``.
         detail: what is wrong with it and what is allowed.
         more: the other errors found, each a ConfigError.
+        exit_code: 2, the command line's exit status for a bad config.
     """
+
+    exit_code = 2
 
     def __init__(self, key: str, detail: str, *more: ConfigError):
         self.key, self.detail, self.more = key, detail, more

@@ -130,15 +130,6 @@ def _load_data(cfg: bconfig.Config):
         raise RunError(f"cannot load the data set {cfg.data.name}: {e}") from e
 
 
-def _check_finite(what: str, params, advice: str) -> None:
-    """A failed run when any leaf of ``params`` is NaN or inf (one scalar read back)."""
-    finite = jax.tree.reduce(
-        jnp.logical_and, jax.tree.map(lambda a: jnp.all(jnp.isfinite(a)), params), True
-    )
-    if not bool(finite):
-        raise RunError(f"{what} diverged: its parameters are NaN or inf. {advice}")
-
-
 def _optimizer(tc: bconfig.TrainConfig, steps: int) -> optax.GradientTransformation:
     lr = tc.learning_rate
     schedule = optax.cosine_decay_schedule(lr, steps, alpha=0.01) if tc.schedule == "cosine" else lr
