@@ -1,4 +1,9 @@
-"""Learning the noise scales by type-II maximum likelihood: EM over the GSM hierarchy.
+"""Learning the noise scales by type-II maximum likelihood over the GSM hierarchy.
+
+:func:`fit` by default follows MacKay's evidence framework: the mode under the current scales
+(:func:`map_estimate`), the diagonal Laplace posterior there, and MacKay's fixed point
+(:func:`mackay_update`), with the Laplace evidence recorded per iteration. The EM view below is
+the alternative update and the one for SGLD moments.
 
 E-step: posterior moments of the identifiable weights v under the current scales (SGLD moments,
 an exact Gaussian posterior for linear models, or NUTS). M-step: maximise the expected complete
@@ -18,6 +23,7 @@ with d_j the number of weights in row j. The paper's eqs. (12)–(13) drop σ0; 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -46,6 +52,9 @@ __all__ = [
     "e_step",
     "fit",
     "FitResult",
+    "mackay_update",
+    "map_estimate",
+    "pruned_rows",
 ]
 
 _NUMERIC = (bnoise.Gamma, bnoise.LogNormal, bnoise.Beta)
@@ -246,6 +255,198 @@ def q_value(
     return total
 
 
+# ------------------------------------------------- MacKay's update and the MAP under a prior
+
+
+def _check_min_scale(min_scale: Any) -> None:
+    _check.number("min_scale", min_scale, lo=0.0, lo_open=True)
+
+
+def mackay_update(
+    mean: PyTree,
+    variance: PyTree,
+    hierarchy: gsm.Hierarchy,
+    hyperprior: bnoise.Noise | None = None,
+    *,
+    min_scale: float = 1e-4,
+) -> PyTree:
+    """MacKay's fixed point for the scales from a Gaussian posterior N(mean, variance) at a mode.
+
+    Setting the derivative of the Laplace evidence in α_j = 1/(σ0² λ_j²) to zero gives
+    (MacKay, 1992)
+
+        σ0² λ_j² = Σ_k m_jk² / γ_j,     γ_j = Σ_k (1 − Var[v_jk] / (σ0² λ_j²)),
+
+    γ_j the number of well-determined weights in row j (each term clipped to [0, 1]). Unlike the
+    EM update (:func:`m_step`, λ_j² = Σ_k (m² + Var) / (σ0² d_j)), it does not stall when the
+    posterior barely differs from the prior: a row whose weights the data do not determine
+    (γ_j → 0) and whose mean the prior pulls to zero is driven to ``min_scale`` at once, which is
+    what automatic relevance determination needs. With ``InverseGammaScale(a, b)`` on λ² the same
+    fixed point with the hyperprior's density reads s_j = (Σ_k m² / (2σ0²) + b) / (γ_j / 2 + a + 1).
+    Scales are floored at ``min_scale``; a row with γ_j = 0 gets ``min_scale``.
+
+    Args:
+        mean: the posterior mean (the mode), a tree like the params.
+        variance: the posterior variance at temperature 1 (e.g. ``bn.laplace.posterior(...).variance``).
+        hierarchy: the scales the posterior was computed under.
+        hyperprior: None or ``bn.noise.InverseGammaScale(a, b)``.
+        min_scale: the floor, > 0.
+
+    Returns:
+        the new scales, a tree like ``hierarchy.scales``.
+
+    Raises:
+        ValueError: a hyperprior other than None or ``InverseGammaScale``; ``min_scale`` not a
+            finite number > 0; trees that do not match the hierarchy; a negative variance.
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`.
+    """
+    _check_hierarchy(hierarchy)
+    if hyperprior is not None and not isinstance(hyperprior, bnoise.InverseGammaScale):
+        raise ValueError(
+            f"mackay_update handles hyperprior None or bn.noise.InverseGammaScale(a, b), got "
+            f"{hyperprior!r}; use update='em' (bn.em.m_step) for Gamma, LogNormal or Beta."
+        )
+    _check_min_scale(min_scale)
+    _check.same_tree("mean", mean, variance, "variance")
+    squares, _ = row_statistics(jax.tree.map(jnp.square, mean), hierarchy)
+    row_statistics(variance, hierarchy)  # checks the structure and the sign
+    prior_var = gsm.prior_variance(variance, hierarchy)
+    gamma = gsm.row_sums(
+        jax.tree.map(lambda v, s: jnp.clip(1.0 - v / s, 0.0, 1.0), variance, prior_var),
+        hierarchy,
+    )
+    sigma0 = jnp.asarray(hierarchy.sigma0)
+
+    def one(m2, g):
+        if hyperprior is None:
+            s = m2 / (sigma0**2 * jnp.where(g > 0, g, 1.0))
+        else:
+            s = (m2 / (2 * sigma0**2) + hyperprior.b) / (g / 2 + hyperprior.a + 1)
+        lam = jnp.sqrt(jnp.where(g > 0, s, 0.0) if hyperprior is None else s)
+        return jnp.maximum(lam, min_scale)
+
+    return jax.tree.map(one, squares, gamma)
+
+
+def pruned_rows(scales: PyTree, min_scale: float = 1e-4) -> PyTree:
+    """True for every row whose scale is at the floor ``min_scale`` (EM has pruned it)."""
+    _check_min_scale(min_scale)
+    return jax.tree.map(lambda s: jnp.asarray(s) <= min_scale * (1 + 1e-5), scales)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("log_likelihood", "extra_log_prior", "steps", "batch_size"),
+)
+def _map_run(
+    params,
+    hierarchy,
+    arrays,
+    key,
+    learning_rate,
+    *,
+    log_likelihood,
+    extra_log_prior,
+    steps,
+    batch_size,
+):
+    import optax
+
+    n = arrays[0].shape[0]
+
+    def objective(v, batch):
+        ll = jnp.sum(log_likelihood(v, *batch)) * (n / batch_size)
+        if extra_log_prior is None:
+            prior = gsm.full_log_prior(v, hierarchy)
+        else:
+            prior = gsm.log_prior(v, hierarchy) + extra_log_prior(v)
+        return -(ll + prior) / n
+
+    opt = optax.adam(optax.cosine_decay_schedule(1.0, steps))
+
+    def body(carry, k):
+        p, s = carry
+        if batch_size >= n:
+            batch = arrays
+        else:
+            idx = jax.random.choice(k, n, (batch_size,), replace=False)
+            batch = tuple(a[idx] for a in arrays)
+        loss, g = jax.value_and_grad(objective)(p, batch)
+        u, s = opt.update(g, s, p)
+        u = jax.tree.map(lambda x: learning_rate * x, u)
+        return (optax.apply_updates(p, u), s), loss
+
+    (p, _), losses = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
+    return p, losses
+
+
+def map_estimate(
+    key: jax.Array,
+    params: PyTree,
+    hierarchy: gsm.Hierarchy,
+    log_likelihood: Callable[..., jax.Array],
+    data: Any,
+    *,
+    steps: int = 1000,
+    learning_rate: float = 3e-3,
+    batch_size: int | None = None,
+    extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
+) -> PyTree:
+    """The mode of the log posterior under ``hierarchy``, from ``params`` (one compiled scan).
+
+    Minimises −(1/N)[N/B Σ_batch log p(y | x, v) + log p(v)] with Adam and a cosine decay of the
+    learning rate to zero, so the last steps settle on a mode rather than around it. The prior is
+    :func:`bayesnoise.gsm.full_log_prior` (or ``gsm.log_prior + extra_log_prior``), the one the
+    E-step samples. The mode is where :func:`bayesnoise.laplace.posterior` is centred.
+
+    Args:
+        key: PRNG key (minibatches).
+        params: the start (warm starts make EM's iterations cheap).
+        hierarchy: the GSM hierarchy of the prior.
+        log_likelihood, data: as in :func:`e_step`.
+        steps: optimiser steps (>= 1).
+        learning_rate: Adam's initial learning rate (> 0).
+        batch_size: examples per step; None: all of them up to 1024, else 1024.
+        extra_log_prior: as in :func:`e_step`.
+
+    Returns:
+        the parameters at the (approximate) mode.
+
+    Raises:
+        ValueError / TypeError: a bad key, hierarchy, function, count or rate; non-finite
+            parameters at the end (the message says to lower ``learning_rate``).
+    """
+    _check.key("key", key)
+    _check_hierarchy(hierarchy)
+    _check_callable("log_likelihood", log_likelihood, "a callable log_likelihood(params, *batch)")
+    _check_callable("extra_log_prior", extra_log_prior, "a callable v -> scalar", optional=True)
+    _check.number("steps", steps, lo=1, integer=True)
+    _check.positive("learning_rate", learning_rate)
+    arrays, n = _tree.data_tuple(data)
+    if batch_size is None:
+        batch_size = min(n, 1024)
+    _check.number("batch_size", batch_size, lo=1, integer=True)
+    batch_size = min(int(batch_size), n)
+
+    out, _ = _map_run(
+        params,
+        hierarchy,
+        arrays,
+        key,
+        jnp.asarray(learning_rate, jnp.float32),
+        log_likelihood=log_likelihood,
+        extra_log_prior=extra_log_prior,
+        steps=int(steps),
+        batch_size=batch_size,
+    )
+    if _check.concrete(out) and not bool(_check.all_finite(out)):
+        raise ValueError(
+            f"map_estimate diverged: the parameters are not finite after {int(steps)} Adam steps "
+            f"at learning_rate={learning_rate!r}; lower learning_rate."
+        )
+    return out
+
+
 # ------------------------------------------------------------------------ EM from a user loop
 
 
@@ -363,9 +564,26 @@ def e_step(
 class FitResult(NamedTuple):
     hierarchy: gsm.Hierarchy  # the learned scales
     moments: bmoments.MomentsState  # the final E-step's moments, under the learned scales
-    params: PyTree  # the chains' final states, leaves (C, ...)
+    params: PyTree  # the chains' final states, leaves (C, ...); the mode without sampling
     history: dict  # one entry per E-step in every list; see :func:`fit`
     result: Any = None  # the final E-step's bayesnoise.sampling.SamplingResult
+    mode: PyTree = None  # method="laplace": the MAP under the learned scales
+    pruned: PyTree = None  # per noised row: True where the learned scale is at min_scale
+
+
+_FIT_METHODS = ("laplace", "sgld")
+_UPDATES = ("mackay", "em")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}."
+        )
+
+
+def _floored(scales: PyTree, min_scale: float) -> PyTree:
+    return jax.tree.map(lambda s: jnp.maximum(s, min_scale), scales)
 
 
 def fit(
@@ -379,6 +597,13 @@ def fit(
     where: Any = None,
     hyperprior: bnoise.Noise | None = None,
     extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
+    method: str = "laplace",
+    update: str | None = None,
+    min_scale: float = 1e-4,
+    map_steps: int = 3000,
+    map_learning_rate: float = 3e-3,
+    map_batch_size: int | None = None,
+    final_sampling: bool = True,
     settings: Callable[[int], dict] | None = None,
     eval_fn: Callable[[PyTree], Any] | None = None,
     callback: Callable[[dict], None] | None = None,
@@ -386,13 +611,24 @@ def fit(
 ) -> FitResult:
     """Type-II maximum likelihood of the scales: E-step, M-step, ..., and a final E-step.
 
-    Runs ``iterations`` rounds of an SGLD E-step (:func:`e_step`) followed by the M-step
-    (:func:`m_step`), then one more E-step under the learned scales, so the returned moments
-    are the posterior's under the returned hierarchy. ``iterations=0`` is a single E-step.
-    Every E-step after the first is warm-started from the previous chains' final states; with
-    an explicit ``num_burnin``, those warm-started E-steps burn in for half as long. Each
-    E-step is one compiled scan over all chains, with the sampler's automatic settings unless
-    ``learning_rate`` is given; the scales enter as a new prior, so it compiles once per step.
+    ``method="laplace"`` (the default) is MacKay's evidence framework: each E-step finds the mode
+    under the current scales (:func:`map_estimate`, warm-started from the previous mode) and
+    takes the diagonal Laplace posterior there (:func:`bayesnoise.laplace.posterior`), whose
+    moments are deterministic and whose log evidence log p(D | λ) is recorded; the M-step is
+    :func:`mackay_update` (``update="mackay"``) or the EM update :func:`m_step`
+    (``update="em"``). After ``iterations`` M-steps, the mode under the learned scales is found
+    again and, with ``final_sampling`` (the default), SGLD runs from it under the learned scales
+    (:func:`e_step` with ``sampling_kwargs``): its moments and its posterior predictive
+    (``predict=``) are the model under the learned prior.
+
+    ``method="sgld"``: every E-step is :func:`e_step` (warm-started from the previous chains'
+    final states; an explicit ``num_burnin`` is halved after the first), the M-step the EM update
+    by default. Its moments are those of chains that may not have mixed (``converged`` in the
+    history says), and no evidence is recorded.
+
+    Scales never reach zero: every update is floored at ``min_scale``, and a row at the floor is
+    reported as pruned (``FitResult.pruned``, ``history["pruned"]``). Only σ0·λ is identified;
+    the library keeps σ0 fixed and learns λ.
 
     Args:
         key: PRNG key.
@@ -401,11 +637,21 @@ def fit(
         data: tuple of arrays with a common leading axis.
         iterations: M-steps (>= 0).
         sigma0, where: as in :func:`bayesnoise.gsm.hierarchy`.
-        hyperprior: passed to :func:`m_step`.
+        hyperprior: None; ``InverseGammaScale`` (either update); ``Gamma``, ``LogNormal`` or
+            ``Beta`` (the EM update only).
         extra_log_prior: replaces the bias part of the prior (see :func:`e_step`).
+        method: ``"laplace"`` or ``"sgld"``, the E-step of the iterations.
+        update: ``"mackay"`` or ``"em"``; None: ``"mackay"`` with ``method="laplace"`` and a
+            hyperprior it handles, else ``"em"``.
+        min_scale: the floor of the scales (> 0).
+        map_steps, map_learning_rate, map_batch_size: :func:`map_estimate`'s ``steps``,
+            ``learning_rate`` and ``batch_size`` for each mode (Laplace method).
+        final_sampling: Laplace method: end with an SGLD E-step under the learned scales (else
+            the returned moments are the final Laplace posterior's).
         settings: ``settings(i)`` returns sampler keyword arguments for E-step ``i``
-            (0-based), overriding ``sampling_kwargs`` for that step.
-        eval_fn: ``eval_fn(posterior mean)``, a scalar recorded per E-step (e.g. test error).
+            (0-based), overriding ``sampling_kwargs`` for that step (SGLD E-steps only).
+        eval_fn: ``eval_fn(params)``, a scalar recorded per E-step (e.g. test error) at the mode
+            (Laplace) or the posterior mean (SGLD).
         callback: called with each E-step's record (a dict, the entries listed below).
         **sampling_kwargs: learning_rate, batch_size, num_burnin, num_samples, thin,
             num_chains, transform, predict, predict_inputs, progress, ... of
@@ -414,15 +660,18 @@ def fit(
     Returns:
         a :class:`FitResult`. ``history`` holds one entry per E-step in each list:
         ``iteration``; ``scales`` and ``scales_mean`` (the scales the E-step ran under, and
-        their mean per leaf); ``q`` (Q at the scales of the M-step that followed; None after
-        the final E-step); ``penalty_eq14`` (eq. 14 with the posterior variance);
-        ``log_likelihood`` (the data log-likelihood of the posterior mean); ``converged``;
-        and ``metric`` when ``eval_fn`` is given.
+        their mean per leaf); ``pruned`` (how many rows of those scales are at ``min_scale``);
+        ``log_evidence`` (the Laplace estimate; None for SGLD E-steps); ``q`` (Q at the scales
+        of the EM update that followed; None otherwise); ``penalty_eq14`` (eq. 14 with the
+        posterior variance); ``log_likelihood`` (the data log-likelihood at the mode or the
+        posterior mean); ``converged`` (True for a Laplace E-step; the final record's is the
+        final sampling's); and ``metric`` when ``eval_fn`` is given.
 
     Raises:
         TypeError: ``key`` is not a single PRNG key, or a function argument is not callable.
-        ValueError: ``iterations`` is not an int >= 0, a hyperprior :func:`m_step` cannot
-            handle; and as :func:`bayesnoise.gsm.hierarchy` and
+        ValueError: ``iterations`` is not an int >= 0, an unknown ``method`` or ``update``, a
+            hyperprior the update cannot handle, ``min_scale`` not > 0; and as
+            :func:`bayesnoise.gsm.hierarchy`, :func:`map_estimate` and
             :func:`bayesnoise.sampling.run`.
     """
     _check.key("key", key)
@@ -436,52 +685,144 @@ def fit(
     _check_callable("eval_fn", eval_fn, "a callable params -> scalar", optional=True)
     _check_callable("callback", callback, "a callable record -> None", optional=True)
     _check_hyperprior(hyperprior)
+    _check_choice("method", method, _FIT_METHODS)
+    if update is None:
+        closed = hyperprior is None or isinstance(hyperprior, bnoise.InverseGammaScale)
+        update = "mackay" if method == "laplace" and closed else "em"
+    _check_choice("update", update, _UPDATES)
+    if update == "mackay" and not (
+        hyperprior is None or isinstance(hyperprior, bnoise.InverseGammaScale)
+    ):
+        raise ValueError(
+            f"update='mackay' handles hyperprior None or InverseGammaScale, got {hyperprior!r}; "
+            f"use update='em'."
+        )
+    _check_min_scale(min_scale)
+    h = gsm.hierarchy(params, sigma0, where)
+    if method == "laplace":
+        return _fit_laplace(
+            key, params, h, log_likelihood, data, int(iterations), hyperprior, extra_log_prior,
+            update, float(min_scale), dict(steps=map_steps, learning_rate=map_learning_rate,
+            batch_size=map_batch_size), bool(final_sampling), settings, eval_fn, callback,
+            sampling_kwargs,
+        )  # fmt: skip
+    return _fit_sgld(
+        key, params, h, log_likelihood, data, int(iterations), hyperprior, extra_log_prior,
+        update, float(min_scale), settings, eval_fn, callback, sampling_kwargs,
+    )  # fmt: skip
+
+
+_HISTORY = (
+    "iteration", "scales", "scales_mean", "pruned", "log_evidence", "q", "penalty_eq14",
+    "log_likelihood", "converged",
+)  # fmt: skip
+
+
+def _record(it, h, mean, variance, log_likelihood, arrays, min_scale, eval_fn, **extra):
     from bayesnoise import penalties
 
-    h = gsm.hierarchy(params, sigma0, where)
-    keys = ("iteration", "scales", "scales_mean", "q", "penalty_eq14", "log_likelihood")
-    history: dict[str, list] = {k: [] for k in (*keys, "converged")}
+    record = {
+        "iteration": it,
+        "scales": jax.device_get(h.scales),
+        "scales_mean": [float(jnp.mean(s)) for s in jax.tree.leaves(h.scales)],
+        "pruned": int(
+            sum(int(jnp.sum(p)) for p in jax.tree.leaves(pruned_rows(h.scales, min_scale)))
+        ),
+        "log_evidence": None,
+        "q": None,
+        "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h, variance)),
+        "log_likelihood": float(jnp.sum(log_likelihood(mean, *arrays))),
+        "converged": True,
+        **extra,
+    }
     if eval_fn is not None:
-        history["metric"] = []
+        record["metric"] = float(eval_fn(mean))
+    return record
+
+
+def _new_scales(update, mean, variance, h, hyperprior, min_scale, record):
+    if update == "mackay":
+        return mackay_update(mean, variance, h, hyperprior, min_scale=min_scale)
+    second = jax.tree.map(lambda m, v: m**2 + v, mean, variance)
+    new = _floored(m_step(second, h, hyperprior), min_scale)
+    record["q"] = float(q_value(second, h, hyperprior, new))
+    return new
+
+
+def _keep(history, record, callback):
+    for k, v in record.items():
+        history.setdefault(k, []).append(v)
+    if callback is not None:
+        callback(record)
+
+
+def _fit_laplace(
+    key, params, h, log_likelihood, data, iterations, hyperprior, extra_log_prior, update,
+    min_scale, map_kwargs, final_sampling, settings, eval_fn, callback, sampling_kwargs,
+):  # fmt: skip
+    from bayesnoise import laplace
+
+    arrays, _ = _tree.data_tuple(data)
+    history: dict[str, list] = {k: [] for k in _HISTORY}
+    theta = params
+    for it in range(iterations + 1):
+        theta = map_estimate(
+            jax.random.fold_in(key, it), theta, h, log_likelihood, arrays,
+            extra_log_prior=extra_log_prior, **map_kwargs,
+        )  # fmt: skip
+        lap = laplace.posterior(
+            theta, h, log_likelihood, arrays, key=jax.random.fold_in(key, 100_000 + it)
+        )
+        record = _record(
+            it, h, theta, lap.variance, log_likelihood, arrays, min_scale, eval_fn,
+            log_evidence=float(lap.log_evidence),
+        )  # fmt: skip
+        if it < iterations:
+            new = _new_scales(update, theta, lap.variance, h, hyperprior, min_scale, record)
+        if it == iterations and final_sampling:
+            kwargs = {**sampling_kwargs, **(settings(it) if settings is not None else {})}
+            res = e_step(
+                jax.random.fold_in(key, 200_000), theta, h, log_likelihood, arrays,
+                extra_log_prior=extra_log_prior, **kwargs,
+            )  # fmt: skip
+            record["converged"] = bool(res.converged)
+        _keep(history, record, callback)
+        if it < iterations:
+            h = h.replace(scales=new)
+    pruned = pruned_rows(h.scales, min_scale)
+    if final_sampling:
+        return FitResult(h, res.moments, res.params, history, res, theta, pruned)
+    return FitResult(h, lap.moments, theta, history, None, theta, pruned)
+
+
+def _fit_sgld(
+    key, params, h, log_likelihood, data, iterations, hyperprior, extra_log_prior, update,
+    min_scale, settings, eval_fn, callback, sampling_kwargs,
+):  # fmt: skip
+    arrays, _ = _tree.data_tuple(data)
+    history: dict[str, list] = {k: [] for k in _HISTORY}
     state, per_chain = params, False
-    for it in range(int(iterations) + 1):
+    for it in range(iterations + 1):
         kwargs = dict(sampling_kwargs)
         if it > 0 and kwargs.get("num_burnin") is not None:
             kwargs["num_burnin"] = int(kwargs["num_burnin"]) // 2
         kwargs.update(settings(it) if settings is not None else {})
         res = e_step(
-            jax.random.fold_in(key, it),
-            state,
-            h,
-            log_likelihood,
-            data,
-            extra_log_prior=extra_log_prior,
-            params_per_chain=per_chain,
-            **kwargs,
-        )
+            jax.random.fold_in(key, it), state, h, log_likelihood, arrays,
+            extra_log_prior=extra_log_prior, params_per_chain=per_chain, **kwargs,
+        )  # fmt: skip
         state, per_chain = res.params, True
-        second = bmoments.second_moment(res.moments)
         mean, variance = bmoments.mean(res.moments), bmoments.variance(res.moments)
-        record = {
-            "iteration": it,
-            "scales": jax.device_get(h.scales),
-            "scales_mean": [float(jnp.mean(s)) for s in jax.tree.leaves(h.scales)],
-            "q": None,
-            "penalty_eq14": float(penalties.ml2_neg_log_prior(mean, h, variance)),
-            "log_likelihood": float(jnp.sum(log_likelihood(mean, *data))),
-            "converged": bool(res.converged),
-        }
-        if eval_fn is not None:
-            record["metric"] = float(eval_fn(mean))
-        if it < iterations:  # the M-step
-            new = m_step(second, h, hyperprior)
-            record["q"] = float(q_value(second, h, hyperprior, new))
+        record = _record(
+            it, h, mean, variance, log_likelihood, arrays, min_scale, eval_fn,
+            converged=bool(res.converged),
+        )  # fmt: skip
+        if it < iterations:
+            new = _new_scales(update, mean, variance, h, hyperprior, min_scale, record)
+        _keep(history, record, callback)
+        if it < iterations:
             h = h.replace(scales=new)
-        for k, v in record.items():
-            history[k].append(v)
-        if callback is not None:
-            callback(record)
-    return FitResult(h, res.moments, state, history, res)
+    return FitResult(h, res.moments, state, history, res, None, pruned_rows(h.scales, min_scale))
 
 
 # --------------------------------------------------------------- exact E-step: linear models

@@ -13,6 +13,7 @@ SMALL = [
     "sgld.chains=2",
     "sgld.max_steps=300",
     "em.iterations=1",
+    "em.map_steps=200",
     "prune.num_fractions=5",
     "prune.soft_target.enabled=true",
     "prune.soft_target.epochs=2",

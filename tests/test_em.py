@@ -243,6 +243,7 @@ def test_em_fit_in_a_network_keeps_robust_rows_and_shrinks_irrelevant_ones():
         log_lik,
         (jnp.asarray(x), jnp.asarray(y)),
         iterations=3,
+        method="sgld",
         learning_rate=1e-5,
         batch_size=64,
         num_burnin=500,
@@ -299,6 +300,7 @@ def test_em_fit_ends_with_an_e_step_under_the_learned_scales():
         log_lik,
         (jnp.asarray(x), jnp.asarray(y)),
         iterations=2,
+        method="sgld",
         settings=settings,
         eval_fn=lambda p: jnp.sum(p["kernel"] ** 2),
         callback=seen.append,
@@ -326,10 +328,169 @@ def test_em_fit_zero_iterations_is_one_e_step_and_bad_iterations_are_rejected():
     params = {"kernel": jnp.zeros((2, 1))}
     data = (jnp.ones((16, 2)), jnp.ones(16))
     log_lik = lambda p, xb, yb: -0.5 * ((xb @ p["kernel"])[:, 0] - yb) ** 2
-    kw = dict(learning_rate=1e-3, num_burnin=10, num_samples=20, num_chains=2, progress=False)
+    kw = dict(
+        method="sgld",
+        learning_rate=1e-3,
+        num_burnin=10,
+        num_samples=20,
+        num_chains=2,
+        progress=False,
+    )
     res = bn.em.fit(jax.random.key(0), params, log_lik, data, iterations=0, **kw)
     assert res.history["iteration"] == [0] and res.history["q"] == [None]
     np.testing.assert_allclose(np.asarray(res.hierarchy.scales["kernel"]), 1.0)
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises((ValueError, TypeError), match="iterations"):
             bn.em.fit(jax.random.key(0), params, log_lik, data, iterations=bad, **kw)
+
+
+# ------------------------------------------------- the evidence framework: MAP, Laplace, MacKay
+
+
+def _linear_evidence(x, y, prior_var, noise_var):
+    """log N(y; 0, X diag(prior_var) Xᵀ + noise_var I): the exact evidence of a linear model."""
+    cov = (x * prior_var) @ x.T + noise_var * np.eye(len(y))
+    sign, logdet = np.linalg.slogdet(cov)
+    return -0.5 * (y @ np.linalg.solve(cov, y) + logdet + len(y) * np.log(2 * np.pi))
+
+
+def test_mackay_update_maximises_the_exact_evidence_of_a_linear_model():
+    """Iterated with the exact posterior of a linear-Gaussian model, MacKay's update converges to
+    the scales that maximise the closed-form evidence (found here by scipy), and irrelevant
+    inputs go to the floor."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(3)
+    n, w = 60, np.array([1.5, -0.8, 0.4, 0.0, 0.0])
+    x = rng.normal(size=(n, 5))
+    y = x @ w + 0.5 * rng.normal(size=n)
+    params = {"kernel": jnp.zeros((5, 1))}
+    h = bn.gsm.hierarchy(params)
+    for _ in range(300):
+        prior_var = np.asarray(h.scales["kernel"], np.float64) ** 2
+        mean, cov = bn.em.linear_posterior(x, y, prior_var, 0.25)
+        mean = {"kernel": jnp.asarray(mean, jnp.float32)[:, None]}
+        var = {"kernel": jnp.asarray(np.diag(np.asarray(cov)), jnp.float32)[:, None]}
+        h = h.replace(scales=bn.em.mackay_update(mean, var, h, min_scale=1e-6))
+    lam = np.asarray(h.scales["kernel"], np.float64)
+
+    def neg(u):  # the negative exact evidence over log λ
+        return -_linear_evidence(x, y, np.exp(2 * u), 0.25)
+
+    bounds = [(np.log(1e-6), 3.0)] * 5
+    best = minimize(neg, np.zeros(5), method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-14})
+    # MacKay's scales are at least as good as scipy's optimum, and the relevant ones agree
+    assert neg(np.log(lam)) <= best.fun + 1e-6
+    np.testing.assert_allclose(lam[:3], np.exp(best.x[:3]), rtol=5e-3)
+    np.testing.assert_allclose(lam[3:], np.exp(best.x[3:]), atol=1e-2)
+    assert lam[3:].max() < lam[:3].min() / 4
+    assert lam.min() == pytest.approx(1e-6)  # one noise input is switched off: at the floor
+
+
+def test_map_estimate_finds_the_exact_mode_of_a_linear_model():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -1.0, 0.0]) + 0.1).astype(np.float32)
+    params = {"kernel": jnp.zeros((3, 1))}
+    h = bn.gsm.hierarchy(params).replace(scales={"kernel": jnp.array([1.0, 0.5, 0.1])})
+    ll = lambda p, xb, yb: -0.5 * ((xb @ p["kernel"])[:, 0] - yb) ** 2 / 0.01  # noqa: E731
+    mode = bn.em.map_estimate(
+        jax.random.key(1), params, h, ll, (jnp.asarray(x), jnp.asarray(y)), learning_rate=0.05
+    )
+    prior_prec = np.diag(1.0 / np.array([1.0, 0.5, 0.1]) ** 2)
+    exact = np.linalg.solve(x.T @ x / 0.01 + prior_prec, x.T @ y / 0.01)
+    np.testing.assert_allclose(np.asarray(mode["kernel"])[:, 0], exact, rtol=1e-3, atol=1e-4)
+    # minibatches: still the mode (the learning rate decays to zero)
+    mode = bn.em.map_estimate(
+        jax.random.key(1), params, h, ll, (jnp.asarray(x), jnp.asarray(y)),
+        learning_rate=0.05, batch_size=32, steps=3000,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(mode["kernel"])[:, 0], exact, rtol=2e-2, atol=2e-3)
+
+
+def _ard_task(seed: int):
+    """Three relevant inputs (a saturating, a linear and a quadratic effect) and five columns of
+    pure noise; a 8-16-1 tanh network."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    f = np.tanh(1.5 * x[:, 0]) - x[:, 1] + 0.5 * x[:, 2] ** 2
+    y = (f + 0.1 * rng.normal(size=n)).astype(np.float32)
+    model = bn.nn.MLP((16, 1), activation=jnp.tanh)
+    params = model.init(jax.random.key(seed), jnp.ones((1, 8)))
+
+    def log_lik(p, xb, yb):
+        return -0.5 * ((model.apply(p, xb)[:, 0] - yb) / 0.1) ** 2
+
+    return params, log_lik, (jnp.asarray(x), jnp.asarray(y))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_em_fit_defaults_find_the_irrelevant_inputs_of_a_network(seed):
+    """ARD on a network: with its defaults (MAP, diagonal Laplace, MacKay's update) EM shrinks
+    every noise column's row below every relevant input's, prunes them at the floor, and the
+    Laplace evidence rises across iterations."""
+    params, log_lik, data = _ard_task(seed)
+    res = bn.em.fit(
+        jax.random.key(seed), params, log_lik, data, iterations=10, final_sampling=False
+    )
+    lam = np.asarray(res.hierarchy.scales["params"]["Dense_0"]["kernel"])
+    assert lam[3:].max() < lam[:3].min() / 5, lam
+    pruned = np.asarray(res.pruned["params"]["Dense_0"]["kernel"])
+    assert not pruned[:3].any() and pruned[3:].any()
+    assert np.all(lam >= 1e-4)  # floored, never zero
+    evidence = np.asarray(res.history["log_evidence"])
+    assert len(evidence) == 11 and np.all(np.isfinite(evidence))
+    # rises: by hundreds of nats over the run; a step may dip by noise in the mode only
+    assert evidence[-1] > evidence[0] + 100
+    assert np.all(np.diff(evidence) > -0.01 * np.abs(evidence[1:]))
+    assert res.history["pruned"][-1] == int(sum(np.sum(p) for p in jax.tree.leaves(res.pruned)))
+    # the moments are the final Laplace posterior's, at the mode under the learned scales
+    np.testing.assert_allclose(
+        np.asarray(bn.moments.mean(res.moments)["params"]["Dense_0"]["kernel"]),
+        np.asarray(res.mode["params"]["Dense_0"]["kernel"]),
+        rtol=1e-6,
+    )
+
+
+def test_em_fit_laplace_ends_with_sampling_under_the_learned_scales():
+    params, log_lik, data = _ard_task(0)
+    res = bn.em.fit(
+        jax.random.key(0), params, log_lik, data, iterations=2, map_steps=500,
+        num_chains=2, auto={"max_steps": 600}, progress=False,
+    )  # fmt: skip
+    assert res.result is not None and res.result.num_steps <= 600
+    assert jax.tree.leaves(res.params)[0].shape[0] == 2  # the chains' final states
+    assert res.history["converged"][-1] == bool(res.result.converged)
+    assert res.history["log_evidence"][0] is not None and len(res.history["q"]) == 3
+
+
+def test_em_fit_rejects_bad_choices_with_clear_errors():
+    params, log_lik, data = _ard_task(0)
+    key = jax.random.key(0)
+    cases = [
+        (dict(method="nuts"), "method must be one of 'laplace', 'sgld', got 'nuts'"),
+        (dict(update="fast"), "update must be one of 'mackay', 'em', got 'fast'"),
+        (dict(min_scale=0.0), "min_scale"),
+        (dict(min_scale=float("nan")), "min_scale"),
+        (dict(update="mackay", hyperprior=bn.noise.Gamma(2.0, 1.0)), "update='em'"),
+        (dict(map_steps=0), "steps"),
+        (dict(map_learning_rate=-1.0), "learning_rate"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            bn.em.fit(key, params, log_lik, data, iterations=1, final_sampling=False, **kwargs)
+    h = bn.gsm.hierarchy(params)
+    var = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(ValueError, match="update='em'"):
+        bn.em.mackay_update(params, var, h, bn.noise.LogNormal(0.0, 1.0))
+    with pytest.raises(ValueError, match="second moments must be finite and >= 0"):
+        bn.em.mackay_update(params, jax.tree.map(lambda v: -v, var), h)
+    with pytest.raises(ValueError, match="does not have|structure|shape"):
+        bn.em.mackay_update(params, {"kernel": jnp.ones(3)}, h)
+    # a hyperprior the EM update handles: fine, and no scale at zero
+    res = bn.em.fit(
+        key, params, log_lik, data, iterations=2, final_sampling=False,
+        hyperprior=bn.noise.Gamma(2.0, 1.0), map_steps=300,
+    )  # fmt: skip
+    assert all(np.all(np.asarray(s) >= 1e-4) for s in jax.tree.leaves(res.hierarchy.scales))

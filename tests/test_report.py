@@ -25,6 +25,7 @@ def _moments(seed):
     rng = np.random.default_rng(seed)
     tree = {"params": {"Dense_0": {"kernel": rng.normal(size=(4, 3)), "bias": np.zeros(3)}}}
     return {
+        "scales": {"params": {"Dense_0": {"kernel": np.exp(rng.normal(size=4)), "bias": None}}},
         "mean": tree,
         "std": {
             "params": {
@@ -46,6 +47,7 @@ def test_plots_are_written_and_listed_with_or_without_em(tmp_path, em):
     names = {p.rsplit("/", 1)[-1] for p in files}
     assert {"pruning_curves.png", "mean_vs_std.png"} <= names
     assert ("em_scales.png" in names) == bool(em)
+    assert ("em_first_layer_scales.png" in names) == bool(em)
     for f in files:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == backend
@@ -55,3 +57,15 @@ def test_plots_are_written_and_listed_with_or_without_em(tmp_path, em):
 def test_table_names_every_rule_and_the_sampler_state():
     text = report.table(_results([]))
     assert "snr" in text and "spr" in text and "NOT converged" in text and "2.00%" in text
+
+
+def test_em_scales_of_28x28_inputs_are_drawn_as_an_image(tmp_path):
+    import matplotlib.image
+
+    post = _moments(0)
+    post["scales"] = {"params": {"Dense_0": {"kernel": np.linspace(1e-4, 1.0, 784)}}}
+    results = _results([{"iteration": 0, "scales_mean": [1.0]}])
+    files = report.plots(tmp_path, None, results, post, _moments(1))
+    path = next(f for f in files if f.endswith("em_first_layer_scales.png"))
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 100 and image.std() > 0.05  # a picture, not a blank canvas

@@ -26,22 +26,31 @@ def test_run_writes_the_report(tmp_path, capsys):
         assert 0.0 <= res["breakpoints"][rule] <= 0.8
     # by default the scores read the Laplace posterior at the trained network
     assert res["pruning_moments"] == "laplace" and res["per_chain"] == {}
-    assert res["unpruned"] == pytest.approx(res["trained_metric"], abs=1e-6)
+    # the Laplace moments are centred on EM's mode under the learned scales: its error unpruned
+    assert res["unpruned"] == pytest.approx(res["em"][-1]["metric_at_mean"], abs=1e-6)
     assert np.isfinite(res["laplace_log_evidence"])
-    assert len(res["em"]) == 2 and "q" in res["em"][0]
+    # EM's iterations: modes and Laplace posteriors, the evidence of each, MacKay's update
+    assert len(res["em"]) == 2 and all(np.isfinite(r["log_evidence"]) for r in res["em"])
+    assert res["em_settings"]["method"] == "laplace" and "q" not in res["em"][0]
+    assert all(r["pruned_rows"] >= 0 for r in res["em"])
     sg = res["sgld"]  # diagnostics, and the dead pixels' recovery
     assert isinstance(sg["converged"], bool) and sg["learning_rate"] > 0
-    # the explicit settings override the derived ones (burn-in halved after the first E-step)
-    assert sg["num_burnin"] == 10 and sg["num_samples"] == 10 and sg["thin"] == 1
+    # the explicit settings override the derived ones (one SGLD E-step, after EM's iterations)
+    assert sg["num_burnin"] == 20 and sg["num_samples"] == 10 and sg["thin"] == 1
     assert sg["prior_recovery"]["inputs"] == 4 and sg["prior_recovery"]["variance_over_prior"] > 0
     for name in ("bma", "posterior_mean", "mc_dropout"):
         values = res["predictive"][name]
         assert 0 <= values["error"] <= 1 and values["nll"] > 0 and 0 <= values["ece"] <= 1
     assert len(res["soft_target"]) >= 1
+    checked = 0
     for rule, pts in res["finetuned"].items():  # retraining with the mask fixed does not hurt
         grid = np.asarray(res["curves"][rule])
         for f, v in pts:
-            assert v <= np.interp(f, grid[:, 0], grid[:, 1]) + 0.02
+            one_shot = np.interp(f, grid[:, 0], grid[:, 1])
+            if one_shot < 0.5:  # where the pruned net still predicts (chance is 0.9)
+                assert v <= one_shot + 0.02
+                checked += 1
+    assert checked >= 2
     assert {"train", "sgld", "prune", "soft_target"} <= set(res["timings"])
     assert res["config"]["train"]["epochs"] == 3
     for name in ("pruning_curves.png", "mean_vs_std.png", "em_scales.png", "config.yaml"):

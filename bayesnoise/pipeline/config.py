@@ -509,9 +509,28 @@ class EMConfig(_Section):
     """Type-II maximum likelihood of the noise scales by EM (:mod:`bayesnoise.em`)."""
 
     enabled: bool = False  # else the scales stay at 1
-    iterations: int = Field(3, ge=1)  # an E-step (runs `sgld`), then an M-step
+    iterations: int = Field(3, ge=1)  # an E-step, then an M-step; then the final E-step (`sgld`)
     sigma0: _Float = Field(1.0, gt=0)  # the weights' prior std, also SGLD's without EM
     hyperprior: _Hyperprior = Field(default_factory=HyperpriorConfig)
+    # the iterations' E-step: laplace, the mode under the current scales and the diagonal Laplace
+    # posterior there (MacKay's evidence framework); sgld, the chains of `sgld`
+    method: Literal["laplace", "sgld"] = "laplace"
+    # the M-step: mackay (MacKay's fixed point), em (the EM update), auto (mackay for laplace
+    # with hyperprior none or inverse_gamma, else em)
+    update: Literal["auto", "mackay", "em"] = "auto"
+    min_scale: _Float = Field(1e-4, gt=0)  # the scales' floor; a row there is pruned
+    map_steps: int = Field(3000, ge=1)  # Adam steps per mode (method laplace)
+    map_learning_rate: _Float = Field(3e-3, gt=0)
+
+    def fit_settings(self) -> dict:
+        """Keyword arguments of :func:`bayesnoise.em.fit` for this section (EM enabled)."""
+        return {
+            "method": self.method,
+            "update": None if self.update == "auto" else self.update,
+            "min_scale": self.min_scale,
+            "map_steps": self.map_steps,
+            "map_learning_rate": self.map_learning_rate,
+        }
 
 
 class SoftTargetConfig(_Section):
@@ -529,7 +548,8 @@ class PruneConfig(_Section):
     i / n, i < n = ``num_fractions`` (one of them, the other null; neither: n = 50).
 
     ``moments`` the scores read: laplace, the diagonal Laplace posterior at the trained network
-    under the learned scales and the sampler's temperature; or sgld, the chains' moments, local
+    (with EM by ``em.method: laplace``, at the mode under the learned scales) and the sampler's
+    temperature; or sgld, the chains' moments, local
     only while the chains stay near the network.
     """
 

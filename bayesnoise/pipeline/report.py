@@ -120,6 +120,7 @@ def plots(out: Path, task: Any, results: dict, post, ref, *, learned: Any = None
         fig.tight_layout()
         files.append(str(out / "em_scales.png"))
         _save(fig, files[-1])
+        files.append(_first_layer_scales(out, results, post["scales"]))
     if learned is not None:
         files += _learned_plots(out, results, learned)
     return files
@@ -158,6 +159,32 @@ def _learned_plots(out: Path, results: dict, variables) -> list[str]:
         files.append(str(out / "kept_per_pixel.png"))
         _save(fig, files[-1])
     return files
+
+
+def _first_layer_scales(out: Path, results: dict, scales) -> str:
+    """The learned scale of every input (the first kernel's rows): a 28 x 28 image of log10 λ
+    for MNIST-shaped inputs, else a bar per input; rows at the floor are the pruned inputs."""
+    first = np.asarray(_kernels(scales)[0], np.float64)
+    floor = (results.get("em_settings") or {}).get("min_scale")
+    if first.size == 28 * 28:
+        fig, ax = _figure(figsize=(4.5, 4))
+        image = ax.imshow(np.log10(first).reshape(28, 28), cmap="magma")
+        fig.colorbar(image, ax=ax, label="log10 λ")
+        ax.set_axis_off()
+    else:
+        fig, ax = _figure(figsize=(max(4.0, 0.12 * first.size + 1), 3.5))
+        ax.bar(np.arange(first.size), first, color="C0")
+        ax.set_yscale("log")
+        ax.set_xlabel("input")
+        ax.set_ylabel("learned scale λ")
+        if floor:
+            ax.axhline(floor, color="k", ls="--", lw=1, label=f"floor {floor:g} (pruned)")
+            ax.legend(fontsize=8)
+    ax.set_title(f"{results['dataset']}: first-layer scales learned by EM", fontsize=9)
+    fig.tight_layout()
+    path = str(out / "em_first_layer_scales.png")
+    _save(fig, path)
+    return path
 
 
 def _kernels(tree):

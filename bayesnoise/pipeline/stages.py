@@ -294,9 +294,12 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     def report(record: dict) -> None:
         if use_em:
             _log.info(
-                "[em] iteration %d: metric at the posterior mean %.4f",
+                "[em] iteration %d: metric at the posterior mean %.4f, log evidence %s, "
+                "%d rows pruned",
                 record["iteration"],
                 record["metric"],
+                "n/a" if record["log_evidence"] is None else f"{record['log_evidence']:.1f}",
+                record["pruned"],
             )
 
     fitted = em.fit(
@@ -307,6 +310,7 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         iterations=iterations,
         sigma0=ec.sigma0,
         hyperprior=hyperprior,
+        **(ec.fit_settings() if use_em else {"method": "sgld"}),
         eval_fn=task.metric,
         callback=report,
         transform=transform,
@@ -322,6 +326,8 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         {
             "iteration": hist["iteration"][i],
             "metric_at_mean": hist["metric"][i],
+            "log_evidence": hist["log_evidence"][i],
+            "pruned_rows": hist["pruned"][i],
             "penalty_eq14": hist["penalty_eq14"][i],
             "train_log_likelihood": hist["log_likelihood"][i],
             "scales_mean": hist["scales_mean"][i],
@@ -348,8 +354,12 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         rmse = np.sqrt(np.mean((np.asarray(res.predictive)[:, 0] - task.y_test) ** 2))
         predictive["bma"] = {"rmse": float(rmse * task.y_std)}
         predictive["posterior_mean"] = {"rmse": float(task.metric(mean))}
+    # the Laplace posterior at a mode of the prior it is taken under: the trained network under
+    # λ = 1, or EM's mode under the learned scales (the trained network's weights in the rows
+    # that EM switched off are far outside that prior)
+    centre = params if fitted.mode is None else fitted.mode
     lap = laplace.posterior(
-        params,
+        centre,
         h,
         task.log_likelihood,
         (task.x_train, task.y_train),
@@ -357,7 +367,7 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         key=jax.random.fold_in(key, 1000),
     )
     return {
-        "laplace_mean": params,
+        "laplace_mean": centre,
         "laplace_std": jax.tree.map(jnp.sqrt, lap.variance),
         "laplace_log_evidence": float(lap.log_evidence),
         "mean": mean,
@@ -692,6 +702,7 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
         },
         "learned_noise": trained.get("learned_noise"),
         "em": post["em"],
+        **({"em_settings": cfg.em.fit_settings()} if cfg.em.enabled else {}),
         "soft_target": soft["points"] if soft else [],
         "finetuned": tuned["curves"] if tuned else {},
         "timings": timings,
