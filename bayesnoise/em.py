@@ -258,6 +258,21 @@ def q_value(
 # ------------------------------------------------- MacKay's update and the MAP under a prior
 
 
+_FIT_METHODS = ("laplace", "sgld")
+_UPDATES = ("mackay", "em")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}."
+        )
+
+
+def _floored(scales: PyTree, min_scale: float) -> PyTree:
+    return jax.tree.map(lambda s: jnp.maximum(s, min_scale), scales)
+
+
 def _check_min_scale(min_scale: Any) -> None:
     _check.number("min_scale", min_scale, lo=0.0, lo_open=True)
 
@@ -486,22 +501,49 @@ def _check_state(state: Any) -> None:
         )
 
 
-def em_step(state: EMState, hyperprior: bnoise.Noise | None = None) -> EMState:
+def em_step(
+    state: EMState,
+    hyperprior: bnoise.Noise | None = None,
+    *,
+    update: str = "em",
+    min_scale: float = 1e-4,
+) -> EMState:
     """The M-step from the accumulated moments; the accumulator restarts empty.
 
     Call it from your own loop: run your sampler under ``state.hierarchy`` (e.g. with
-    ``bn.gsm.log_prior(v, state.hierarchy)`` as the prior), ``accumulate`` samples, then
-    ``em_step``.
+    ``bn.gsm.full_log_prior(v, state.hierarchy)`` as the prior, and the step size and
+    preconditioner of ``bn.sampling.auto_settings``), ``accumulate`` samples, then ``em_step``.
+
+    Args:
+        state: the EM state.
+        hyperprior: as in :func:`m_step` (``update="mackay"``: None or ``InverseGammaScale``).
+        update: ``"em"`` (:func:`m_step`, from E[v²]) or ``"mackay"`` (:func:`mackay_update`,
+            from the samples' mean and variance).
+        min_scale: the floor of the new scales (> 0).
 
     Raises:
-        ValueError: nothing was accumulated; or as :func:`m_step`.
+        ValueError: nothing was accumulated, an unknown ``update``; or as :func:`m_step` and
+            :func:`mackay_update`.
         TypeError: ``state`` is not an :class:`EMState`.
     """
     _check_state(state)
+    _check_choice("update", update, _UPDATES)
+    _check_min_scale(min_scale)
     count = state.moments.count
     if not isinstance(count, jax.core.Tracer) and float(count) == 0:
         raise ValueError("em_step needs posterior samples: call accumulate(state, v) first.")
-    scales = m_step(bmoments.second_moment(state.moments), state.hierarchy, hyperprior)
+    if update == "mackay":
+        scales = mackay_update(
+            bmoments.mean(state.moments),
+            bmoments.variance(state.moments),
+            state.hierarchy,
+            hyperprior,
+            min_scale=min_scale,
+        )
+    else:
+        scales = _floored(
+            m_step(bmoments.second_moment(state.moments), state.hierarchy, hyperprior), min_scale
+        )
     h = state.hierarchy.replace(scales=scales)
     return EMState(h, bmoments.init(state.moments.mean_dev), state.iteration + 1)
 
@@ -569,21 +611,6 @@ class FitResult(NamedTuple):
     result: Any = None  # the final E-step's bayesnoise.sampling.SamplingResult
     mode: PyTree = None  # method="laplace": the MAP under the learned scales
     pruned: PyTree = None  # per noised row: True where the learned scale is at min_scale
-
-
-_FIT_METHODS = ("laplace", "sgld")
-_UPDATES = ("mackay", "em")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(
-            f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}."
-        )
-
-
-def _floored(scales: PyTree, min_scale: float) -> PyTree:
-    return jax.tree.map(lambda s: jnp.maximum(s, min_scale), scales)
 
 
 def fit(

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import jax
@@ -494,3 +495,96 @@ def test_em_fit_rejects_bad_choices_with_clear_errors():
         hyperprior=bn.noise.Gamma(2.0, 1.0), map_steps=300,
     )  # fmt: skip
     assert all(np.all(np.asarray(s) >= 1e-4) for s in jax.tree.leaves(res.hierarchy.scales))
+
+
+def test_em_from_a_user_loop_with_the_sampler_step_finds_the_irrelevant_inputs():
+    """The README's loop: the sampler's own step, its automatic step size and preconditioner
+    (bn.sampling.auto_settings) under each iteration's prior, samples accumulated into the EM
+    state, MacKay's update from their mean and variance."""
+    params, log_lik, data = _ard_task(1)
+    n = len(data[0])
+    params = bn.em.map_estimate(jax.random.key(0), params, bn.gsm.hierarchy(params), log_lik, data)
+    state = bn.em.init(params)
+    key = jax.random.key(1)
+    step = jax.jit(bn.sampling.step)
+    for it in range(6):
+        k = jax.random.fold_in(key, it)
+        prior = functools.partial(bn.gsm.full_log_prior, hierarchy=state.hierarchy)
+        auto = bn.sampling.auto_settings(k, params, log_lik, prior, data)
+        sgld = bn.sgld(
+            auto.learning_rate,
+            preconditioner=auto.preconditioner,
+            gradient_noise=auto.gradient_noise,
+        )
+        chain = bn.sampling.init(params, log_lik, prior, num_data=n, transform=sgld)
+        for t in range(900):
+            k_step, k_batch = jax.random.split(jax.random.fold_in(k, t))
+            idx = jax.random.choice(k_batch, n, (auto.batch_size,), replace=False)
+            chain, _ = step(k_step, chain, (data[0][idx], data[1][idx]))
+            if t >= 300:
+                state = bn.em.accumulate(state, chain.params)
+        params = chain.params
+        state = bn.em.em_step(state, update="mackay")
+    lam = np.asarray(state.hierarchy.scales["params"]["Dense_0"]["kernel"])
+    assert int(state.iteration) == 6 and float(state.moments.count) == 0
+    assert lam[3:].max() < lam[:3].min() / 2, lam
+
+
+def _row_zero_second_moments(d=4):
+    """Second moments of a (3, d) kernel whose row 0 the data never reached (S_0 = 0)."""
+    second = {"kernel": jnp.stack([jnp.zeros(d), jnp.full(d, 0.5), jnp.full(d, 2.0)])}
+    return second, bn.gsm.hierarchy(second)
+
+
+@pytest.mark.parametrize(
+    "hyperprior, expected",
+    [
+        # InverseGamma on λ² (b > 0): s = b / (d/2 + a + 1), never zero
+        (bn.noise.InverseGammaScale(2.0, 1.0), math.sqrt(1.0 / (2 + 2 + 1))),
+        # LogNormal(μ, σ) on λ: log λ = μ − σ²(d + 1), positive but small for a wide row
+        (bn.noise.LogNormal(0.0, 0.5), math.exp(-0.25 * 5)),
+        # Gamma(k, r) on λ with k > d + 1: λ = (k − 1 − d) / r
+        (bn.noise.Gamma(8.0, 2.0), 1.5),
+        # Beta(a, b) on λ with a > d + 1: λ = (a − d − 1) / (a + b − d − 2)
+        (bn.noise.Beta(8.0, 2.0), 0.75),
+        # Gamma and Beta whose first shape is at most d + 1 do not stop the collapse
+        (bn.noise.Gamma(2.0, 1.0), 0.0),
+        (bn.noise.Beta(2.0, 2.0), 0.0),
+    ],
+    ids=["inverse_gamma", "lognormal", "gamma_k>d+1", "beta_a>d+1", "gamma_small", "beta_small"],
+)
+def test_which_hyperpriors_stop_an_empty_row_from_collapsing(hyperprior, expected):
+    """A row with S = 0 (no data, mean zero): Q = d log λ − log p(λ) alone decides its scale."""
+    second, h = _row_zero_second_moments()
+    lam = float(bn.em.m_step(second, h, hyperprior)["kernel"][0])
+    if expected == 0.0:
+        assert lam < 1e-8  # collapsed: only the floor of bn.em.fit keeps it > 0
+    else:
+        assert lam == pytest.approx(expected, rel=1e-3)
+
+
+def test_inverse_gamma_closed_form_uses_the_density_of_lambda_squared():
+    """The closed form minimises Q in s = λ² with the density of s; maximising over λ with the
+    density of λ (a Jacobian 2λ more) gives d/2 + a + 1/2 in the denominator instead."""
+    a, b, sigma0, d, S = 2.0, 0.5, 1.5, 4, 3.0
+    second = {"kernel": jnp.full((1, d), S / d)}
+    h = bn.gsm.hierarchy(second, sigma0)
+    closed = float(bn.em.m_step(second, h, bn.noise.InverseGammaScale(a, b))["kernel"][0]) ** 2
+    prior_s = stats.invgamma(a, scale=b)
+
+    def q_in_s(s):
+        return S / (2 * sigma0**2 * s) + d / 2 * np.log(s) - prior_s.logpdf(s)
+
+    def q_in_lam(lam):
+        return (
+            S / (2 * sigma0**2 * lam**2)
+            + d * np.log(lam)
+            - (prior_s.logpdf(lam**2) + np.log(2 * lam))
+        )
+
+    in_s = optimize.minimize_scalar(q_in_s, bounds=(1e-4, 50), method="bounded").x
+    in_lam = optimize.minimize_scalar(q_in_lam, bounds=(1e-2, 8), method="bounded").x ** 2
+    assert closed == pytest.approx(in_s, rel=1e-4)
+    assert closed == pytest.approx((S / (2 * sigma0**2) + b) / (d / 2 + a + 1), rel=1e-6)
+    assert in_lam == pytest.approx((S / (2 * sigma0**2) + b) / (d / 2 + a + 0.5), rel=1e-4)
+    assert in_lam > closed * 1.05  # the two conventions differ
