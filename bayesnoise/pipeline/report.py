@@ -180,7 +180,7 @@ def _first_layer_scales(out: Path, results: dict, scales) -> str:
         if floor:
             ax.axhline(floor, color="k", ls="--", lw=1, label=f"floor {floor:g} (pruned)")
             ax.legend(fontsize=8)
-    ax.set_title(f"{results['dataset']}: first-layer scales learned by EM", fontsize=9)
+    ax.set_title(f"{results['dataset']}: input scales learned by EM", fontsize=8)
     fig.tight_layout()
     path = str(out / "em_first_layer_scales.png")
     _save(fig, path)
