@@ -24,6 +24,7 @@ with d_j the number of weights in row j. The paper's eqs. (12)–(13) drop σ0; 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,6 +37,8 @@ from bayesnoise import _check, _tree, gsm
 from bayesnoise import moments as bmoments
 from bayesnoise import noise as bnoise
 from bayesnoise._tree import PyTree
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "m_step",
@@ -726,6 +729,11 @@ def fit(
         )
     _check_min_scale(min_scale)
     h = gsm.hierarchy(params, sigma0, where)
+    if int(iterations) == 0:
+        logger.warning(
+            "em.fit with iterations=0 runs no M-step: the scales stay at 1 and the result is "
+            "one E-step under that prior; pass iterations >= 1 to learn them."
+        )
     if method == "laplace":
         return _fit_laplace(
             key, params, h, log_likelihood, data, int(iterations), hyperprior, extra_log_prior,

@@ -68,6 +68,7 @@ class Hierarchy:
                 number > 0.
         """
         if "scales" in kwargs:
+            _check_like_scales(kwargs["scales"], self.scales)
             _check_positive_scales(kwargs["scales"])
         if "sigma0" in kwargs:
             _check_sigma0(kwargs["sigma0"], "hierarchy.sigma0")
@@ -91,6 +92,24 @@ def _check_hierarchy(hierarchy: Any, fn: str) -> None:
             f"{type(hierarchy).__name__}: {hierarchy!r:.200}."
         )
     _check_sigma0(hierarchy.sigma0, "hierarchy.sigma0")
+
+
+def _check_like_scales(new: PyTree, old: PyTree) -> None:
+    """New scales must have the tree and the shapes of the old: one vector per noised leaf (or
+    None, which leaves that leaf unscaled)."""
+
+    def shapes(tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
+        return treedef, [None if x is None else np.shape(x) for x in leaves]
+
+    (t_new, s_new), (t_old, s_old) = shapes(new), shapes(old)
+    # None for a noised leaf leaves it unscaled (e.g. a layer without noise): allowed
+    if t_new != t_old or any(a is not None and a != b for a, b in zip(s_new, s_old)):
+        raise ValueError(
+            f"new scales must have the structure and shapes of hierarchy.scales (one vector per "
+            f"noised leaf, None elsewhere): got {t_new} with shapes {s_new}, expected {t_old} "
+            f"with shapes {s_old}."
+        )
 
 
 def _check_positive_scales(scales: PyTree) -> None:

@@ -1,4 +1,5 @@
 import functools
+import logging
 import math
 
 import jax
@@ -325,7 +326,7 @@ def test_em_fit_ends_with_an_e_step_under_the_learned_scales():
     assert last[2] < min(last[0], last[1])
 
 
-def test_em_fit_zero_iterations_is_one_e_step_and_bad_iterations_are_rejected():
+def test_em_fit_zero_iterations_is_one_e_step_and_bad_iterations_are_rejected(caplog):
     params = {"kernel": jnp.zeros((2, 1))}
     data = (jnp.ones((16, 2)), jnp.ones(16))
     log_lik = lambda p, xb, yb: -0.5 * ((xb @ p["kernel"])[:, 0] - yb) ** 2
@@ -337,7 +338,9 @@ def test_em_fit_zero_iterations_is_one_e_step_and_bad_iterations_are_rejected():
         num_chains=2,
         progress=False,
     )
-    res = bn.em.fit(jax.random.key(0), params, log_lik, data, iterations=0, **kw)
+    with caplog.at_level(logging.WARNING, logger="bayesnoise"):
+        res = bn.em.fit(jax.random.key(0), params, log_lik, data, iterations=0, **kw)
+    assert "iterations=0 runs no M-step" in caplog.text
     assert res.history["iteration"] == [0] and res.history["q"] == [None]
     np.testing.assert_allclose(np.asarray(res.hierarchy.scales["kernel"]), 1.0)
     for bad in (-1, 1.5, True, "2"):

@@ -224,3 +224,17 @@ def test_bad_where():
         bn.gsm.hierarchy(mlp_params(), where=3)
     with pytest.raises(ValueError, match="axis 5.*allowed axes"):
         bn.gsm.hierarchy(mlp_params(), where=lambda p, x: 5 if p.endswith("kernel") else None)
+
+
+def test_new_scales_of_the_wrong_tree_are_rejected():
+    params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((4, 2))}}
+    h = bn.gsm.hierarchy(params)
+    for bad in (
+        {"a": {"kernel": jnp.ones(3)}},  # a leaf missing
+        {"a": {"kernel": jnp.ones(4)}, "b": {"kernel": jnp.ones(4)}},  # a wrong length
+        jnp.ones(7),  # not a tree
+    ):
+        with pytest.raises(ValueError, match="structure and shapes of hierarchy.scales"):
+            h.replace(scales=bad)
+    ok = h.replace(scales={"a": {"kernel": jnp.full(3, 0.5)}, "b": {"kernel": jnp.ones(4)}})
+    assert float(ok.scales["a"]["kernel"][0]) == 0.5

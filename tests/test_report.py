@@ -69,3 +69,14 @@ def test_em_scales_of_28x28_inputs_are_drawn_as_an_image(tmp_path):
     path = next(f for f in files if f.endswith("em_first_layer_scales.png"))
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 100 and image.std() > 0.05  # a picture, not a blank canvas
+
+
+def test_table_shows_what_em_learned():
+    em = [
+        {"iteration": 0, "metric_at_mean": 0.02, "log_evidence": -3000.0, "pruned_rows": 0},
+        {"iteration": 1, "metric_at_mean": 0.03, "log_evidence": -900.5, "pruned_rows": 12},
+    ]
+    text = report.table(_results(em))
+    assert "em: error at the mode 2.00% (λ = 1) -> 3.00% (learned)" in text
+    assert "-3000.0 -> -900.5" in text and "12 rows at the floor" in text
+    assert "em:" not in report.table(_results([]))

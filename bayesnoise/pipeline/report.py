@@ -228,6 +228,14 @@ def table(results: dict) -> str:
                 f"|mean| {rec['mean_abs_over_prior_sd']:.2f} prior sd"
             )
         lines.append(line)
+    em_records = results.get("em") or []
+    if em_records and em_records[0].get("log_evidence") is not None:
+        first, last = em_records[0], em_records[-1]
+        lines.append(
+            f"em: {m} at the mode {fmt(first['metric_at_mean'])} (λ = 1) -> "
+            f"{fmt(last['metric_at_mean'])} (learned); log evidence {first['log_evidence']:.1f} -> "
+            f"{last['log_evidence']:.1f}; {last['pruned_rows']} rows at the floor"
+        )
     ln = results.get("learned_noise")
     predictive = dict(results.get("predictive", {}))
     if ln:
