@@ -669,7 +669,8 @@ def fit(
         sigma0, where: as in :func:`bayesnoise.gsm.hierarchy`.
         hyperprior: None; ``InverseGammaScale`` (either update); ``Gamma``, ``LogNormal`` or
             ``Beta`` (the EM update only).
-        extra_log_prior: replaces the bias part of the prior (see :func:`e_step`).
+        extra_log_prior: replaces the bias part of the prior (see :func:`e_step`) in the modes
+            and the sampling; the Laplace posterior and its evidence keep N(0, σ0²) there.
         method: ``"laplace"`` or ``"sgld"``, the E-step of the iterations.
         update: ``"mackay"`` or ``"em"``; None: ``"mackay"`` with ``method="laplace"`` and a
             hyperprior it handles, else ``"em"``.
