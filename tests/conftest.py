@@ -3,3 +3,21 @@ import os
 # Several host devices so that sharding code paths run on a CPU-only machine.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_code():
+    """Every compiled XLA executable keeps its code mapped in memory. A whole test session
+    compiles thousands, and the process would run past the kernel's limit on memory maps
+    (vm.max_map_count, 65,530 by default), which crashes XLA inside a later compilation. So
+    each test module's executables are dropped when it ends."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
