@@ -205,34 +205,51 @@ def test_fit_takes_a_list_as_x():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_fit_rejects_non_finite_data_and_params_before_training(bad):
-    with clear_error("x", "index 3"):
+    with clear_error("x", "index 3") as x:
         fit(x=X.at[3, 1].set(bad))
     regression = bn.train.regression_loss(lambda p, x, k: MODEL.apply(p, x)[:, 0])
-    with clear_error("y", "index 5"):
+    with clear_error("y", "index 5") as y:
         fit(loss_fn=regression, y=jnp.ones(12).at[5].set(bad))
     params = jax.tree.map(lambda leaf: leaf.at[(0,) * leaf.ndim].set(bad), PARAMS)
-    with clear_error("params", "['params']"):
+    with clear_error("params", "['params']") as p:
         fit(params=params)
+    assert [e.type for e in (x, y, p)] == [ValueError] * 3
+    assert "1 of 12 examples" in str(x.value) and "1 of 12 examples" in str(y.value)
+    assert "must be finite" in str(p.value)
+    # the same call with finite data trains
+    assert np.isfinite(fit(loss_fn=regression, y=jnp.ones(12)).history["loss"][-1])
 
 
 def test_fit_rejects_float_labels_for_a_classification_loss():
-    with clear_error("y", "float"):
+    with clear_error("y", "float") as e:
         fit(y=Y.astype(jnp.float32) + 0.5)
+    assert e.type is TypeError and ".astype(int)" in str(e.value)  # says how to mend it
 
 
 def test_fit_rejects_bad_functions_and_states():
-    with clear_error("loss_fn", None):
+    with clear_error("loss_fn", None) as loss_none:
         fit(loss_fn=None)
-    with clear_error("optimizer", "'adam'"):
+    with clear_error("optimizer", "'adam'") as optimizer:
         fit(optimizer="adam")
-    with clear_error("eval_fn", 5):
+    with clear_error("eval_fn", 5) as eval_fn:
         fit(eval_fn=5)
-    with clear_error("params", None):
+    with clear_error("params", None) as params:
         fit(params=None)
-    with clear_error("opt_state", "PyTreeDef({})"):
+    with clear_error("opt_state", "PyTreeDef({})") as opt_state:
         fit(opt_state={})
-    with clear_error("loss_fn", "0.0"):
+    with clear_error("loss_fn", "0.0") as loss_value:
         fit(loss_fn=lambda p, x, y, k: 0.0)
+    errors = (loss_none, optimizer, eval_fn, params, opt_state, loss_value)
+    assert [e.type for e in errors] == [
+        TypeError,
+        TypeError,
+        TypeError,
+        ValueError,
+        ValueError,
+        TypeError,
+    ]
+    assert "optax.adam(1e-3)" in str(optimizer.value)  # an example of what is allowed
+    assert "optimizer.init(params)" in str(opt_state.value)
 
 
 def test_categorical_log_likelihood_rejects_bad_labels():
@@ -258,35 +275,43 @@ def test_losses_reject_bad_functions_and_shapes():
     with clear_error("apply_fn", None):
         bn.train.regression_loss(None)
     regression = bn.train.regression_loss(lambda p, x, k: MODEL.apply(p, x))
-    with clear_error("apply_fn", "(12, 3)"):
+    with clear_error("apply_fn", "(12, 3)") as shape:
         regression(PARAMS, X, jnp.ones(12), KEY)
-    with clear_error("y", 5):
+    with clear_error("y", 5) as labels:
         LOSS(PARAMS, X, Y + 5, KEY)
     with clear_error("loss_fn", None):
         bn.train.make_step(None, OPT)
     with clear_error("optimizer", None):
         bn.train.make_step(LOSS, None)
+    assert "y's shape (12,)" in str(shape.value)
+    assert "12 of 12 out of range" in str(labels.value)
+    # the valid calls: a finite loss for labels in range
+    loss, _ = LOSS(PARAMS, X, Y, KEY)
+    assert np.isfinite(float(loss))
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=st.one_of(not_a_number(), not_finite(), st.floats(max_value=0.5)))
 def test_variational_loss_rejects_a_bad_num_data(value):
-    with clear_error("num_data", value):
+    with clear_error("num_data", value) as e:
         bn.train.variational_loss(lambda p, x, k: x, value)
+    assert "the training set size" in str(e.value)
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=st.one_of(not_a_number(), not_finite(), st.floats(max_value=-1e-9)))
 def test_variational_loss_rejects_a_bad_kl_weight(value):
-    with clear_error("kl_weight", value):
+    with clear_error("kl_weight", value) as e:
         bn.train.variational_loss(lambda p, x, k: x, 10, kl_weight=value)
+    assert ">= 0" in str(e.value)
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=bad_count(0))
 def test_variational_loss_rejects_bad_warmup_steps(value):
-    with clear_error("warmup_steps", value):
+    with clear_error("warmup_steps", value) as e:
         bn.train.variational_loss(lambda p, x, k: x, 10, warmup_steps=value)
+    assert "an int >= 0" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------- distill
@@ -296,8 +321,10 @@ def test_variational_loss_rejects_bad_warmup_steps(value):
     "sizes,shown", [([], "()"), ([5], "(5,)"), ([3, 2.5], "2.5"), ([3, -2], "-2"), (None, "None")]
 )
 def test_weight_count_rejects_bad_sizes(sizes, shown):
-    with clear_error("layer_sizes", shown):
+    with clear_error("layer_sizes", shown) as e:
         bn.distill.weight_count(sizes)
+    assert "at least 2" in str(e.value)
+    assert bn.distill.weight_count([3, 4, 2]) == 3 * 4 + 4 * 2  # the valid call: kernel weights
 
 
 @settings(max_examples=15, deadline=None)
