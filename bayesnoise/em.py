@@ -336,12 +336,11 @@ def mackay_update(
     sigma0 = jnp.asarray(hierarchy.sigma0)
 
     def one(m2, g):
-        if hyperprior is None:
-            s = m2 / (sigma0**2 * jnp.where(g > 0, g, 1.0))
+        if hyperprior is None:  # γ = 0: no weight determined, the scale goes to the floor
+            s = jnp.where(g > 0, m2 / (sigma0**2 * jnp.where(g > 0, g, 1.0)), 0.0)
         else:
             s = (m2 / (2 * sigma0**2) + hyperprior.b) / (g / 2 + hyperprior.a + 1)
-        lam = jnp.sqrt(jnp.where(g > 0, s, 0.0) if hyperprior is None else s)
-        return jnp.maximum(lam, min_scale)
+        return jnp.maximum(jnp.sqrt(s), min_scale)
 
     return jax.tree.map(one, squares, gamma)
 
@@ -372,13 +371,11 @@ def _map_run(
 
     n = arrays[0].shape[0]
 
+    log_prior = _log_prior(hierarchy, extra_log_prior)
+
     def objective(v, batch):
         ll = jnp.sum(log_likelihood(v, *batch)) * (n / batch_size)
-        if extra_log_prior is None:
-            prior = gsm.full_log_prior(v, hierarchy)
-        else:
-            prior = gsm.log_prior(v, hierarchy) + extra_log_prior(v)
-        return -(ll + prior) / n
+        return -(ll + log_prior(v)) / n
 
     opt = optax.adam(optax.cosine_decay_schedule(1.0, steps))
 
@@ -389,13 +386,12 @@ def _map_run(
         else:
             idx = jax.random.choice(k, n, (batch_size,), replace=False)
             batch = tuple(a[idx] for a in arrays)
-        loss, g = jax.value_and_grad(objective)(p, batch)
-        u, s = opt.update(g, s, p)
+        u, s = opt.update(jax.grad(objective)(p, batch), s, p)
         u = jax.tree.map(lambda x: learning_rate * x, u)
-        return (optax.apply_updates(p, u), s), loss
+        return (optax.apply_updates(p, u), s), None
 
-    (p, _), losses = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
-    return p, losses
+    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
+    return p
 
 
 def map_estimate(
@@ -446,7 +442,7 @@ def map_estimate(
     _check.number("batch_size", batch_size, lo=1, integer=True)
     batch_size = min(int(batch_size), n)
 
-    out, _ = _map_run(
+    out = _map_run(
         params,
         hierarchy,
         arrays,
@@ -592,18 +588,16 @@ def e_step(
 
     _check_hierarchy(hierarchy)
     _check_callable("extra_log_prior", extra_log_prior, "a callable v -> scalar", optional=True)
-
-    if extra_log_prior is None:
-
-        def log_prior(v):
-            return gsm.full_log_prior(v, hierarchy)
-
-    else:
-
-        def log_prior(v):
-            return gsm.log_prior(v, hierarchy) + extra_log_prior(v)
-
+    log_prior = _log_prior(hierarchy, extra_log_prior)
     return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
+
+
+def _log_prior(hierarchy: gsm.Hierarchy, extra_log_prior: Callable | None) -> Callable:
+    """The prior the E-step samples and the mode maximises: ``full_log_prior``, or the GSM part
+    plus ``extra_log_prior`` in place of the biases' N(0, σ0²)."""
+    if extra_log_prior is None:
+        return functools.partial(gsm.full_log_prior, hierarchy=hierarchy)
+    return lambda v: gsm.log_prior(v, hierarchy) + extra_log_prior(v)
 
 
 class FitResult(NamedTuple):
@@ -613,6 +607,7 @@ class FitResult(NamedTuple):
     history: dict  # one entry per E-step in every list; see :func:`fit`
     result: Any = None  # the final E-step's bayesnoise.sampling.SamplingResult
     mode: PyTree = None  # method="laplace": the MAP under the learned scales
+    laplace: Any = None  # method="laplace": the LaplacePosterior there (T = 1)
     pruned: PyTree = None  # per noised row: True where the learned scale is at min_scale
 
 
@@ -827,8 +822,8 @@ def _fit_laplace(
             h = h.replace(scales=new)
     pruned = pruned_rows(h.scales, min_scale)
     if final_sampling:
-        return FitResult(h, res.moments, res.params, history, res, theta, pruned)
-    return FitResult(h, lap.moments, theta, history, None, theta, pruned)
+        return FitResult(h, res.moments, res.params, history, res, theta, lap, pruned)
+    return FitResult(h, lap.moments, theta, history, None, theta, lap, pruned)
 
 
 def _fit_sgld(
@@ -858,7 +853,7 @@ def _fit_sgld(
         _keep(history, record, callback)
         if it < iterations:
             h = h.replace(scales=new)
-    return FitResult(h, res.moments, state, history, res, None, pruned_rows(h.scales, min_scale))
+    return FitResult(h, res.moments, state, history, res, pruned=pruned_rows(h.scales, min_scale))
 
 
 # --------------------------------------------------------------- exact E-step: linear models

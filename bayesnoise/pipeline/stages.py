@@ -365,6 +365,7 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         (task.x_train, task.y_train),
         temperature=max(sc.temperature, 1e-8),
         key=jax.random.fold_in(key, 1000),
+        ggn=None if fitted.laplace is None else fitted.laplace.ggn,  # EM's, at the same mode
     )
     return {
         "laplace_mean": centre,
