@@ -47,6 +47,7 @@ import numpy as np
 __all__ = [
     "Dataset",
     "load",
+    "validation_split",
     "load_mnist",
     "load_digits",
     "load_breast_cancer",
@@ -728,3 +729,66 @@ def load(name: str, **kwargs: Any) -> Dataset:
             f"allowed: {', '.join(allowed) or 'none'}."
         )
     return LOADERS[name](**kwargs)
+
+
+def validation_split(ds: Dataset, fraction: float | None = None, *, seed: int = 0) -> Dataset:
+    """``ds`` with a validation split, for choices (breakpoints, thresholds) made off the test set.
+
+    ``fraction=None`` keeps the data set's own validation split (MNIST's 10,000 images) and holds
+    out 10% of the training examples where it has none. A number f holds out round(f · n) of the
+    n training examples, drawn at random with ``seed``, in every case (a data set's own
+    validation examples are then not used). The held-out examples leave the training set; a
+    regression target keeps the training set's standardisation (``y_mean``, ``y_std``).
+
+    Args:
+        ds: a :class:`Dataset`.
+        fraction: the share of training examples to hold out, in (0, 1), or None.
+        seed: of the random choice of held-out examples.
+
+    Returns:
+        A :class:`Dataset` with ``x_valid`` and ``y_valid`` set.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1), or one that leaves no validation or no training
+            example (the message gives the counts).
+        TypeError: ``ds`` is not a :class:`Dataset`, or ``fraction`` not a number.
+
+    Example:
+        >>> ds = validation_split(load("digits"), 0.1)
+        >>> ds.x_train.shape[0], ds.x_valid.shape[0]
+        (1131, 126)
+    """
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"ds must be a bn.data.Dataset, got {type(ds).__name__}.")
+    if fraction is None:
+        if ds.x_valid is not None:
+            return ds
+        fraction = 0.1
+    if isinstance(fraction, bool) or not isinstance(
+        fraction, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            f"fraction must be a number in (0, 1) or None, got {type(fraction).__name__} "
+            f"{fraction!r}."
+        )
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(
+            f"fraction must lie in (0, 1) (the share of training examples held out for "
+            f"validation), got {fraction!r}."
+        )
+    n = int(ds.x_train.shape[0])
+    held = int(round(float(fraction) * n))
+    if held < 1 or held > n - 1:
+        what = "no validation example" if held < 1 else "no training example"
+        raise ValueError(
+            f"fraction={fraction!r} of {n} training examples leaves {what} (it would hold out "
+            f"{held}); allowed: a fraction that holds out between 1 and {n - 1} examples."
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    valid, keep = np.sort(order[:held]), np.sort(order[held:])
+    return ds._replace(
+        x_train=ds.x_train[keep],
+        y_train=ds.y_train[keep],
+        x_valid=ds.x_train[valid],
+        y_valid=ds.y_train[valid],
+    )

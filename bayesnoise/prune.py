@@ -65,6 +65,8 @@ __all__ = [
     "breakpoint_fraction",
     "breakpoint",
     "masked_updates",
+    "IterativeResult",
+    "iterative",
     "to_sparse",
     "from_sparse",
     "sparse_dense",
@@ -822,6 +824,98 @@ def masked_updates(mask: PyTree) -> optax.GradientTransformation:
 
 # ---------------------------------------------------------------------------------------------
 # Sparse export
+
+
+class IterativeResult(NamedTuple):
+    """The rounds of :func:`iterative`, one entry per fraction."""
+
+    fractions: tuple[float, ...]  # the share removed after each round, ascending
+    params: list  # the retrained network of every round (pruned weights exactly zero)
+    masks: list  # its keep-mask (each round's kept weights a subset of the round before's)
+    history: list[dict]  # eval_fn of every round's retrained network ({} without one)
+
+
+def iterative(
+    key: jax.Array,
+    params: PyTree,
+    score_fn: Callable[[PyTree], PyTree],
+    fractions: Any,
+    retrain: Callable[[jax.Array, PyTree, PyTree], PyTree],
+    *,
+    scope: str = "global",
+    where: Where = None,
+    include_biases: bool = False,
+    eval_fn: Callable[[PyTree], dict] | None = None,
+) -> IterativeResult:
+    """Iterative pruning with retraining (Han et al., 2015): prune, retrain, prune further, ...
+
+    Round i scores the current network, ``score_fn(params_i)``, removes the lowest-scoring
+    weights until the share ``fractions[i]`` of the prunable weights is gone (weights removed in
+    an earlier round stay removed: their score counts as −inf), and retrains the kept weights
+    with ``retrain(key_i, pruned, mask)``, which must keep the removed weights at zero (e.g.
+    ``optax.chain(opt, masked_updates(mask))`` from :func:`apply`'s output). Each round so starts
+    from the weights the last one retrained, and a weight that became small in retraining is
+    removed next. Scores of a posterior (:func:`snr`, :func:`spr`) read the retrained weights
+    as μ with the σ given, e.g. ``lambda p: snr(p, std)``.
+
+    Args:
+        key: PRNG key; round i gets ``jax.random.fold_in(key, i)``.
+        params: the trained network.
+        score_fn: params -> a score tree (:func:`magnitude`, or a closure over σ).
+        fractions: strictly increasing shares in (0, 1], the share removed after each round.
+        retrain: ``(key, params, mask) -> params``, the retraining of the kept weights.
+        scope, where, include_biases: as in :func:`mask`.
+        eval_fn: params -> a dict of figures recorded after each round (e.g. validation and
+            test error).
+
+    Returns:
+        An :class:`IterativeResult`.
+
+    Raises:
+        ValueError: ``fractions`` empty, not strictly increasing or outside (0, 1]; and as
+            :func:`mask`.
+        TypeError: ``score_fn``, ``retrain`` or ``eval_fn`` is not callable; ``key`` is not a
+            PRNG key.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, bayesnoise as bn
+        >>> w = {"kernel": jnp.arange(1.0, 9.0).reshape(2, 4)}
+        >>> res = bn.prune.iterative(jax.random.key(0), w, bn.prune.magnitude, [0.5, 0.75],
+        ...                          lambda k, p, m: p)
+        >>> res.params[-1]["kernel"]
+        Array([[0., 0., 0., 0.],
+               [0., 0., 7., 8.]], dtype=float32)
+
+    References:
+        Han, S., Pool, J., Tran, J. & Dally, W. (2015). Learning both weights and connections
+        for efficient neural networks. NeurIPS.
+    """
+    _check.key("key", key)
+    _check.function("score_fn", score_fn, "params -> scores (a tree like params)")
+    _check.function("retrain", retrain, "(key, params, mask) -> params")
+    if eval_fn is not None:
+        _check.function("eval_fn", eval_fn, "params -> a dict of figures")
+    f = np.asarray(fractions, np.float64).ravel() if _is_real(fractions) else None
+    if f is None or f.size == 0 or not np.all((f > 0) & (f <= 1)) or np.any(np.diff(f) <= 0):
+        raise ValueError(
+            f"fractions must be a non-empty, strictly increasing list of shares in (0, 1], got "
+            f"{fractions!r}."
+        )
+    _check_scope(scope)
+    out = IterativeResult(tuple(float(x) for x in f), [], [], [])
+    current, keep = params, None
+    for i, fraction in enumerate(out.fractions):
+        scores = score_fn(current)
+        if keep is not None:  # removed weights stay removed
+            scores = jax.tree.map(
+                lambda s, k: jnp.where(k, s, -jnp.inf), scores, keep, is_leaf=_is_none
+            )
+        keep = mask(scores, fraction, scope, where=where, include_biases=include_biases)
+        current = retrain(jax.random.fold_in(key, i), apply(current, keep), keep)
+        out.params.append(current)
+        out.masks.append(keep)
+        out.history.append({} if eval_fn is None else dict(eval_fn(current)))
+    return out
 
 
 def to_sparse(

@@ -282,3 +282,44 @@ def test_mnist_missing_file_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("BAYESNOISE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="not in the cache"):
         data.load_mnist(download=False)
+
+
+def test_validation_split_holds_out_a_seeded_share_of_the_training_examples():
+    ds = data.load("digits")
+    split = data.validation_split(ds, 0.2, seed=3)
+    n = len(ds.x_train)
+    assert len(split.x_valid) == round(0.2 * n) and len(split.x_train) == n - round(0.2 * n)
+    # every training example lands in exactly one of the two parts, with its own label
+    rows = {tuple(x) + (int(y),) for x, y in zip(ds.x_train, ds.y_train)}
+    train = [tuple(x) + (int(y),) for x, y in zip(split.x_train, split.y_train)]
+    valid = [tuple(x) + (int(y),) for x, y in zip(split.x_valid, split.y_valid)]
+    assert sorted(train + valid) == sorted(
+        tuple(x) + (int(y),) for x, y in zip(ds.x_train, ds.y_train)
+    )
+    assert set(train) | set(valid) == rows
+    np.testing.assert_array_equal(split.x_test, ds.x_test)  # the test set is untouched
+    again = data.validation_split(ds, 0.2, seed=3)
+    np.testing.assert_array_equal(again.x_valid, split.x_valid)
+    other = data.validation_split(ds, 0.2, seed=4)
+    assert not np.array_equal(other.x_valid, split.x_valid)
+    # None: 10% where the data set has no validation split, its own split where it has one
+    assert len(data.validation_split(ds).x_valid) == round(0.1 * n)
+    own = ds._replace(x_valid=ds.x_test[:5], y_valid=ds.y_test[:5])
+    assert data.validation_split(own) is own
+
+
+def test_validation_split_rejects_fractions_that_leave_nothing():
+    ds = data.load("digits")
+    n = len(ds.x_train)
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\)") as e:
+            data.validation_split(ds, bad)
+        assert repr(bad) in str(e.value)
+    with pytest.raises(ValueError, match="leaves no training example") as e:
+        data.validation_split(ds, 1 - 0.1 / n)
+    assert f"between 1 and {n - 1}" in str(e.value)
+    with pytest.raises(ValueError, match="leaves no validation example"):
+        data.validation_split(ds, 0.1 / n)
+    with pytest.raises(TypeError, match="fraction must be a number"):
+        data.validation_split(ds, "0.1")
+    assert len(data.validation_split(ds, 1.5 / n).x_valid) == 2  # the smallest and largest allowed

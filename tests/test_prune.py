@@ -535,3 +535,74 @@ def test_learned_noise_scores_bad_inputs():
     _, params = _learned_params("row")
     with pytest.raises(ValueError, match="threshold must be a number"):
         prune.log_alpha_threshold(params, float("nan"))
+
+
+def test_iterative_pruning_matches_one_shot_magnitude_when_retraining_changes_nothing():
+    w = {
+        "a": {"kernel": jax.random.normal(jax.random.key(0), (6, 5))},
+        "b": {"kernel": jax.random.normal(jax.random.key(1), (5, 4)), "bias": jnp.ones(4)},
+    }
+    fractions = [0.3, 0.6, 0.9]
+    seen = []
+
+    def retrain(key, params, mask):
+        seen.append((params, mask))
+        return params
+
+    res = prune.iterative(jax.random.key(2), w, prune.magnitude, fractions, retrain)
+    flat = np.abs(np.concatenate([np.ravel(w["a"]["kernel"]), np.ravel(w["b"]["kernel"])]))
+    order = np.argsort(flat, kind="stable")
+    for i, f in enumerate(fractions):
+        kept = np.concatenate(
+            [np.ravel(res.masks[i]["a"]["kernel"]), np.ravel(res.masks[i]["b"]["kernel"])]
+        )
+        expected = np.zeros(flat.size, bool)
+        expected[order[flat.size - round((1 - f) * flat.size) :]] = True
+        np.testing.assert_array_equal(kept, expected)
+        # retrain got the pruned network: removed weights exactly zero, biases whole
+        params, mask = seen[i]
+        assert np.all(np.asarray(params["a"]["kernel"])[~np.asarray(mask["a"]["kernel"])] == 0)
+        np.testing.assert_array_equal(params["b"]["bias"], w["b"]["bias"])
+    assert res.fractions == (0.3, 0.6, 0.9) and res.history == [{}, {}, {}]
+
+
+def test_iterative_pruning_keeps_removed_weights_removed_and_rescores_the_retrained_net():
+    w = {"kernel": jnp.arange(1.0, 13.0).reshape(3, 4)}
+    std = {"kernel": jnp.full((3, 4), 100.0)}  # SPR of a zeroed weight is still 100
+
+    def retrain(key, params, mask):  # retraining shrinks the largest kept weight to 0.5
+        k = params["kernel"]
+        return {"kernel": jnp.where(k == k.max(), 0.5, k)}
+
+    res = prune.iterative(
+        jax.random.key(0),
+        w,
+        lambda p: prune.spr(p, std),
+        [0.25, 0.5],
+        retrain,
+        eval_fn=lambda p: {"sum": float(jnp.sum(p["kernel"]))},
+    )
+    m1, m2 = (np.asarray(m["kernel"]) for m in res.masks)
+    assert m1.sum() == 9 and m2.sum() == 6
+    assert not np.any(m2 & ~m1)  # nested: nothing removed comes back
+    # round 1 removes 1, 2, 3; the retrained 12 -> 0.5 is now the smallest kept and goes next
+    assert not m1.ravel()[:3].any() and m1.ravel()[11]
+    assert not m2.ravel()[11] and m2.ravel()[5:11].sum() == 6
+    assert res.history[0]["sum"] == pytest.approx(float(np.sum(np.arange(4.0, 12.0))) + 0.5)
+    kernel = np.asarray(res.params[-1]["kernel"])
+    assert np.all(kernel[~m2] == 0)
+
+
+def test_iterative_pruning_rejects_bad_schedules():
+    w = {"kernel": jnp.ones((2, 2))}
+    same = lambda k, p, m: p
+    for bad in ([], [0.0, 0.5], [0.5, 0.5], [0.7, 0.5], [0.5, 1.2], "0.5"):
+        with pytest.raises(ValueError, match="strictly increasing list of shares in") as e:
+            prune.iterative(jax.random.key(0), w, prune.magnitude, bad, same)
+        assert repr(bad) in str(e.value)
+    with pytest.raises(TypeError, match=r"retrain must be a callable \(key, params, mask\)"):
+        prune.iterative(jax.random.key(0), w, prune.magnitude, [0.5], None)
+    with pytest.raises(TypeError, match="score_fn must be a callable"):
+        prune.iterative(jax.random.key(0), w, "magnitude", [0.5], same)
+    ok = prune.iterative(jax.random.key(0), w, prune.magnitude, [0.5, 1.0], same)
+    assert int(np.sum(ok.masks[-1]["kernel"])) == 0

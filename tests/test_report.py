@@ -16,6 +16,7 @@ def _results(em):
         "trained_metric": 0.021,
         "curves": {"snr": curve, "spr": curve},
         "breakpoints": {"snr": 0.5, "spr": 0.5},
+        "breakpoint_metrics": {"snr": 0.025, "spr": 0.031},
         "em": em,
         "sgld": {"converged": False, "rhat_max": 3.0, "ess_min": 4.0},
     }
@@ -57,6 +58,10 @@ def test_plots_are_written_and_listed_with_or_without_em(tmp_path, em):
 def test_table_names_every_rule_and_the_sampler_state():
     text = report.table(_results([]))
     assert "snr" in text and "spr" in text and "NOT converged" in text and "2.00%" in text
+    assert "3.10%" in text  # the test error at the breakpoint chosen on validation
+    chosen = {"fraction": 0.9, "metric": 0.0234}
+    text = report.table({**_results([]), "iterative_breakpoints": {"snr": chosen}})
+    assert "iterative" in text and "snr 90.0% at 2.34%" in text
 
 
 def test_em_scales_of_28x28_inputs_are_drawn_as_an_image(tmp_path):

@@ -12,10 +12,33 @@ def test_run_writes_the_report(tmp_path, capsys):
     import matplotlib
 
     backend = matplotlib.get_backend()
+    import bayesnoise as bn
+
     out = tmp_path / "digits"
-    assert run_cli(out) == 0
+    iterative = ["prune.iterative.enabled=true", "prune.iterative.fractions=[0.5,0.8]"]
+    assert run_cli(out, *iterative, "prune.iterative.epochs=1") == 0
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "digits" and res["metric"] == "error"
+    # choices on the validation split (10% of digits' 1,257 training images), metrics on test
+    assert res["validation"] == {"examples": 126, "fraction": None}
+    for rule, pts in res["curves"].items():
+        valid = np.asarray(res["valid_curves"][rule])
+        chosen = bn.prune.breakpoint_fraction(valid[:, 0], valid[:, 1], res["unpruned_valid"], 0.01)
+        assert res["breakpoints"][rule] == pytest.approx(chosen)
+        test = np.asarray(pts)
+        at = np.flatnonzero(np.isclose(test[:, 0], chosen))
+        assert res["breakpoint_metrics"][rule] == pytest.approx(test[at[0], 1])
+    for stage in ("finetuned", "iterative"):  # retrained: the same choice, per rule
+        for rule, pts in res[stage].items():
+            test, valid = np.asarray(pts), np.asarray(res[f"{stage}_valid"][rule])
+            chosen = bn.prune.breakpoint_fraction(
+                valid[:, 0], valid[:, 1], res["unpruned_valid"], 0.01
+            )
+            picked = res[f"{stage}_breakpoints"][rule]
+            assert picked["fraction"] == pytest.approx(chosen)
+            at = np.flatnonzero(np.isclose(test[:, 0], chosen))
+            assert picked["metric"] == pytest.approx(test[at[0], 1] if at.size else res["unpruned"])
+    assert [f for f, _ in res["iterative"]["magnitude"]] == [0.5, 0.8]
     assert set(res["curves"]) == {"snr", "spr", "magnitude"}
     for rule, pts in res["curves"].items():
         pts = np.asarray(pts)
@@ -51,7 +74,7 @@ def test_run_writes_the_report(tmp_path, capsys):
                 assert v <= one_shot + 0.02
                 checked += 1
     assert checked >= 2
-    assert {"train", "sgld", "prune", "soft_target"} <= set(res["timings"])
+    assert {"train", "sgld", "prune", "iterative", "soft_target"} <= set(res["timings"])
     assert res["config"]["train"]["epochs"] == 3
     for name in ("pruning_curves.png", "mean_vs_std.png", "em_scales.png", "config.yaml"):
         assert (out / name).stat().st_size > 0

@@ -32,6 +32,7 @@ _DEPENDS = {
     "prune": (*_POSTERIOR, *_MASKS, "eval"),
     "soft_target": (*_POSTERIOR, *_GRID, "prune.soft_target", "prune.moments"),
     "finetune": (*_POSTERIOR, *_MASKS, "prune.finetune_epochs", "prune.finetune_learning_rate"),
+    "iterative": (*_POSTERIOR, *_MASKS, "prune.iterative"),
 }
 
 

@@ -107,6 +107,7 @@ DataName = Literal["digits", "breast_cancer", "diabetes", "mnist", "imdb", "msd"
 PruneRule = Literal["snr", "spr", "magnitude"]
 _distinct = lambda t: bool(t) and len(set(t)) == len(t)
 _increasing = lambda t: bool(t) and 0 <= t[0] and t[-1] <= 1 and list(t) == sorted(set(t))
+_removing = lambda t: _increasing(t) and t[0] > 0
 _NAME = "a non-empty string of letters, digits, _, . and -, or null"
 
 
@@ -364,6 +365,9 @@ class DataConfig(_Section):
     name: DataName = "digits"
     path: str | None = None  # for mnist, imdb, msd (null: their environment variable, the cache)
     options: dict[str, Any] = {}  # further loader keywords: test_fraction, seed, num_words, ...
+    # the share of training examples held out to choose breakpoints and fractions on (null:
+    # the data set's own validation split, MNIST's 10,000 images, else 0.1)
+    validation_fraction: _Float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _loader_takes(self):
@@ -385,9 +389,12 @@ class DataConfig(_Section):
         return bdata.TASKS[self.name]
 
     def load(self) -> bdata.Dataset:
-        """Loads the data set: ``bayesnoise.data.load(name, path=path, **options)``."""
+        """Loads the data set, ``bayesnoise.data.load(name, path=path, **options)``, with its
+        validation split (:func:`bayesnoise.data.validation_split`, seeded by ``options.seed``)."""
         path = {} if self.path is None else {"path": self.path}
-        return bdata.load(self.name, **self.options, **path)
+        ds = bdata.load(self.name, **self.options, **path)
+        seed = int(self.options.get("seed", 0))
+        return bdata.validation_split(ds, self.validation_fraction, seed=seed)
 
 
 class ModelConfig(_Section):
@@ -543,6 +550,21 @@ class SoftTargetConfig(_Section):
     epochs: int | None = Field(None, ge=1)  # null: train.epochs
 
 
+class IterativeConfig(_Section):
+    """Iterative pruning with retraining (Han et al., 2015; :func:`bayesnoise.prune.iterative`):
+    at each of ``fractions`` in turn, the rule removes weights of the network the round before
+    retrained (SNR and SPR read its weights as μ, with the posterior's σ) and the kept weights
+    are retrained for ``epochs``; the fraction is chosen on the validation split."""
+
+    enabled: bool = False
+    fractions: Annotated[tuple[_Float, ...], _AsTuple, _check(_removing)] = Field(
+        (0.5, 0.75, 0.875, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99),
+        description="a non-empty, strictly increasing list of numbers in (0, 1]",
+    )
+    epochs: int = Field(3, ge=1)  # retraining per round
+    learning_rate: _Float | None = Field(None, gt=0)  # null: train.learning_rate
+
+
 class PruneConfig(_Section):
     """Pruning by posterior scores (:mod:`bayesnoise.prune`) at the explicit ``fractions`` or at
     i / n, i < n = ``num_fractions`` (one of them, the other null; neither: n = 50).
@@ -566,6 +588,7 @@ class PruneConfig(_Section):
     soft_target: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
     finetune_epochs: int = Field(0, ge=0)  # retrain the kept weights at 50, 75, 90, 95% pruned
     finetune_learning_rate: _Float | None = Field(None, gt=0)  # null: train.learning_rate
+    iterative: IterativeConfig = Field(default_factory=IterativeConfig)
     moments: Literal["laplace", "sgld"] = "laplace"
 
     @model_validator(mode="after")

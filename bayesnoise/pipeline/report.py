@@ -54,7 +54,7 @@ def plots(out: Path, task: Any, results: dict, post, ref, *, learned: Any = None
         ax.plot(
             100 * pts[:, 0],
             scale * pts[:, 1],
-            label=f"{name} (flat to {100 * bp:.0f}%)",
+            label=f"{name} (flat to {100 * bp:.0f}% on validation)",
             color=color,
         )
         per_chain = results.get("per_chain", {}).get("curves", {}).get(rule)
@@ -67,6 +67,12 @@ def plots(out: Path, task: Any, results: dict, post, ref, *, learned: Any = None
         pts = np.asarray(pts, np.float64)
         name, color = styles[rule]
         ax.plot(100 * pts[:, 0], scale * pts[:, 1], "o:", color=color, label=f"{name}, fine-tuned")
+    for rule, pts in results.get("iterative", {}).items():
+        pts = np.asarray(pts, np.float64)
+        name, color = styles[rule]
+        ax.plot(
+            100 * pts[:, 0], scale * pts[:, 1], "s--", ms=3, color=color, label=f"{name}, iterative"
+        )
     if results.get("soft_target"):
         st = np.asarray([p[:2] for p in results["soft_target"]], np.float64)
         ax.plot(100 * st[:, 0], scale * st[:, 1], "ks--", label="soft targets (retrained)")
@@ -202,7 +208,9 @@ def table(results: dict) -> str:
     lines = [
         f"{results['dataset']}: unpruned {m} {fmt(results['unpruned'])} "
         f"(trained net {fmt(results['trained_metric'])})",
-        f"{'rule':<10} {'breakpoint':>10} "
+        "breakpoint: the largest fraction within tolerance on the validation split; test: "
+        "the test metric there",
+        f"{'rule':<10} {'breakpoint':>10} {'test':>7} "
         + " ".join(f"{int(100 * f):>6}%" for f in (0.5, 0.75, 0.9, 0.95)),
     ]
     for rule, pts in results["curves"].items():
@@ -212,9 +220,23 @@ def table(results: dict) -> str:
         spread = f"   chains {100 * min(chains):.0f}-{100 * max(chains):.0f}%" if chains else ""
         lines.append(
             f"{rule:<10} {100 * results['breakpoints'][rule]:>9.0f}% "
+            f"{fmt(results['breakpoint_metrics'][rule]):>7} "
             + " ".join(f"{a:>7}" for a in at)
             + spread
         )
+    for what, key in (
+        ("fine-tuned", "finetuned_breakpoints"),
+        ("iterative", "iterative_breakpoints"),
+    ):
+        chosen = results.get(key) or {}
+        if chosen:
+            lines.append(
+                f"{what} (largest fraction within tolerance on validation, test {m} there): "
+                + ", ".join(
+                    f"{rule} {100 * c['fraction']:.1f}% at {fmt(c['metric'])}"
+                    for rule, c in chosen.items()
+                )
+            )
     sg = results.get("sgld", {})
     if sg:
         line = (

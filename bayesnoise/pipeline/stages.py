@@ -14,10 +14,13 @@ stage depends on is ignored and the stage runs again):
 4. ``sgld_reference``: SGLD moments of the noise-free network.
 5. ``prune``: test metric against the fraction of weights removed, for every rule, from the
    posterior mean, in one vmapped evaluation per rule; breakpoints at the tolerance. With a
-   learned noise also the ``log_alpha`` rule (−log α) on the mean network.
+   learned noise also the ``log_alpha`` rule (−log α) on the mean network. Every choice of a
+   fraction is read on the validation split (``data.validation_fraction``) and its metric on
+   the test set.
 6. ``finetune``: at a few fractions, the pruned network retrained with its mask held fixed.
-7. ``soft_target``: students of equal weight count trained on the teacher's softened outputs.
-8. the report: ``results.json``, ``config.yaml`` (the config as run), PNG plots, a table.
+7. ``iterative``: prune, retrain, prune further (Han et al., 2015), with ``prune.iterative``.
+8. ``soft_target``: students of equal weight count trained on the teacher's softened outputs.
+9. the report: ``results.json``, ``config.yaml`` (the config as run), PNG plots, a table.
 """
 
 from __future__ import annotations
@@ -57,7 +60,16 @@ __all__ = ["run", "STAGES"]
 
 _log = logging.getLogger("bayesnoise")
 
-STAGES = ("train", "reference", "sgld", "sgld_reference", "prune", "finetune", "soft_target")
+STAGES = (
+    "train",
+    "reference",
+    "sgld",
+    "sgld_reference",
+    "prune",
+    "finetune",
+    "iterative",
+    "soft_target",
+)
 
 
 # ------------------------------------------------------------------------------ the model
@@ -77,6 +89,8 @@ class _Task:
             jnp.asarray(to_dense(ds.x_test)),
         )
         self.y_train, self.y_test = jnp.asarray(ds.y_train), jnp.asarray(ds.y_test)
+        # breakpoints and fractions are chosen on the validation split, reported on the test set
+        self.x_valid, self.y_valid = jnp.asarray(to_dense(ds.x_valid)), jnp.asarray(ds.y_valid)
         out_dim = ds.num_classes if self.classification else 1
         self.sizes = (int(self.x_train.shape[1]), *cfg.model.hidden_sizes, out_dim)
         dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
@@ -102,10 +116,17 @@ class _Task:
 
     def metric(self, params) -> jax.Array:
         """Test error, or test RMSE in the target's original units."""
-        out = self.model.apply(params, self.x_test)
+        return self._metric(params, self.x_test, self.y_test)
+
+    def valid_metric(self, params) -> jax.Array:
+        """:meth:`metric` on the validation split."""
+        return self._metric(params, self.x_valid, self.y_valid)
+
+    def _metric(self, params, x, y) -> jax.Array:
+        out = self.model.apply(params, x)
         if self.classification:
-            return jnp.mean(jnp.argmax(out, -1) != self.y_test)
-        return jnp.sqrt(jnp.mean((out[:, 0] - self.y_test) ** 2)) * self.y_std
+            return jnp.mean(jnp.argmax(out, -1) != y)
+        return jnp.sqrt(jnp.mean((out[:, 0] - y) ** 2)) * self.y_std
 
     def loss(self, apply):
         """The training loss of ``apply(params, x, key)``: cross-entropy or squared error."""
@@ -128,6 +149,8 @@ def _load_data(cfg: bconfig.Config):
         return cfg.data.load()
     except (OSError, bdata.DataError) as e:
         raise RunError(f"cannot load the data set {cfg.data.name}: {e}") from e
+    except ValueError as e:  # a validation split that leaves no training or validation data
+        raise UsageError(f"data.validation_fraction: {e}") from e
 
 
 def _optimizer(tc: bconfig.TrainConfig, steps: int) -> optax.GradientTransformation:
@@ -391,39 +414,70 @@ _RULES = {
 }
 
 
-def _rule_curves(task: _Task, mean, std, fractions, unpruned, batched: bool = False):
-    """Every rule's curve and breakpoint; with ``batched``, one row per chain (leading axis)."""
-    curves, breakpoints = {}, {}
+def _rule_curves(task: _Task, mean, std, fractions, batched: bool = False):
+    """Every rule's curves (:func:`_curve`); with ``batched``, one row per chain (leading axis)."""
+    out = {}
     for rule in task.cfg.prune.rules:
         score = jax.vmap(_RULES[rule]) if batched else _RULES[rule]
-        curves[rule], breakpoints[rule] = _curve(
-            task, mean, score(mean, std), fractions, unpruned, batched
+        out[rule] = _curve(task, mean, score(mean, std), fractions, batched)
+    return out
+
+
+def _at_breakpoint(fractions, metric, unpruned, found: float) -> float:
+    """The metric at the fraction ``found`` of the grid (the unpruned metric at 0 off it)."""
+    hit = np.flatnonzero(np.isclose(np.asarray(fractions, np.float64), found, rtol=0, atol=1e-9))
+    return float(metric[hit[0]]) if hit.size else float(unpruned)
+
+
+def _selected(task: _Task, fractions, valid, unpruned_valid, test, unpruned_test) -> tuple:
+    """The breakpoint read on the validation curve, and the test metric there."""
+    ec = task.cfg.eval
+    found = float(
+        prune.breakpoint_fraction(
+            fractions, valid, unpruned_valid, ec.tolerance, task.cfg.relative_tolerance
         )
-    return curves, breakpoints
-
-
-def _curve(task: _Task, params, scores, fractions, unpruned, batched: bool = False):
-    """One rule's curve, ``[[fraction, metric], ...]``, and its breakpoint; with ``batched``,
-    a row of metrics and a breakpoint per chain."""
-    pc, ec = task.cfg.prune, task.cfg.eval
-    values = prune.curve(
-        task.metric,
-        params,
-        scores,
-        fractions,
-        pc.scope,
-        include_biases=pc.include_biases,
-        batched=batched,
     )
-    values = np.asarray(values, np.float64)
-    rows = zip(np.atleast_2d(values), np.atleast_1d(unpruned))
+    return found, _at_breakpoint(fractions, test, unpruned_test, found)
+
+
+def _curve(task: _Task, params, scores, fractions, batched: bool = False) -> dict:
+    """One rule's curves on the test and the validation split, ``[[fraction, metric], ...]``,
+    the breakpoint chosen on the validation curve and the test metric there; with ``batched``,
+    a row of metrics, a breakpoint and a test metric per chain."""
+    pc = task.cfg.prune
+    kw = dict(scope=pc.scope, include_biases=pc.include_biases, batched=batched)
+    each = jax.vmap if batched else (lambda f: f)
+    curves = {}
+    for split, metric in (("test", task.metric), ("valid", task.valid_metric)):
+        values = np.asarray(prune.curve(metric, params, scores, fractions, **kw), np.float64)
+        unpruned = np.asarray(each(metric)(params), np.float64)
+        curves[split] = (np.atleast_2d(values), np.atleast_1d(unpruned))
+    (test, test0), (valid, valid0) = curves["test"], curves["valid"]
     found = [
-        float(prune.breakpoint_fraction(fractions, v, u, ec.tolerance, task.cfg.relative_tolerance))
-        for v, u in rows
+        _selected(task, fractions, v, v0, t, t0) for v, v0, t, t0 in zip(valid, valid0, test, test0)
     ]
     if batched:
-        return values.tolist(), found
-    return [[float(f), float(v)] for f, v in zip(fractions, values)], found[0]
+        return {
+            "curve": test.tolist(),
+            "valid_curve": valid.tolist(),
+            "breakpoint": [f for f, _ in found],
+            "breakpoint_metric": [m for _, m in found],
+        }
+    pairs = lambda row: [[float(f), float(v)] for f, v in zip(fractions, row)]
+    return {
+        "curve": pairs(test[0]),
+        "valid_curve": pairs(valid[0]),
+        "breakpoint": found[0][0],
+        "breakpoint_metric": found[0][1],
+    }
+
+
+def _gather(curves: dict) -> dict:
+    """``{rule: _curve(...)}`` as ``{"curves": {rule: ...}, "valid_curves": ..., ...}``."""
+    keys = (("curves", "curve"), ("valid_curves", "valid_curve"), ("breakpoints", "breakpoint"))
+    out = {name: {r: c[k] for r, c in curves.items()} for name, k in keys}
+    out["breakpoint_metrics"] = {r: c["breakpoint_metric"] for r, c in curves.items()}
+    return out
 
 
 def _pruning_moments(task: _Task, post) -> tuple[Any, Any]:
@@ -437,64 +491,129 @@ def _pruning_moments(task: _Task, post) -> tuple[Any, Any]:
 def _prune(task: _Task, post, variables=None):
     """The rules' curves from the pruning moments; given a learned noise's ``variables``, also
     the ``log_alpha`` rule's, on its mean network (``task.metric`` ignores the noise leaves, and
-    the scores are None there and at the biases, which it keeps whole)."""
+    the scores are None there and at the biases, which it keeps whole). Breakpoints are read on
+    the validation split, and the test metric is reported there."""
     fractions = np.asarray(task.cfg.prune.fraction_grid(), np.float32)
     mean, std = _pruning_moments(task, post)
-    unpruned = float(task.metric(mean))
-    curves, breakpoints = _rule_curves(task, mean, std, fractions, unpruned)
+    curves = _rule_curves(task, mean, std, fractions)
     if variables is not None:
-        curves["log_alpha"], breakpoints["log_alpha"] = _curve(
-            task, variables, prune.log_alpha(variables), fractions, float(task.metric(variables))
-        )
-    out = {"unpruned": unpruned, "curves": curves, "breakpoints": breakpoints, "per_chain": {}}
+        curves["log_alpha"] = _curve(task, variables, prune.log_alpha(variables), fractions)
+    out = {
+        "unpruned": float(task.metric(mean)),
+        "unpruned_valid": float(task.valid_metric(mean)),
+        **_gather(curves),
+        "per_chain": {},
+    }
     out["moments"] = task.cfg.prune.moments if "laplace_std" in post else "sgld"
     cm = post.get("chain_mean")
     if out["moments"] == "sgld" and cm is not None and jax.tree.leaves(cm)[0].shape[0] > 1:
         # every chain's own moments, all chains in one batched evaluation: the spread
-        chain_unpruned = np.asarray(jax.vmap(task.metric)(cm), np.float64)
-        c_curves, c_breakpoints = _rule_curves(
-            task, cm, post["chain_std"], fractions, chain_unpruned, batched=True
-        )
+        c_curves = _rule_curves(task, cm, post["chain_std"], fractions, batched=True)
         out["per_chain"] = {
-            "unpruned": chain_unpruned.tolist(),
-            "curves": c_curves,
-            "breakpoints": c_breakpoints,
+            "unpruned": np.asarray(jax.vmap(task.metric)(cm), np.float64).tolist(),
+            **_gather(c_curves),
         }
     return out
 
 
+def _retrain(task: _Task, key, params, mask, epochs: int, lr: float, progress: bool):
+    """The kept weights of ``params`` retrained for ``epochs`` (Adam, cosine decay from ``lr``),
+    the removed ones held at zero."""
+    tc = task.cfg.train
+    steps = epochs * (len(task.x_train) // tc.batch_size)
+    opt = optax.chain(
+        optax.adam(optax.cosine_decay_schedule(lr, steps)), prune.masked_updates(mask)
+    )
+    loss_fn = task.loss(lambda p, x, k: task.model.apply(p, x))
+    return train.fit(
+        key,
+        params,
+        loss_fn,
+        opt,
+        task.x_train,
+        task.y_train,
+        epochs=epochs,
+        batch_size=tc.batch_size,
+        progress=progress,
+    ).params
+
+
+def _both(task: _Task, params) -> tuple[float, float]:
+    return float(task.metric(params)), float(task.valid_metric(params))
+
+
 def _finetune(task: _Task, post, key, progress: bool):
-    """One-shot pruning then retraining the kept weights with the mask held fixed."""
+    """One-shot pruning then retraining the kept weights with the mask held fixed; the test and
+    the validation metric at every fraction."""
     pc, tc = task.cfg.prune, task.cfg.train
     fractions = [f for f in (0.5, 0.75, 0.9, 0.95) if f <= max(pc.fraction_grid())]
     mean, std = _pruning_moments(task, post)
-    loss_fn = task.loss(lambda p, x, k: task.model.apply(p, x))
-    steps = pc.finetune_epochs * (len(task.x_train) // tc.batch_size)
     lr = pc.finetune_learning_rate or tc.learning_rate
-    curves = {}
+    curves, valid = {}, {}
     for rule in pc.rules:
         scores = _RULES[rule](mean, std)
-        points = []
+        curves[rule], valid[rule] = [], []
         for f in fractions:
             mask = prune.mask(scores, f, pc.scope, include_biases=pc.include_biases)
-            opt = optax.chain(
-                optax.adam(optax.cosine_decay_schedule(lr, steps)),
-                prune.masked_updates(mask),
+            k = jax.random.fold_in(key, int(1000 * f))
+            tuned = _retrain(
+                task, k, prune.apply(mean, mask), mask, pc.finetune_epochs, lr, progress
             )
-            res = train.fit(
-                jax.random.fold_in(key, int(1000 * f)),
-                prune.apply(mean, mask),
-                loss_fn,
-                opt,
-                task.x_train,
-                task.y_train,
-                epochs=pc.finetune_epochs,
-                batch_size=tc.batch_size,
-                progress=progress,
-            )
-            points.append([f, float(task.metric(res.params))])
-        curves[rule] = points
-    return {"curves": curves}
+            test, val = _both(task, tuned)
+            curves[rule].append([f, test])
+            valid[rule].append([f, val])
+    return {"curves": curves, "valid_curves": valid}
+
+
+_SCORES = {  # a rule's score of a retrained network: its weights as μ, the posterior's σ
+    "snr": lambda std: lambda p: prune.snr(p, std),
+    "spr": lambda std: lambda p: prune.spr(p, std),
+    "magnitude": lambda std: prune.magnitude,
+}
+
+
+def _iterative(task: _Task, post, key, progress: bool):
+    """Iterative pruning with retraining (``prune.iterative``), every rule from the pruning
+    moments' mean network; the test and the validation metric after every round."""
+    pc, ic = task.cfg.prune, task.cfg.prune.iterative
+    mean, std = _pruning_moments(task, post)
+    lr = ic.learning_rate or task.cfg.train.learning_rate
+    curves, valid = {}, {}
+    for rule in pc.rules:
+        res = prune.iterative(
+            key,
+            mean,
+            _SCORES[rule](std),
+            ic.fractions,
+            lambda k, p, m: _retrain(task, k, p, m, ic.epochs, lr, progress),
+            scope=pc.scope,
+            include_biases=pc.include_biases,
+            eval_fn=lambda p: dict(zip(("test", "valid"), _both(task, p))),
+        )
+        curves[rule] = [[f, h["test"]] for f, h in zip(res.fractions, res.history)]
+        valid[rule] = [[f, h["valid"]] for f, h in zip(res.fractions, res.history)]
+        _log.info(
+            "[iterative] %s: %s",
+            rule,
+            ", ".join(
+                f"{100 * f:g}% -> {h['test']:.4f}" for f, h in zip(res.fractions, res.history)
+            ),
+        )
+    return {"curves": curves, "valid_curves": valid}
+
+
+def _chosen(task: _Task, stage: dict | None, unpruned: float, unpruned_valid: float) -> dict:
+    """Per rule, the largest retrained fraction within tolerance on the validation split (the
+    prefix rule of :func:`bayesnoise.prune.breakpoint_fraction`) and its test metric."""
+    if not stage:
+        return {}
+    out = {}
+    for rule, pts in stage["curves"].items():
+        test = np.asarray(pts, np.float64)
+        val = np.asarray(stage["valid_curves"][rule], np.float64)
+        f, m = _selected(task, test[:, 0], val[:, 1], unpruned_valid, test[:, 1], unpruned)
+        out[rule] = {"fraction": f, "metric": m}
+    return out
 
 
 def _soft_target(task: _Task, teacher, key, progress: bool):
@@ -670,6 +789,12 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
             "finetune",
             lambda: _finetune(task, post, jax.random.fold_in(key, 6), progress),
         )
+    iterated = None
+    if cfg.prune.iterative.enabled:
+        iterated = staged(
+            "iterative",
+            lambda: _iterative(task, post, jax.random.fold_in(key, 8), progress),
+        )
     soft = None
     if cfg.prune.soft_target.enabled and task.classification:
         soft = staged(
@@ -679,15 +804,24 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
             ),
         )
 
+    unpruned = (pruned["unpruned"], pruned["unpruned_valid"])
     results = {
         "config": cfg_dict,
         "dataset": task.ds.name,
         "metric": cfg.metric,
         "unpruned": pruned["unpruned"],
+        "unpruned_valid": pruned["unpruned_valid"],
+        # breakpoints and fine-tuning fractions are chosen on this split, metrics read on the test set
+        "validation": {
+            "examples": int(len(task.x_valid)),
+            "fraction": cfg.data.validation_fraction,
+        },
         "trained_metric": trained["metric"],
         "reference_metric": reference["metric"],
         "curves": pruned["curves"],
+        "valid_curves": pruned["valid_curves"],
         "breakpoints": pruned["breakpoints"],
+        "breakpoint_metrics": pruned["breakpoint_metrics"],
         "per_chain": pruned.get("per_chain", {}),
         "tolerance": {"value": cfg.eval.tolerance, "relative": cfg.relative_tolerance},
         "sgld": {
@@ -706,6 +840,11 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
         **({"em_settings": cfg.em.fit_settings()} if cfg.em.enabled else {}),
         "soft_target": soft["points"] if soft else [],
         "finetuned": tuned["curves"] if tuned else {},
+        "finetuned_valid": tuned["valid_curves"] if tuned else {},
+        "finetuned_breakpoints": _chosen(task, tuned, *unpruned),
+        "iterative": iterated["curves"] if iterated else {},
+        "iterative_valid": iterated["valid_curves"] if iterated else {},
+        "iterative_breakpoints": _chosen(task, iterated, *unpruned),
         "timings": timings,
     }
     results["plots"] = report.plots(
