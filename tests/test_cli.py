@@ -56,6 +56,9 @@ CONFIG = str(ROOT / "configs" / "digits.yaml")
         (["--set", "sgld.batch_size=5000"], "sgld.batch_size"),
         (["--set", "data.options.test_fraction=1.5"], "data.options.test_fraction"),
         (["--set", "data.options.seed=-1"], "data.options.seed"),
+        (["--set", "data.validation_fraction=1.5"], "data.validation_fraction"),
+        (["--set", "data.validation_fraction=0.9999"], "data.validation_fraction"),  # no training
+        (["--set", "train.seeds=0"], "train.seeds"),
     ],
 )
 def test_a_bad_value_found_after_the_config_loads_is_one_line_and_status_2(
@@ -134,3 +137,11 @@ def test_a_diverging_training_run_fails_and_writes_no_results(tmp_path, capsys, 
     line = one_line(err)
     assert code == 1 and "[train]" in line and "train.learning_rate" in line
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-2"])
+def test_seeds_below_one_are_one_line_and_status_2(tmp_path, capsys, k):
+    code, err = run(["run", CONFIG, "--out", str(tmp_path / "out"), "--seeds", k], capsys)
+    line = one_line(err)
+    assert code == 2 and f"--seeds: got {k}; allowed: an int >= 1" in line
+    assert not (tmp_path / "out").exists()  # nothing started

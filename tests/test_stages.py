@@ -163,3 +163,36 @@ def test_the_learned_noise_plots_map_the_kept_weights_of_28_by_28_inputs(tmp_pat
     for f in files:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*")) and len(list(tmp_path.iterdir())) == len(files)
+
+
+def test_a_run_over_seeds_reports_every_seed_and_their_mean_and_sd(tmp_path):
+    out = tmp_path / "seeds"
+    fast = ["em.enabled=false", "sgld.step_size=1e-5", "prune.soft_target.enabled=false"]
+    fast += ["prune.finetune_epochs=0", "train.epochs=2", "train.seed=3"]
+    assert run_cli(out, *fast, "train.seeds=2") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [3, 4]
+    runs = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (3, 4)]
+    assert [r["config"]["train"]["seed"] for r in runs] == [3, 4]
+    assert runs[0]["trained_metric"] != runs[1]["trained_metric"]  # two trainings, not one
+    for key in ("unpruned", "trained_metric"):
+        values = [r[key] for r in runs]
+        assert res[key] == pytest.approx(np.mean(values))
+        assert res[f"{key}_sd"] == pytest.approx(np.std(values, ddof=1))
+    for rule in ("snr", "spr", "magnitude"):
+        chosen = [r["breakpoints"][rule] for r in runs]
+        assert res["breakpoints"][rule] == pytest.approx(np.mean(chosen))
+        assert [p["breakpoints"][rule] for p in res["per_seed"]] == chosen
+        assert [p["breakpoint_metrics"][rule] for p in res["per_seed"]] == [
+            r["breakpoint_metrics"][rule] for r in runs
+        ]
+        curves = np.asarray([np.asarray(r["curves"][rule])[:, 1] for r in runs])
+        np.testing.assert_allclose(np.asarray(res["curves"][rule])[:, 1], curves.mean(0))
+        np.testing.assert_allclose(np.asarray(res["curves_sd"][rule])[:, 1], curves.std(0, ddof=1))
+    bma = [r["predictive"]["bma"]["error"] for r in runs]
+    assert res["predictive"]["bma"]["mean"] == pytest.approx(np.mean(bma))
+    assert (out / "pruning_curves.png").stat().st_size > 0 and set(res["timings"]) == {
+        "seed_3",
+        "seed_4",
+        "total",
+    }

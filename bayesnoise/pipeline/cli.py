@@ -12,7 +12,17 @@ def _run(args: argparse.Namespace) -> int:
     from bayesnoise import pipeline
     from bayesnoise.pipeline import config
 
-    cfg = config.load_config(args.config, args.set or ())
+    overrides = list(args.set or ())
+    if args.seeds is not None:
+        if args.seeds < 1:
+            from bayesnoise.pipeline.runfolder import UsageError
+
+            raise UsageError(
+                f"--seeds: got {args.seeds}; allowed: an int >= 1 (the number of seeds, "
+                f"train.seed, train.seed + 1, ...)."
+            )
+        overrides.append(f"train.seeds={args.seeds}")
+    cfg = config.load_config(args.config, overrides)
     pipeline.run(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
     return 0
 
@@ -43,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.epochs=5 (repeatable)",
+    )
+    run.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run K seeds (train.seed, train.seed + 1, ...) and report mean ± sd over them "
+        "(sets train.seeds)",
     )
     run.add_argument("--no-resume", action="store_true", help="ignore finished stages' checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

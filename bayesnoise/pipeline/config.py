@@ -422,6 +422,8 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "adamw", "sgd", "momentum", "rmsprop"] = "adam"  # momentum: 0.9
     schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decay to 1% over the run
     seed: int = Field(0, ge=0)  # of the whole run: initialisation, noise, SGLD chains
+    # runs of seeds seed, seed + 1, ...: each in OUT/seed_S, the figures over seeds in OUT
+    seeds: int = Field(1, ge=1)
 
 
 class PolynomialSchedule(_Section):

@@ -29,6 +29,47 @@ def _save(fig, path: str) -> None:
     bio.write_bytes(path, buffer.getvalue())
 
 
+_STYLES = {
+    "spr": ("SPR |μ|+σ", "C0"),
+    "snr": ("SNR |μ|/σ", "C3"),
+    "magnitude": ("magnitude |μ|", "C2"),
+    "log_alpha": ("learned −log α", "C4"),
+}
+
+
+def seed_plots(out: Path, results: dict) -> list[str]:
+    """The pruning curves over seeds: per rule the mean test curve and a band of ±1 sd, the
+    iterative schedule's mean, and the validation-chosen breakpoints' mean."""
+    metric = results["metric"]
+    scale = 100.0 if metric == "error" else 1.0
+    fig, ax = _figure(figsize=(6, 4))
+    for stage, style in (("curves", "-"), ("iterative", "s--")):
+        for rule, pts in (results.get(stage) or {}).items():
+            pts = np.asarray(pts, np.float64)
+            sd = np.asarray(results[f"{stage}_sd"][rule], np.float64)[:, 1]
+            name, color = _STYLES[rule]
+            if stage == "curves":
+                bp, bp_sd = results["breakpoints"][rule], results["breakpoints_sd"][rule]
+                label = f"{name} (flat to {100 * bp:.0f} ± {100 * bp_sd:.0f}%)"
+            else:
+                label = f"{name}, iterative"
+            x, y = 100 * pts[:, 0], scale * pts[:, 1]
+            ax.plot(x, y, style, ms=3, color=color, label=label)
+            ax.fill_between(x, y - scale * sd, y + scale * sd, color=color, alpha=0.2, lw=0)
+    unpruned = results["unpruned"]
+    ax.axhline(scale * unpruned, color="gray", lw=0.8, ls=":")
+    top = unpruned * 3 if metric == "error" else unpruned * 1.3
+    ax.set_ylim(0, scale * max(top, unpruned + (0.05 if metric == "error" else 0)))
+    ax.set_xlabel("weights removed (%)")
+    ax.set_ylabel("test error (%)" if metric == "error" else "test RMSE")
+    ax.set_title(f"{results['dataset']}: {len(results['seeds'])} seeds, mean ± sd")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = str(out / "pruning_curves.png")
+    _save(fig, path)
+    return [path]
+
+
 def plots(out: Path, task: Any, results: dict, post, ref, *, learned: Any = None) -> list[str]:
     """Writes the run's PNG plots into ``out`` and returns their paths.
 
@@ -41,12 +82,7 @@ def plots(out: Path, task: Any, results: dict, post, ref, *, learned: Any = None
     label = "test error (%)" if metric == "error" else "test RMSE"
     scale = 100.0 if metric == "error" else 1.0
     fig, ax = _figure(figsize=(6, 4))
-    styles = {
-        "spr": ("SPR |μ|+σ", "C0"),
-        "snr": ("SNR |μ|/σ", "C3"),
-        "magnitude": ("magnitude |μ|", "C2"),
-        "log_alpha": ("learned −log α", "C4"),
-    }
+    styles = _STYLES
     for rule, pts in results["curves"].items():
         pts = np.asarray(pts)
         name, color = styles[rule]
@@ -199,6 +235,37 @@ def _kernels(tree):
 
 def _flat(tree):
     return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def seed_table(results: dict) -> str:
+    """The summary of a run over seeds: every figure as mean ± sd over the seeds."""
+    m = results["metric"]
+    pct = m == "error"
+    fmt = lambda v, sd: f"{100 * v:.2f} ± {100 * sd:.2f}%" if pct else f"{v:.3f} ± {sd:.3f}"
+    frac = lambda v, sd: f"{100 * v:.1f} ± {100 * sd:.1f}%"
+    lines = [
+        f"{results['dataset']}, seeds {results['seeds']}: unpruned {m} "
+        f"{fmt(results['unpruned'], results['unpruned_sd'])}",
+        "breakpoint: the largest fraction within tolerance on the validation split; test: the "
+        "test metric there",
+    ]
+    for rule, bp in results["breakpoints"].items():
+        lines.append(
+            f"{rule:<10} one-shot {frac(bp, results['breakpoints_sd'][rule])} at "
+            f"{fmt(results['breakpoint_metrics'][rule], results['breakpoint_metrics_sd'][rule])}"
+        )
+    for what, key in (
+        ("fine-tuned", "finetuned_breakpoints"),
+        ("iterative", "iterative_breakpoints"),
+    ):
+        for rule, c in (results.get(key) or {}).items():
+            lines.append(
+                f"{rule:<10} {what} {frac(c['fraction'], c['fraction_sd'])} at "
+                f"{fmt(c['metric'], c['metric_sd'])}"
+            )
+    for name, values in (results.get("predictive") or {}).items():
+        lines.append(f"{name:<15} {m} {fmt(values['mean'], values['sd'])}")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:

@@ -662,7 +662,92 @@ def run(
     files = ("results.json", "config.yaml", *(f"checkpoints/{s}.msgpack" for s in STAGES))
     out = runfolder.prepare(out or cfg.out or f"runs/{cfg.name}", files=files)
     with runfolder.lock(out):
+        if cfg.train.seeds > 1:
+            return _run_seeds(cfg, out, resume, progress)
         return _run(cfg, out, resume, progress)
+
+
+def _run_seeds(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
+    """``train.seeds`` runs, seeds ``train.seed``, ``train.seed + 1``, ..., each in its own
+    folder ``OUT/seed_S`` (checkpointed, so an interrupted run resumes at its last stage), then
+    the figures over seeds (mean, sd and every seed's) in ``OUT/results.json``."""
+    seeds = [cfg.train.seed + i for i in range(cfg.train.seeds)]
+    per = []
+    for seed in seeds:
+        _log.info("[seeds] seed %d (%d of %d)", seed, len(per) + 1, len(seeds))
+        one = bconfig.load_config(cfg, [f"train.seed={seed}", "train.seeds=1"])
+        folder = runfolder.prepare(out / f"seed_{seed}", files=("results.json",))
+        per.append(_run(one, folder, resume, progress))
+    results = _over_seeds(cfg, seeds, per)
+    bio.write_text(out / "config.yaml", cfg.to_yaml())
+    results["plots"] = report.seed_plots(out, results)
+    bio.write_text(out / "results.json", to_json(results))
+    _log.info("%s", report.seed_table(results))
+    _log.info("results: %s", out / "results.json")
+    return results
+
+
+def _stat(values) -> tuple[float, float]:
+    """Mean and standard deviation (ddof = 1; 0 for one value) of numbers."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _over_seeds(cfg: bconfig.Config, seeds: list[int], per: list[dict]) -> dict:
+    """The figures of runs over seeds: means beside their standard deviations (``*_sd``), and
+    every seed's own under ``per_seed``."""
+    first = per[0]
+    out: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "dataset": first["dataset"],
+        "metric": first["metric"],
+        "seeds": seeds,
+        "validation": first["validation"],
+    }
+    for key in ("unpruned", "unpruned_valid", "trained_metric", "reference_metric"):
+        out[key], out[f"{key}_sd"] = _stat([r[key] for r in per])
+    for key in ("breakpoints", "breakpoint_metrics"):
+        stats = {rule: _stat([r[key][rule] for r in per]) for rule in first[key]}
+        out[key] = {rule: m for rule, (m, _) in stats.items()}
+        out[f"{key}_sd"] = {rule: sd for rule, (_, sd) in stats.items()}
+    for key in ("curves", "finetuned", "iterative"):
+        out[key], out[f"{key}_sd"] = {}, {}
+        for rule, pts in (first.get(key) or {}).items():
+            grid = [f for f, _ in pts]
+            values = np.asarray([[v for _, v in r[key][rule]] for r in per], np.float64)
+            sd = values.std(0, ddof=1) if len(per) > 1 else np.zeros(len(grid))
+            out[key][rule] = [[f, float(m)] for f, m in zip(grid, values.mean(0))]
+            out[f"{key}_sd"][rule] = [[f, float(d)] for f, d in zip(grid, sd)]
+    for key in ("finetuned_breakpoints", "iterative_breakpoints"):
+        out[key] = {}
+        for rule in first.get(key) or {}:
+            f, f_sd = _stat([r[key][rule]["fraction"] for r in per])
+            m, m_sd = _stat([r[key][rule]["metric"] for r in per])
+            out[key][rule] = {"fraction": f, "fraction_sd": f_sd, "metric": m, "metric_sd": m_sd}
+    name = "error" if first["metric"] == "error" else "rmse"
+    out["predictive"] = {}
+    for what, values in (first.get("predictive") or {}).items():
+        if name in values:
+            m, sd = _stat([r["predictive"][what][name] for r in per])
+            out["predictive"][what] = {"mean": m, "sd": sd}
+    out["per_seed"] = [
+        {
+            "seed": seed,
+            "folder": f"seed_{seed}",
+            **{
+                k: r[k] for k in ("unpruned", "trained_metric", "breakpoints", "breakpoint_metrics")
+            },
+            "finetuned_breakpoints": r.get("finetuned_breakpoints", {}),
+            "iterative_breakpoints": r.get("iterative_breakpoints", {}),
+            "sgld": {k: r["sgld"].get(k) for k in ("rhat_max", "ess_min", "converged")},
+        }
+        for seed, r in zip(seeds, per)
+    ]
+    out["timings"] = {
+        **{f"seed_{seed}": r["timings"]["total"] for seed, r in zip(seeds, per)},
+        "total": round(sum(r["timings"]["total"] for r in per), 2),
+    }
+    return out
 
 
 def _advice(cfg: bconfig.Config, stage: str) -> str:
