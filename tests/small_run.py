@@ -18,6 +18,7 @@ SMALL = [
     "prune.soft_target.enabled=true",
     "prune.soft_target.epochs=2",
     "prune.finetune_epochs=1",
+    "prune.iterative.enabled=false",
 ]
 
 
