@@ -165,13 +165,17 @@ def test_the_learned_noise_plots_map_the_kept_weights_of_28_by_28_inputs(tmp_pat
     assert not list(tmp_path.glob("*.tmp*")) and len(list(tmp_path.iterdir())) == len(files)
 
 
-def test_a_run_over_seeds_reports_every_seed_and_their_mean_and_sd(tmp_path):
+def test_a_run_over_seeds_reports_every_seed_and_their_mean_and_sd(tmp_path, caplog):
     out = tmp_path / "seeds"
     fast = ["em.enabled=false", "sgld.step_size=1e-5", "prune.soft_target.enabled=false"]
     fast += ["prune.finetune_epochs=0", "train.epochs=2", "train.seed=3"]
     assert run_cli(out, *fast, "train.seeds=2") == 0
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [3, 4]
+    # without EM the chains are one E-step under λ = 1, with no warning about EM's iterations
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("[seeds] seed 4" in m for m in messages)
+    assert not any("iterations=0" in m for m in messages)
     runs = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (3, 4)]
     assert [r["config"]["train"]["seed"] for r in runs] == [3, 4]
     assert runs[0]["trained_metric"] != runs[1]["trained_metric"]  # two trainings, not one

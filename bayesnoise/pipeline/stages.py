@@ -307,7 +307,6 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     sc, ec = task.cfg.sgld, task.cfg.em
     transform = psgld if sc.method == "psgld" else sgld
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
-    iterations = ec.iterations if use_em else 0
     settings = sc.run_settings()
     if task.classification:
         predict = lambda p, x: jax.nn.softmax(task.model.apply(p, x))
@@ -315,36 +314,46 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         predict = lambda p, x: task.model.apply(p, x)
 
     def report(record: dict) -> None:
-        if use_em:
-            _log.info(
-                "[em] iteration %d: metric at the posterior mean %.4f, log evidence %s, "
-                "%d rows pruned",
-                record["iteration"],
-                record["metric"],
-                "n/a" if record["log_evidence"] is None else f"{record['log_evidence']:.1f}",
-                record["pruned"],
-            )
+        _log.info(
+            "[em] iteration %d: metric at the posterior mean %.4f, log evidence %s, %d rows pruned",
+            record["iteration"],
+            record["metric"],
+            "n/a" if record["log_evidence"] is None else f"{record['log_evidence']:.1f}",
+            record["pruned"],
+        )
 
-    fitted = em.fit(
-        key,
-        params,
-        task.log_likelihood,
-        (task.x_train, task.y_train),
-        iterations=iterations,
-        sigma0=ec.sigma0,
-        hyperprior=hyperprior,
-        **(ec.fit_settings() if use_em else {"method": "sgld"}),
-        eval_fn=task.metric,
-        callback=report,
+    data = (task.x_train, task.y_train)
+    sampling = dict(
         transform=transform,
         progress=progress,
         predict=predict,
         predict_inputs=task.x_test,
         **settings,
     )
-    res, h = fitted.result, fitted.hierarchy
+    if use_em:
+        fitted = em.fit(
+            key,
+            params,
+            task.log_likelihood,
+            data,
+            iterations=ec.iterations,
+            sigma0=ec.sigma0,
+            hyperprior=hyperprior,
+            **ec.fit_settings(),
+            eval_fn=task.metric,
+            callback=report,
+            **sampling,
+        )
+        res, h, mode, ggn = fitted.result, fitted.hierarchy, fitted.mode, fitted.laplace
+        ggn = None if ggn is None else ggn.ggn
+    else:  # one E-step under λ = 1 (the key em.fit's first E-step would get)
+        h = gsm.hierarchy(params, ec.sigma0)
+        res = em.e_step(
+            jax.random.fold_in(key, 0), params, h, task.log_likelihood, data, **sampling
+        )
+        mode, ggn = None, None
     mean, variance = moments.mean(res.moments), moments.variance(res.moments)
-    hist = fitted.history
+    hist = fitted.history if use_em else {"iteration": []}
     records = [
         {
             "iteration": hist["iteration"][i],
@@ -380,15 +389,15 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     # the Laplace posterior at a mode of the prior it is taken under: the trained network under
     # λ = 1, or EM's mode under the learned scales (the trained network's weights in the rows
     # that EM switched off are far outside that prior)
-    centre = params if fitted.mode is None else fitted.mode
+    centre = params if mode is None else mode
     lap = laplace.posterior(
         centre,
         h,
         task.log_likelihood,
-        (task.x_train, task.y_train),
+        data,
         temperature=max(sc.temperature, 1e-8),
         key=jax.random.fold_in(key, 1000),
-        ggn=None if fitted.laplace is None else fitted.laplace.ggn,  # EM's, at the same mode
+        ggn=ggn,  # EM's, at the same mode
     )
     return {
         "laplace_mean": centre,
