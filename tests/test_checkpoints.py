@@ -257,14 +257,20 @@ def test_unconverged_chains_stop_the_run_before_pruning_and_a_rerun_can_go_on(
 ):
     strict_json(run_folder / "results.json")
     capsys.readouterr()
-    assert run_cli(run_folder, "eval.allow_unconverged=false") == 1
+    # the pruning scores read the chains' moments: unconverged chains stop the run
+    chains = "prune.moments=sgld"
+    assert run_cli(run_folder, chains, "eval.allow_unconverged=false") == 1
     err = capsys.readouterr().err
     assert "did not converge" in err and "max split R-hat" in err
     assert "eval.allow_unconverged=true" in err and "Traceback" not in err
     text = logged(caplog_info)
     assert "[sgld] resumed" in text and "[prune] running" not in text
-    assert run_cli(run_folder, "eval.allow_unconverged=true") == 0
+    assert run_cli(run_folder, chains, "eval.allow_unconverged=true") == 0
     assert "[sgld] resumed" in logged(caplog_info)
+    # the Laplace moments at EM's (Laplace) mode read no chain: the run goes on
+    assert run_cli(run_folder, "eval.allow_unconverged=false") == 0
+    res = strict_json(run_folder / "results.json")
+    assert res["sgld"]["converged"] is False and res["pruning_moments"] == "laplace"
 
 
 def test_results_are_strict_json_with_non_finite_numbers_as_null(caplog_info):

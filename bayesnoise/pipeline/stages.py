@@ -770,11 +770,13 @@ def _advice(cfg: bconfig.Config, stage: str) -> str:
 
 
 def _check_converged(cfg: bconfig.Config, post: dict) -> None:
-    """Stops before pruning when the chains did not converge (their moments, the scales EM
-    learned from them and the posterior predictive would be reported as if they had), unless
-    ``eval.allow_unconverged``."""
+    """Stops before pruning when the chains did not converge and the pruning scores
+    (``prune.moments: sgld``) or EM's scales (``em.method: sgld``) read them, unless
+    ``eval.allow_unconverged``; the sampler's warning and ``converged`` in the results say so
+    in every case."""
     diag = post.get("diagnostics", {})
-    if diag.get("converged", True) or cfg.eval.allow_unconverged:
+    reads_chains = cfg.prune.moments == "sgld" or (cfg.em.enabled and cfg.em.method == "sgld")
+    if diag.get("converged", True) or cfg.eval.allow_unconverged or not reads_chains:
         return
     rhat = np.asarray(post.get("rhat", np.zeros(0)), np.float64)
     ess = np.asarray(post.get("ess", np.zeros(0)), np.float64)
