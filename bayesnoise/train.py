@@ -374,6 +374,10 @@ def fit(
     The compiled run is cached on its functions and sizes: calling ``fit`` again with the same
     ``loss_fn``, ``optimizer`` and ``eval_fn`` objects and the same shapes does not recompile.
 
+    Many seeds in one program: ``jax.vmap(lambda k: fit(k, init(k), ...).params)(keys)`` trains
+    a network per key in one compiled loop (without ``progress``); under ``vmap`` or ``jit`` the
+    final params are traced, so the check for NaN after the loop is the caller's.
+
     Args:
         key: PRNG key; split into a shuffle key and one noise key per step.
         params: initial params.
@@ -525,8 +529,9 @@ _all_finite = jax.jit(_check.all_finite)
 
 def _check_diverged(result: FitResult) -> None:
     """Raises :class:`DivergenceError` when the final params are not finite (one scalar read
-    back after the compiled loop, none inside it)."""
-    if bool(jax.device_get(_all_finite(result.params))):
+    back after the compiled loop, none inside it). Traced params (``fit`` under ``jax.vmap`` or
+    ``jax.jit``) are the caller's to check."""
+    if not _check.concrete(result.params) or bool(jax.device_get(_all_finite(result.params))):
         return
     loss = np.asarray(jax.device_get(result.history.get("loss", np.zeros(0))))
     bad = np.flatnonzero(~np.isfinite(loss))

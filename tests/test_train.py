@@ -176,3 +176,25 @@ def test_variational_loss_rejects_bad_settings():
         bn.train.variational_loss(apply, 10, warmup_steps=-1)
     with pytest.raises(ValueError, match="likelihood must be one of.*got 'poisson'"):
         bn.train.variational_loss(apply, 10, likelihood="poisson")
+
+
+def test_fit_under_vmap_trains_one_network_per_key_as_separate_fits_do():
+    x = jax.random.normal(jax.random.key(0), (96, 5))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(jnp.int32)
+    model = bn.nn.MLP((8, 2))
+    loss = bn.train.classification_loss(lambda p, xb, k: model.apply(p, xb))
+    opt = optax.adam(1e-2)
+
+    def one(key):
+        res = bn.train.fit(key, model.init(key, x[:1]), loss, opt, x, y, epochs=4, batch_size=16)
+        return res.params, res.history["loss"]
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    params, losses = jax.vmap(one)(keys)
+    assert losses.shape == (3, 4)
+    for i, key in enumerate(keys):  # the same as each key's own run
+        alone, alone_loss = one(key)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(alone)):
+            np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(losses[i], alone_loss, rtol=2e-4)
+    assert not np.allclose(losses[0], losses[1])  # different keys, different runs
