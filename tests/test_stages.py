@@ -200,3 +200,19 @@ def test_a_run_over_seeds_reports_every_seed_and_their_mean_and_sd(tmp_path, cap
         "seed_4",
         "total",
     }
+
+
+def test_runs_over_seeds_drop_compiled_code_near_the_kernels_limit_on_memory_maps(monkeypatch):
+    import jax
+
+    from bayesnoise.pipeline import stages
+
+    calls = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: calls.append(1))
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this system")
+    stages._release_compiled(share=1.0)  # far below the limit: keep the compiled code
+    assert calls == []
+    stages._release_compiled(share=0.0)  # above any share of it: drop it
+    assert calls == [1]

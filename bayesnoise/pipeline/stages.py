@@ -25,6 +25,7 @@ stage depends on is ignored and the stage runs again):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -687,6 +688,7 @@ def _run_seeds(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> 
         one = bconfig.load_config(cfg, [f"train.seed={seed}", "train.seeds=1"])
         folder = runfolder.prepare(out / f"seed_{seed}", files=("results.json",))
         per.append(_run(one, folder, resume, progress))
+        _release_compiled()
     results = _over_seeds(cfg, seeds, per)
     bio.write_text(out / "config.yaml", cfg.to_yaml())
     results["plots"] = report.seed_plots(out, results)
@@ -694,6 +696,22 @@ def _run_seeds(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> 
     _log.info("%s", report.seed_table(results))
     _log.info("results: %s", out / "results.json")
     return results
+
+
+def _release_compiled(share: float = 0.4) -> None:
+    """Drops JAX's compiled executables once this process holds more than ``share`` of the
+    kernel's limit on memory maps (Linux): every executable keeps its code mapped, and past
+    ``vm.max_map_count`` the next compilation fails. Later seeds then compile again."""
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps") as maps:
+            used = sum(1 for _ in maps)
+    except (OSError, ValueError):
+        return
+    if used > share * limit:
+        _log.info("[seeds] %d of %d memory maps in use: dropping compiled code", used, limit)
+        jax.clear_caches()
+        gc.collect()
 
 
 def _stat(values) -> tuple[float, float]:
