@@ -86,6 +86,11 @@ PER_FUNCTION = {
         "state": bn.sampling.init(PARAMS, _log_likelihood, _log_prior, 8, transform=bn.sgld(1e-3))
     },
     "em.linear_em": {"y": X[:, 0]},
+    "prune.iterative": {
+        "score_fn": bn.prune.magnitude,
+        "fractions": [0.5],
+        "retrain": lambda k, p, m: p,
+    },
 }
 
 
