@@ -330,16 +330,29 @@ def test_weight_count_rejects_bad_sizes(sizes, shown):
 @settings(max_examples=15, deadline=None)
 @given(value=st.one_of(not_a_number(), not_finite(), st.floats(max_value=0.99)))
 def test_student_sizes_rejects_a_bad_budget(value):
-    with clear_error("num_weights", value):
+    with clear_error("num_weights", value) as e:
         bn.distill.student_sizes([64, 32, 10], value)
+    assert isinstance(e.value, (ValueError, TypeError))
+    # the valid call: W(h) = 74 h is nearest 1000 at h = 14 (1036 against 962 at h = 13)
+    sizes = bn.distill.student_sizes([64, 32, 10], 1000)
+    assert sizes == (64, 14, 10) and bn.distill.weight_count(sizes) == 1036
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=st.one_of(bad_positive(), not_a_number()))
 def test_soft_target_loss_rejects_a_bad_temperature(value):
     z = jnp.zeros((2, 3))
-    with clear_error("temperature", value):
+    with clear_error("temperature", value) as e:
         bn.distill.soft_target_loss(z, z, temperature=value)
+    assert isinstance(e.value, (ValueError, TypeError))
+    # the valid call: T² KL(softmax(t / T) ‖ softmax(z / T)), zero for equal logits
+    assert float(bn.distill.soft_target_loss(z, z, temperature=2.0)) == pytest.approx(0, abs=1e-7)
+    t = jnp.array([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    p, q = jax.nn.softmax(t / 2.0), jax.nn.softmax(z / 2.0)
+    kl = float(jnp.mean(jnp.sum(p * (jnp.log(p) - jnp.log(q)), -1)))
+    assert float(bn.distill.soft_target_loss(z, t, temperature=2.0)) == pytest.approx(
+        4 * kl, rel=1e-5
+    )
 
 
 @settings(max_examples=15, deadline=None)
@@ -353,8 +366,11 @@ def test_soft_target_loss_rejects_a_bad_temperature(value):
 )
 def test_soft_target_loss_rejects_a_bad_alpha(value):
     z = jnp.zeros((2, 3))
-    with clear_error("alpha", value):
+    with clear_error("alpha", value) as e:
         bn.distill.soft_target_loss(z, z, jnp.array([0, 1]), alpha=value)
+    assert isinstance(e.value, (ValueError, TypeError))
+    valid = bn.distill.soft_target_loss(z, z, jnp.array([0, 1]), alpha=0.5)
+    assert np.isfinite(float(valid)) and float(valid) > 0
 
 
 def test_soft_target_loss_rejects_bad_labels_and_logits():
@@ -363,23 +379,30 @@ def test_soft_target_loss_rejects_bad_labels_and_logits():
         bn.distill.soft_target_loss(z, z, jnp.array([0, 5]), alpha=0.5)
     with clear_error("labels", "float32"):
         bn.distill.soft_target_loss(z, z, jnp.array([0.0, 1.0]), alpha=0.5)
-    with clear_error("student_logits", None):
+    with clear_error("student_logits", None) as e:
         bn.distill.soft_target_loss(None, z)
+    assert isinstance(e.value, TypeError | ValueError)
+    # labels in range: the hard-label term of uniform logits is log 3 as well
+    loss = bn.distill.soft_target_loss(z, z, jnp.array([0, 2]), alpha=1.0)
+    assert float(loss) == pytest.approx(np.log(3), rel=1e-5)
 
 
 # -------------------------------------------------------------------------------------- data
 
 
 def test_load_mnist_names_a_folder_given_as_path(tmp_path):
-    with clear_error("path", str(tmp_path), kinds=(FileNotFoundError,)):
+    with clear_error("path", str(tmp_path), kinds=(FileNotFoundError,)) as e:
         bn.data.load_mnist(path=tmp_path)
+    assert type(e.value) is FileNotFoundError and "folder" in str(e.value)
 
 
 def test_data_rejects_a_bad_name_or_text():
     with clear_error("data set", "[]"):
         bn.data.load([])
-    with clear_error("text", None):
+    with clear_error("text", None) as e:
         bn.data.tokenize(None)
+    assert isinstance(e.value, (TypeError, ValueError))
+    assert bn.data.load("digits").x_train.shape[1] == 64  # a valid name loads
 
 
 # ---------------------------------------------------------------------------------------- io
@@ -400,10 +423,12 @@ def test_save_names_a_file_in_the_way(tmp_path):
 @settings(max_examples=15, deadline=None)
 @given(path=st.one_of(st.none(), st.integers(), st.just(b"x.msgpack"), st.just("")))
 def test_save_and_load_reject_a_path_that_is_not_one(path):
-    with clear_error("path", path):
+    with clear_error("path", path) as saving:
         bn.io.save(path, {"w": 1})
-    with clear_error("path", path):
+    with clear_error("path", path) as loading:
         bn.io.load(path)
+    assert isinstance(saving.value, (TypeError, ValueError))
+    assert isinstance(loading.value, (TypeError, ValueError))
 
 
 def test_save_names_the_tree_and_the_place_of_a_bad_leaf(tmp_path):
@@ -426,8 +451,10 @@ def test_load_names_a_missing_file_and_a_template_that_does_not_fit(tmp_path):
     bn.io.save(path, {"w": jnp.ones(2)})
     with clear_error("like", "'v'"):
         bn.io.load(path, like={"v": jnp.ones(3)})
-    with clear_error("like", "int"):
+    with clear_error("like", "int") as e:
         bn.io.load(path, like=5)
+    assert isinstance(e.value, (TypeError, ValueError))
+    np.testing.assert_array_equal(bn.io.load(path, like={"w": jnp.zeros(2)})["w"], np.ones(2))
 
 
 def test_write_text_and_bytes_reject_the_wrong_type(tmp_path):
