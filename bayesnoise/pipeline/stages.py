@@ -575,13 +575,6 @@ def _finetune(task: _Task, post, key, progress: bool):
     return {"curves": curves, "valid_curves": valid}
 
 
-_SCORES = {  # a rule's score of a retrained network: its weights as μ, the posterior's σ
-    "snr": lambda std: lambda p: prune.snr(p, std),
-    "spr": lambda std: lambda p: prune.spr(p, std),
-    "magnitude": lambda std: prune.magnitude,
-}
-
-
 def _iterative(task: _Task, post, key, progress: bool):
     """Iterative pruning with retraining (``prune.iterative``), every rule from the pruning
     moments' mean network; the test and the validation metric after every round."""
@@ -593,7 +586,7 @@ def _iterative(task: _Task, post, key, progress: bool):
         res = prune.iterative(
             key,
             mean,
-            _SCORES[rule](std),
+            lambda p, rule=rule: _RULES[rule](p, std),  # the retrained weights as μ
             ic.fractions,
             lambda k, p, m: _retrain(task, k, p, m, ic.epochs, lr, progress),
             scope=pc.scope,
