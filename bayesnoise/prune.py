@@ -908,7 +908,10 @@ def iterative(
         scores = score_fn(current)
         if keep is not None:  # removed weights stay removed
             scores = jax.tree.map(
-                lambda s, k: jnp.where(k, s, -jnp.inf), scores, keep, is_leaf=_is_none
+                lambda s, k: s if s is None or k is None else jnp.where(k, s, -jnp.inf),
+                scores,
+                keep,
+                is_leaf=_is_none,
             )
         keep = mask(scores, fraction, scope, where=where, include_biases=include_biases)
         current = retrain(jax.random.fold_in(key, i), apply(current, keep), keep)

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bayesnoise as bn
 from bayesnoise import prune
 
 
@@ -564,6 +565,26 @@ def test_iterative_pruning_matches_one_shot_magnitude_when_retraining_changes_no
         assert np.all(np.asarray(params["a"]["kernel"])[~np.asarray(mask["a"]["kernel"])] == 0)
         np.testing.assert_array_equal(params["b"]["bias"], w["b"]["bias"])
     assert res.fractions == (0.3, 0.6, 0.9) and res.history == [{}, {}, {}]
+
+
+def test_iterative_pruning_takes_scores_with_unprunable_none_leaves():
+    # a learned noise's log alpha scores: None at the biases and at the noise leaves
+    vd = bn.nn.learned_noise(bn.nn.MLP((6, 3)), per="weight")
+    variables = vd.init(jax.random.key(0), jnp.ones((1, 5)))
+    scores = prune.log_alpha(variables)
+    res = prune.iterative(
+        jax.random.key(1), variables, lambda p: scores, [0.5, 0.8], lambda k, p, m: p
+    )
+    flat = np.concatenate([np.ravel(scores["params"][k]["kernel"]) for k in ("Dense_0", "Dense_1")])
+    kept = np.concatenate(
+        [np.ravel(res.masks[-1]["params"][k]["kernel"]) for k in ("Dense_0", "Dense_1")]
+    )
+    assert kept.size == 48 and (~kept).sum() == round(0.8 * 48)
+    assert flat[~kept].max() <= flat[kept].min()  # the lowest -log alpha removed
+    assert res.masks[-1]["params"]["Dense_0"]["bias"] is None
+    np.testing.assert_array_equal(
+        res.params[-1]["params"]["Dense_0"]["bias"], variables["params"]["Dense_0"]["bias"]
+    )
 
 
 def test_iterative_pruning_keeps_removed_weights_removed_and_rescores_the_retrained_net():

@@ -130,6 +130,73 @@ def test_a_learned_noise_run_adds_the_log_alpha_rule_the_threshold_and_its_plots
     assert "log_alpha_hist.png" in plots and (out / "log_alpha_hist.png").stat().st_size > 0
     assert "kept_per_pixel.png" not in plots  # 64 inputs: no 28 x 28 image
     assert not (out / "kept_per_pixel.png").exists()
+    _check_log_alpha_retraining(out, trained)
+
+
+def _check_log_alpha_retraining(out, trained):
+    """Fine-tuning and iterative pruning by log α, with retraining replaced by a recorder: each
+    start is the learned network with the weights of lowest −log α removed, counted by hand."""
+    import jax
+
+    from bayesnoise.pipeline import config as bconfig
+    from bayesnoise.pipeline import stages
+
+    cfg = bconfig.load_config(out / "config.yaml")
+    task = stages._Task(cfg)
+    variables = jax.tree.map(np.asarray, trained["variables"])
+    mean = trained["params"]
+    post = {"mean": mean, "std": jax.tree.map(np.ones_like, mean)}
+    seen = []
+
+    def record(task_, key, params, mask, epochs, lr, progress):
+        seen.append((params, mask))
+        return params
+
+    layers = variables["params"]
+    neg_log_alpha = np.concatenate(
+        [
+            -(
+                np.asarray(layer["log_sigma2"]) - np.log(np.asarray(layer["kernel"]) ** 2 + 1e-8)
+            ).ravel()
+            for layer in layers.values()
+        ]
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages, "_retrain", record)
+        tuned = stages._finetune(task, post, jax.random.key(0), False, variables)
+    assert set(tuned["curves"]) == {"snr", "spr", "magnitude", "log_alpha"}
+    starts = seen[-2:]  # log alpha at 0.5 and 0.75 (the grid ends at 0.8)
+    for f, (params, mask), (g, test), (h, valid) in zip(
+        (0.5, 0.75), starts, tuned["curves"]["log_alpha"], tuned["valid_curves"]["log_alpha"]
+    ):
+        assert g == h == f
+        kept = np.concatenate(
+            [np.asarray(mask["params"][k]["kernel"]).ravel() for k in layers]
+        ).astype(bool)
+        assert kept.size == neg_log_alpha.size and abs((~kept).mean() - f) < 1e-3
+        # the removed weights are those of lowest -log alpha
+        assert neg_log_alpha[~kept].max() <= neg_log_alpha[kept].min()
+        kernel = params["params"]["Dense_0"]["kernel"]
+        first = np.asarray(mask["params"]["Dense_0"]["kernel"]).astype(bool)
+        assert np.all(np.asarray(kernel)[~first] == 0)
+        np.testing.assert_array_equal(
+            np.asarray(kernel)[first], np.asarray(layers["Dense_0"]["kernel"])[first]
+        )
+        assert test == pytest.approx(float(task.metric(params)))
+        assert valid == pytest.approx(float(task.valid_metric(params)))
+    seen.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages, "_retrain", record)
+        iterated = stages._iterative(task, post, jax.random.key(0), False, variables)
+    assert "log_alpha" in iterated["curves"]
+    last_params, last_mask = seen[-1]
+    kept = np.concatenate(
+        [np.asarray(last_mask["params"][k]["kernel"]).ravel() for k in layers]
+    ).astype(bool)
+    final = cfg.prune.iterative.fractions[-1]
+    assert abs((~kept).mean() - final) < 1e-3
+    assert neg_log_alpha[~kept].max() <= neg_log_alpha[kept].min()
+    assert iterated["curves"]["log_alpha"][-1][0] == pytest.approx(final)
 
 
 @pytest.mark.parametrize("per", ["row", "weight"])

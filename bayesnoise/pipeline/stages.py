@@ -552,22 +552,31 @@ def _both(task: _Task, params) -> tuple[float, float]:
     return float(task.metric(params)), float(task.valid_metric(params))
 
 
-def _finetune(task: _Task, post, key, progress: bool):
+def _learned_rule(variables):
+    """The log α rule's (start, scores) for a learned noise's ``variables``: the network with its
+    noise leaves (which the plain model ignores, and retraining leaves at zero gradient)."""
+    return variables, prune.log_alpha(variables)
+
+
+def _finetune(task: _Task, post, key, progress: bool, variables=None):
     """One-shot pruning then retraining the kept weights with the mask held fixed; the test and
-    the validation metric at every fraction."""
+    the validation metric at every fraction. Given a learned noise's ``variables``, also the
+    log α rule's masks on its mean network."""
     pc, tc = task.cfg.prune, task.cfg.train
     fractions = [f for f in (0.5, 0.75, 0.9, 0.95) if f <= max(pc.fraction_grid())]
     mean, std = _pruning_moments(task, post)
     lr = pc.finetune_learning_rate or tc.learning_rate
+    starts = {rule: (mean, _RULES[rule](mean, std)) for rule in pc.rules}
+    if variables is not None:
+        starts["log_alpha"] = _learned_rule(variables)
     curves, valid = {}, {}
-    for rule in pc.rules:
-        scores = _RULES[rule](mean, std)
+    for rule, (start, scores) in starts.items():
         curves[rule], valid[rule] = [], []
         for f in fractions:
             mask = prune.mask(scores, f, pc.scope, include_biases=pc.include_biases)
             k = jax.random.fold_in(key, int(1000 * f))
             tuned = _retrain(
-                task, k, prune.apply(mean, mask), mask, pc.finetune_epochs, lr, progress
+                task, k, prune.apply(start, mask), mask, pc.finetune_epochs, lr, progress
             )
             test, val = _both(task, tuned)
             curves[rule].append([f, test])
@@ -575,18 +584,23 @@ def _finetune(task: _Task, post, key, progress: bool):
     return {"curves": curves, "valid_curves": valid}
 
 
-def _iterative(task: _Task, post, key, progress: bool):
+def _iterative(task: _Task, post, key, progress: bool, variables=None):
     """Iterative pruning with retraining (``prune.iterative``), every rule from the pruning
-    moments' mean network; the test and the validation metric after every round."""
+    moments' mean network (and, given a learned noise's ``variables``, the log α rule: its
+    scores do not change with retraining); the test and the validation metric after every round."""
     pc, ic = task.cfg.prune, task.cfg.prune.iterative
     mean, std = _pruning_moments(task, post)
     lr = ic.learning_rate or task.cfg.train.learning_rate
+    starts = {rule: (mean, lambda p, rule=rule: _RULES[rule](p, std)) for rule in pc.rules}
+    if variables is not None:
+        start, scores = _learned_rule(variables)
+        starts["log_alpha"] = (start, lambda p: scores)
     curves, valid = {}, {}
-    for rule in pc.rules:
+    for rule, (start, score_fn) in starts.items():
         res = prune.iterative(
             key,
-            mean,
-            lambda p, rule=rule: _RULES[rule](p, std),  # the retrained weights as μ
+            start,
+            score_fn,  # the retrained weights as μ
             ic.fractions,
             lambda k, p, m: _retrain(task, k, p, m, ic.epochs, lr, progress),
             scope=pc.scope,
@@ -894,13 +908,17 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
     if cfg.prune.finetune_epochs > 0:
         tuned = staged(
             "finetune",
-            lambda: _finetune(task, post, jax.random.fold_in(key, 6), progress),
+            lambda: _finetune(
+                task, post, jax.random.fold_in(key, 6), progress, trained.get("variables")
+            ),
         )
     iterated = None
     if cfg.prune.iterative.enabled:
         iterated = staged(
             "iterative",
-            lambda: _iterative(task, post, jax.random.fold_in(key, 8), progress),
+            lambda: _iterative(
+                task, post, jax.random.fold_in(key, 8), progress, trained.get("variables")
+            ),
         )
     soft = None
     if cfg.prune.soft_target.enabled and task.classification:
