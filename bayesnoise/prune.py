@@ -790,7 +790,13 @@ def _is_real(value: Any) -> bool:
 # Fine-tuning with a fixed mask
 
 
-def masked_updates(mask: PyTree) -> optax.GradientTransformation:
+class _NonzeroMaskState(NamedTuple):
+    """The state of ``masked_updates("nonzero")``: the keep-mask read from the params at init."""
+
+    keep: PyTree  # bool per weight of every leaf with two or more axes; None elsewhere
+
+
+def masked_updates(mask: PyTree | str) -> optax.GradientTransformation:
     """An optax transform that zeroes the updates of pruned weights: u ← u ⊙ m.
 
     Chain it last, after the optimizer (and after any weight decay), so pruned weights that
@@ -801,15 +807,40 @@ def masked_updates(mask: PyTree) -> optax.GradientTransformation:
     Unlike ``optax.masked``, which leaves the updates outside its mask untouched, this sets
     them to zero. Start from ``apply(params, mask)``.
 
+    With ``mask="nonzero"`` the mask is read from the params at ``init``: in every leaf of two or
+    more axes (the kernels) the weights that are exactly zero stay zero, and other leaves update
+    freely. The mask then lives in the transform's state, so one transform (and one compiled
+    training loop) serves every mask, e.g. the rounds of :func:`iterative`; start from
+    ``apply(params, mask)`` as before.
+
     Args:
-        mask: keep-masks as for :func:`apply` (``None`` or a missing path: update freely).
+        mask: keep-masks as for :func:`apply` (``None`` or a missing path: update freely), or
+            ``"nonzero"``.
 
     Returns:
-        An ``optax.GradientTransformation`` with an empty state.
+        An ``optax.GradientTransformation``: with an empty state, or for ``"nonzero"`` one that
+        holds the mask.
 
     Raises:
-        ValueError: at ``init`` if the mask does not fit the params.
+        ValueError: ``mask`` is a string other than ``"nonzero"``; at ``init``, a mask that does
+            not fit the params.
     """
+    if isinstance(mask, str):
+        if mask != "nonzero":
+            raise ValueError(
+                f"mask must be a tree of keep-masks (as for bn.prune.apply) or the string "
+                f"'nonzero', got {mask!r}."
+            )
+
+        def init_nonzero(params):
+            keep = jax.tree.map(lambda p: p != 0 if jnp.ndim(p) >= 2 else None, params)
+            return _NonzeroMaskState(keep)
+
+        def update_nonzero(updates, state, params=None):
+            del params
+            return apply(updates, state.keep), state
+
+        return optax.GradientTransformation(init_nonzero, update_nonzero)
 
     def init_fn(params):
         apply(params, mask)  # checks that the mask fits

@@ -347,6 +347,19 @@ def test_masked_updates_keep_pruned_weights_zero():
     assert float(loss(tuned)) < float(loss(pruned))
     with pytest.raises(ValueError, match="nope"):
         prune.masked_updates({"nope": jnp.ones(2, bool)}).init(params)
+    # "nonzero": the mask read from the pruned start's zeros into the state, so that one
+    # transform serves every mask; the same steps as the explicit mask's
+    nonzero = optax.chain(optax.adam(1e-2), prune.masked_updates("nonzero"))
+    chex.assert_trees_all_equal(finetune(nonzero, pruned), tuned)
+    keep2 = prune.mask(prune.magnitude(params), 0.3)
+    pruned2 = prune.apply(params, keep2)
+    tuned2 = finetune(optax.chain(optax.adam(1e-2), prune.masked_updates(keep2)), pruned2)
+    chex.assert_trees_all_equal(finetune(nonzero, pruned2), tuned2)
+    assert sum(int(np.sum(np.asarray(t) == 0)) for t in jax.tree.leaves(tuned2)) < sum(
+        int(np.sum(np.asarray(t) == 0)) for t in jax.tree.leaves(tuned)
+    )
+    with pytest.raises(ValueError, match="'nonzero', got 'zeros'"):
+        prune.masked_updates("zeros")
 
 
 # --- sparse export ----------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class _Task:
         self.noise = bconfig.build_noise(cfg)  # for a learned noise: model -> LearnedNoise
         self.learned = cfg.noise.kind == "learned"
         self.y_std = float(getattr(ds, "y_std", 1.0))
+        self.retraining: dict = {}  # (lr, steps) -> the retraining's (optimizer, loss)
         n = len(self.x_train)
         for key, size in (
             ("train.batch_size", cfg.train.batch_size),
@@ -528,13 +529,19 @@ def _prune(task: _Task, post, variables=None):
 
 def _retrain(task: _Task, key, params, mask, epochs: int, lr: float, progress: bool):
     """The kept weights of ``params`` retrained for ``epochs`` (Adam, cosine decay from ``lr``),
-    the removed ones held at zero."""
+    the removed ones held at zero. ``params`` is the pruned network (``prune.apply(p, mask)``):
+    the optimizer reads the mask from its zeros, so one optimizer and one loss per (lr, steps)
+    serve every mask and the training loop is compiled once for all of them."""
     tc = task.cfg.train
     steps = epochs * (len(task.x_train) // tc.batch_size)
-    opt = optax.chain(
-        optax.adam(optax.cosine_decay_schedule(lr, steps)), prune.masked_updates(mask)
-    )
-    loss_fn = task.loss(lambda p, x, k: task.model.apply(p, x))
+    del mask  # read from the zeros of params
+    cache = task.retraining
+    if (lr, steps) not in cache:
+        opt = optax.chain(
+            optax.adam(optax.cosine_decay_schedule(lr, steps)), prune.masked_updates("nonzero")
+        )
+        cache[(lr, steps)] = (opt, task.loss(lambda p, x, k: task.model.apply(p, x)))
+    opt, loss_fn = cache[(lr, steps)]
     return train.fit(
         key,
         params,
