@@ -19,7 +19,15 @@ DIGITS = CONFIGS[0].parent / "digits.yaml"
 
 def test_configs_are_shipped():
     shipped = {p.stem for p in CONFIGS}
-    assert shipped >= {"digits", "mnist", "imdb", "msd", "mnist_sparsevd", "mnist_learned_rows"}
+    assert shipped >= {
+        "digits",
+        "mnist",
+        "imdb",
+        "msd",
+        "mnist_sparsevd",
+        "mnist_sparsevd_400",
+        "mnist_learned_rows",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -397,7 +405,8 @@ def test_configs_pickle_and_validate_their_json_schema():
 def test_shipped_learned_noise_configs():
     sparse = load_config(DIGITS.parent / "mnist_sparsevd.yaml")
     rows = load_config(DIGITS.parent / "mnist_learned_rows.yaml")
-    for cfg in (sparse, rows):
+    wide = load_config(DIGITS.parent / "mnist_sparsevd_400.yaml")
+    for cfg in (sparse, rows, wide):
         assert cfg.data.name == "mnist" and cfg.noise.kind == "learned" and cfg.noise.input is None
         assert not cfg.em.enabled and cfg.prune.moments == "laplace"
         assert 0 <= cfg.noise.warmup_epochs <= cfg.train.epochs // 4
@@ -405,6 +414,11 @@ def test_shipped_learned_noise_configs():
     assert sparse.model.hidden_sizes == (300, 100) and sparse.noise.per == "weight"
     assert sparse.train.batch_size == 100 and sparse.train.learning_rate == 1e-3
     assert rows.model.hidden_sizes == (400, 400) and rows.noise.per == "row"
+    # the comparison's network, per-weight noise, fine-tuned; fractions chosen as in mnist.yaml
+    mnist = load_config(DIGITS.parent / "mnist.yaml")
+    assert wide.model.hidden_sizes == mnist.model.hidden_sizes and wide.noise.per == "weight"
+    assert wide.prune.finetune_epochs > 0 and wide.eval.tolerance == mnist.eval.tolerance
+    assert max(wide.prune.fraction_grid()) >= 0.98
 
 
 def test_learned_noise_defaults_come_from_the_core():
