@@ -61,8 +61,10 @@ def test_a_stage_value_comes_back_from_its_checkpoint_exactly(tmp_path, caplog_i
     first = staged(ckpt, timings, "prune", lambda: STAGE_VALUE)
     assert "[prune] running" in logged(caplog_info) and "prune" in timings
     assert sorted(p.name for p in ckpt.dir.iterdir()) == ["prune.msgpack"]
-    again = staged(ckpt, {}, "prune", never("prune"))
+    seconds = {}
+    again = staged(ckpt, {}, "prune", never("prune"), seconds)
     path = ckpt.dir / "prune.msgpack"
+    assert seconds == {"prune": timings["prune"]}  # the run time saved with the value
     assert f"[prune] resumed from {path}" in logged(caplog_info)
     for value in (first, again):
         assert value["curves"] == {"snr": [[0.0, 0.1], [0.5, 0.25]], "spr": []}
@@ -72,7 +74,8 @@ def test_a_stage_value_comes_back_from_its_checkpoint_exactly(tmp_path, caplog_i
         np.testing.assert_array_equal(value["scales"]["kernel"], np.ones(3, np.float32))
         assert value["history"]["loss"].dtype == np.float32
     saved = bn.io.load(path)  # a plain msgpack file: the settings the stage depends on, its value
-    assert set(saved) == {"config", "value"} and saved["config"]["prune.num_fractions"] == 5
+    assert set(saved) == {"config", "value", "seconds"}
+    assert saved["config"]["prune.num_fractions"] == 5 and saved["seconds"] == timings["prune"]
 
 
 def test_without_resume_every_stage_runs(tmp_path):
@@ -175,6 +178,11 @@ def test_a_second_run_resumes_every_finished_stage(run_folder, caplog_info):
     res2 = json.loads((run_folder / "results.json").read_text())
     assert res2["curves"] == res["curves"]
     assert "train" not in res2["timings"] and "prune" in res2["timings"]
+    # every stage's run time stays in results.json: a resumed stage's from its checkpoint
+    before, after = res["stage_seconds"], res2["stage_seconds"]
+    assert after["train"] == before["train"] == res["timings"]["train"] > 0
+    assert after["sgld"] == before["sgld"] and after["prune"] == res2["timings"]["prune"]
+    assert after["total"] == pytest.approx(sum(v for k, v in after.items() if k != "total"))
 
 
 def test_a_checkpoint_older_than_a_config_field_is_valid_while_the_field_is_default(
@@ -240,7 +248,7 @@ def test_a_garbage_checkpoint_in_a_run_folder_reruns_its_stage_with_a_warning(
         np.testing.assert_allclose(res2["curves"][rule], curve, atol=1e-6)
     assert {"train", "prune"} <= set(res2["timings"]) and "sgld" not in res2["timings"]
     for path in (garbage, truncated):  # written again, whole
-        assert set(bn.io.load(path)) == {"config", "value"}
+        assert set(bn.io.load(path)) == {"config", "value", "seconds"}
 
 
 def strict_json(path):

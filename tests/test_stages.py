@@ -267,6 +267,9 @@ def test_a_run_over_seeds_reports_every_seed_and_their_mean_and_sd(tmp_path, cap
         "seed_4",
         "total",
     }
+    assert res["stage_seconds"]["total"] == pytest.approx(
+        sum(r["stage_seconds"]["total"] for r in runs)
+    )
 
 
 def test_runs_over_seeds_drop_compiled_code_near_the_kernels_limit_on_memory_maps(monkeypatch):

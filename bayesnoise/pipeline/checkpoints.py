@@ -49,6 +49,7 @@ class Checkpoints:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.resume = resume
+        self.seconds: dict[str, float | None] = {}  # stage -> its run time, read with its value
 
     def path(self, stage: str) -> Path:
         return self.dir / f"{stage}.msgpack"
@@ -76,6 +77,8 @@ class Checkpoints:
             _log.info("[%s] checkpoint was made under another config: running it again", stage)
             return None
         _log.info("[%s] resumed from %s", stage, path)
+        seconds = saved.get("seconds")
+        self.seconds[stage] = float(seconds) if isinstance(seconds, (int, float)) else None
         return saved["value"]
 
     def _relevant(self, stage: str) -> dict:
@@ -99,17 +102,27 @@ class Checkpoints:
             return None
         return {key: _setting(full, key) for key in saved}
 
-    def save(self, stage: str, value: Any) -> None:
-        bio.save(self.path(stage), {"config": self._relevant(stage), "value": value})
+    def save(self, stage: str, value: Any, seconds: float | None = None) -> None:
+        saved = {"config": self._relevant(stage), "value": value}
+        if seconds is not None:
+            saved["seconds"] = seconds
+        bio.save(self.path(stage), saved)
 
 
-def staged(ckpt: Checkpoints, timings: dict, stage: str, fn):
+def staged(ckpt: Checkpoints, timings: dict, stage: str, fn, seconds: dict | None = None):
+    """The stage's value: its checkpoint's, or ``fn()`` run, timed and saved. ``timings`` gets
+    the seconds of the stages run now; ``seconds``, if given, every stage's run time, read from
+    the checkpoint of a resumed stage (None for checkpoints saved without it)."""
     value = ckpt.load(stage)
     if value is not None:
+        if seconds is not None:
+            seconds[stage] = ckpt.seconds.get(stage)
         return value
     _log.info("[%s] running", stage)
     t0 = time.perf_counter()
     value = jax.device_get(fn())
     timings[stage] = round(time.perf_counter() - t0, 2)
-    ckpt.save(stage, value)
+    if seconds is not None:
+        seconds[stage] = timings[stage]
+    ckpt.save(stage, value, timings[stage])
     return value

@@ -788,6 +788,10 @@ def _over_seeds(cfg: bconfig.Config, seeds: list[int], per: list[dict]) -> dict:
         **{f"seed_{seed}": r["timings"]["total"] for seed, r in zip(seeds, per)},
         "total": round(sum(r["timings"]["total"] for r in per), 2),
     }
+    out["stage_seconds"] = {  # the seeds' run times, resumed stages included
+        **{f"seed_{seed}": r["stage_seconds"]["total"] for seed, r in zip(seeds, per)},
+        "total": round(sum(r["stage_seconds"]["total"] for r in per), 2),
+    }
     return out
 
 
@@ -881,11 +885,13 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
     task = _Task(cfg)
     timings["data"] = round(time.perf_counter() - t0, 2)
+    # every stage's run time, from its checkpoint where it was resumed (timings: this call's)
+    seconds: dict[str, float | None] = {"data": timings["data"]}
     key = jax.random.key(cfg.train.seed)
 
     def staged(stage: str, fn):
         try:
-            return _staged(ckpt, timings, stage, fn)
+            return _staged(ckpt, timings, stage, fn, seconds)
         except FloatingPointError as e:  # train.DivergenceError, sampling.DivergenceError
             raise RunError(f"[{stage}] {e} {_advice(cfg, stage)}") from e
 
@@ -983,6 +989,10 @@ def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
         out, task, results, post, ref_post, learned=trained.get("variables")
     )
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 2)
+    results["stage_seconds"] = {
+        **seconds,
+        "total": round(sum(v for v in seconds.values() if v is not None), 2),
+    }
     bio.write_text(out / "results.json", to_json(results))
     _log.info("%s", report.table(results))
     _log.info("results: %s", out / "results.json")
