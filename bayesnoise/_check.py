@@ -216,3 +216,38 @@ def all_finite(tree: Any) -> jax.Array:
     reduction per leaf)."""
     flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+@jax.jit
+def _nonfinite_per_leaf(tree: Any) -> list:
+    """(non-finite entries, first non-finite entry) per leaf, in one compiled call."""
+
+    def one(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
+            return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        bad = ~jnp.isfinite(x)
+        return jnp.sum(bad, dtype=jnp.int32), jnp.ravel(x)[jnp.argmax(jnp.ravel(bad))]
+
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def finite_leaves(tree: Any, name: str, advice: str) -> None:
+    """Raises a ValueError naming the first leaf of a concrete ``tree`` that holds NaN or inf
+    (its path, shape, count and one such entry), followed by ``advice``; one explicit transfer
+    of two numbers per leaf. Leaves that are not floats are skipped; traced trees pass."""
+    from bayesnoise._tree import path_str
+
+    if not concrete(tree):
+        return
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return
+    stats = jax.device_get(_nonfinite_per_leaf(tree))
+    for (path, leaf), (bad, first) in zip(flat, stats):
+        if bad:
+            raise ValueError(
+                f"{name} must be finite: leaf {path_str(path)!r} of shape "
+                f"{tuple(np.shape(leaf))} holds {int(bad)} NaN or infinite entries (such as "
+                f"{first}). {advice}"
+            )

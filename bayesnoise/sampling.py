@@ -184,37 +184,13 @@ def init(
     return SamplerState(params, kernel.transform.init(params), jnp.zeros((), jnp.int32), kernel)
 
 
-@jax.jit
-def _finite_per_leaf(tree: PyTree) -> list:
-    """(non-finite entries, first non-finite entry) per leaf, in one compiled call."""
-
-    def one(x):
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
-            return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
-        bad = ~jnp.isfinite(x)
-        return jnp.sum(bad, dtype=jnp.int32), jnp.ravel(x)[jnp.argmax(jnp.ravel(bad))]
-
-    return [one(x) for x in jax.tree.leaves(tree)]
-
-
 def _check_start(params: PyTree, name: str = "params") -> None:
-    """Raises a ValueError naming the first leaf of concrete ``params`` that is not finite
-    (one explicit transfer of two numbers per leaf)."""
-    if not _check.concrete(params):
-        return
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not flat:
-        return
-    stats = jax.device_get(_finite_per_leaf(params))
-    for (path, leaf), (bad, first) in zip(flat, stats):
-        if bad:
-            raise ValueError(
-                f"{name} (the starting state) must be finite: leaf "
-                f"{_tree.path_str(path)!r} of shape {tuple(np.shape(leaf))} holds {int(bad)} "
-                f"NaN or infinite entries (such as {first}). A chain cannot start there; a "
-                f"smaller step size does not help."
-            )
+    """Raises a ValueError naming the first leaf of concrete ``params`` that is not finite."""
+    _check.finite_leaves(
+        params,
+        f"{name} (the starting state)",
+        "A chain cannot start there; a smaller step size does not help.",
+    )
 
 
 def _check_callables(log_likelihood: Any, log_prior: Any) -> None:

@@ -506,22 +506,9 @@ def _check_finite_data(name: str, a: jax.Array) -> None:
 
 def _check_finite_params(params: PyTree) -> None:
     """Raises when concrete initial params hold NaN or inf, naming the first such leaf."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    floats = [
-        (p, leaf)
-        for p, leaf in leaves
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
-    ]
-    if not floats or not _check.concrete([leaf for _, leaf in floats]):
-        return
-    if bool(jax.device_get(_all_finite([leaf for _, leaf in floats]))):
-        return
-    for path, leaf in floats:
-        if not bool(jax.device_get(_all_finite(leaf))):
-            raise ValueError(
-                f"params{jax.tree_util.keystr(path)} holds NaN or inf; the initial params must "
-                f"be finite."
-            )
+    _check.finite_leaves(
+        params, "params (the initial state)", "Training cannot start there: check the init."
+    )
 
 
 _all_finite = jax.jit(_check.all_finite)
