@@ -21,3 +21,14 @@ def _drop_compiled_code():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def digits_small_run(tmp_path_factory):
+    """One finished small digits run (tests/small_run.py's settings, iterative pruning on),
+    shared by the tests that read a run or resume copies of it: a run costs about a minute."""
+    from small_run import ITERATIVE, run_cli
+
+    out = tmp_path_factory.mktemp("shared_run") / "digits"
+    assert run_cli(out, *ITERATIVE) == 0
+    return out

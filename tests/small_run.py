@@ -22,6 +22,14 @@ SMALL = [
 ]
 
 
+# iterative pruning on, short: the shared finished run (conftest.py, digits_small_run) uses it
+ITERATIVE = [
+    "prune.iterative.enabled=true",
+    "prune.iterative.fractions=[0.5,0.8]",
+    "prune.iterative.epochs=1",
+]
+
+
 def run_cli(out, *extra):
     """``bayesnoise run configs/digits.yaml --out OUT --quiet`` with SMALL and ``extra`` set."""
     args = ["run", str(CONFIG), "--out", str(out), "--quiet"]

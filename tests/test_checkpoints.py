@@ -146,11 +146,9 @@ def test_old_pickle_checkpoints_are_never_read(tmp_path, caplog_info):
 # The checkpoints of a run folder: one pipeline run on a tiny config, copied for each test.
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "digits"
-    assert run_cli(out) == 0
-    return out
+@pytest.fixture
+def finished_run(digits_small_run):
+    return digits_small_run  # conftest.py: one run shared with test_stages.py, not modified
 
 
 @pytest.fixture
@@ -162,7 +160,16 @@ def run_folder(finished_run, tmp_path):
 
 def test_a_run_leaves_a_msgpack_checkpoint_per_stage(finished_run):
     names = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
-    stages = ["finetune", "prune", "reference", "sgld", "sgld_reference", "soft_target", "train"]
+    stages = [
+        "finetune",
+        "iterative",
+        "prune",
+        "reference",
+        "sgld",
+        "sgld_reference",
+        "soft_target",
+        "train",
+    ]
     assert names == [f"{stage}.msgpack" for stage in stages]
     train = bn.io.load(finished_run / "checkpoints" / "train.msgpack")["value"]
     assert train["params"]["params"]["Dense_0"]["kernel"].shape == (64, 128)

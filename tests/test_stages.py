@@ -3,20 +3,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from small_run import run_cli
+from small_run import ITERATIVE, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_writes_the_report(tmp_path, capsys):
+def test_run_writes_the_report(digits_small_run, tmp_path, capsys):
+    import shutil
+
     import matplotlib
 
     backend = matplotlib.get_backend()
     import bayesnoise as bn
 
-    out = tmp_path / "digits"
-    iterative = ["prune.iterative.enabled=true", "prune.iterative.fractions=[0.5,0.8]"]
-    assert run_cli(out, *iterative, "prune.iterative.epochs=1") == 0
+    out = digits_small_run  # conftest.py: small_run.SMALL and ITERATIVE, run once per session
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "digits" and res["metric"] == "error"
     # choices on the validation split (10% of digits' 1,257 training images), metrics on test
@@ -78,8 +78,14 @@ def test_run_writes_the_report(tmp_path, capsys):
     assert res["config"]["train"]["epochs"] == 3
     for name in ("pruning_curves.png", "mean_vs_std.png", "em_scales.png", "config.yaml"):
         assert (out / name).stat().st_size > 0
+    # the run prints its table (a copy, resumed: every stage from its checkpoint)
+    copy = tmp_path / "digits"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    assert run_cli(copy, *ITERATIVE) == 0
     first = capsys.readouterr().out
-    assert "breakpoint" in first and str(out / "results.json") in first
+    assert "breakpoint" in first and str(copy / "results.json") in first
+    assert json.loads((copy / "results.json").read_text())["curves"] == res["curves"]
     assert matplotlib.get_backend() == backend  # the report never switches the backend
 
 
