@@ -140,5 +140,7 @@ def test_the_rules_reach_many_functions():
 @given(data=st.data())
 def test_every_public_function_rejects_the_bad_values_of_an_argument(qualname, fn, argument, data):
     value = data.draw(RULES[argument], label=argument)
-    with bad.clear_error(argument, value):
+    with bad.clear_error(argument, value) as err:
         _call(qualname, fn, argument, value)
+    # a clear error of the right kind, not a crash deeper down (KeyError, IndexError, ...)
+    assert err.type in (TypeError, ValueError) and argument in str(err.value)

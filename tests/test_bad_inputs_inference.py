@@ -63,27 +63,34 @@ def apply_fn(key, x):
 @settings(max_examples=15, deadline=None)
 @given(value=bad.bad_key())
 def test_run_rejects_a_bad_key(value):
-    with bad.clear_error("key", value):
+    with bad.clear_error("key", value) as err:
         run(key=value)
+    assert err.type in (TypeError, ValueError) and "PRNG key" in str(err.value)
 
 
 def test_run_rejects_key_none():
-    with bad.clear_error("key", None):
+    with bad.clear_error("key", None) as err:
         run(key=None)
+    assert err.type is TypeError and "jax.random.key(0)" in str(err.value)
+    # the same call with a key samples: one kept state per chain, finite
+    res = run(key=KEY)
+    assert int(res.moments.count) == 1 and np.all(np.isfinite(np.asarray(res.trace)))
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=bad.bad_positive())
 def test_run_rejects_a_bad_learning_rate(value):
-    with bad.clear_error("learning_rate", value):
+    with bad.clear_error("learning_rate", value) as err:
         run(learning_rate=value)
+    assert err.type in (TypeError, ValueError) and "> 0" in str(err.value)
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=st.one_of(bad.not_finite(), st.floats(max_value=-1e-3, allow_infinity=False)))
 def test_run_rejects_a_bad_temperature(value):
-    with bad.clear_error("temperature", value):
+    with bad.clear_error("temperature", value) as err:
         run(temperature=value)
+    assert err.type in (TypeError, ValueError) and ">= 0" in str(err.value)
 
 
 @settings(max_examples=15, deadline=None)
@@ -92,20 +99,26 @@ def test_run_rejects_a_bad_temperature(value):
     value=bad.bad_count(1),
 )
 def test_run_rejects_a_bad_count(name, value):
-    with bad.clear_error(name, value):
+    with bad.clear_error(name, value) as err:
         run(**{name: value})
+    assert err.type in (TypeError, ValueError) and f"{name} " in str(err.value)
 
 
 @settings(max_examples=10, deadline=None)
 @given(value=bad.bad_count(0))
 def test_run_rejects_a_bad_burn_in(value):
-    with bad.clear_error("num_burnin", value):
+    with bad.clear_error("num_burnin", value) as err:
         run(num_burnin=value)
+    assert err.type in (TypeError, ValueError) and "int >= 0" in str(err.value)
 
 
 def test_run_rejects_a_batch_larger_than_the_data():
-    with bad.clear_error("batch_size", 100):
+    with bad.clear_error("batch_size", 100) as err:
         run(batch_size=100)
+    assert err.type is ValueError and "8 examples" in str(err.value)
+    # the whole data set as one batch is allowed
+    res = run(batch_size=8)
+    assert res.settings["learning_rate"] == 1e-3 and int(res.moments.count) == 1
 
 
 @settings(max_examples=10, deadline=None)
