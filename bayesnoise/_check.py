@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayesnoise._tree import path_str
+
 __all__ = [
     "concrete",
     "number",
@@ -236,8 +238,6 @@ def finite_leaves(tree: Any, name: str, advice: str) -> None:
     """Raises a ValueError naming the first leaf of a concrete ``tree`` that holds NaN or inf
     (its path, shape, count and one such entry), followed by ``advice``; one explicit transfer
     of two numbers per leaf. Leaves that are not floats are skipped; traced trees pass."""
-    from bayesnoise._tree import path_str
-
     if not concrete(tree):
         return
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]

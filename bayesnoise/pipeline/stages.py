@@ -527,14 +527,13 @@ def _prune(task: _Task, post, variables=None):
     return out
 
 
-def _retrain(task: _Task, key, params, mask, epochs: int, lr: float, progress: bool):
+def _retrain(task: _Task, key, params, epochs: int, lr: float, progress: bool):
     """The kept weights of ``params`` retrained for ``epochs`` (Adam, cosine decay from ``lr``),
     the removed ones held at zero. ``params`` is the pruned network (``prune.apply(p, mask)``):
     the optimizer reads the mask from its zeros, so one optimizer and one loss per (lr, steps)
     serve every mask and the training loop is compiled once for all of them."""
     tc = task.cfg.train
     steps = epochs * (len(task.x_train) // tc.batch_size)
-    del mask  # read from the zeros of params
     cache = task.retraining
     if (lr, steps) not in cache:
         opt = optax.chain(
@@ -559,12 +558,6 @@ def _both(task: _Task, params) -> tuple[float, float]:
     return float(task.metric(params)), float(task.valid_metric(params))
 
 
-def _learned_rule(variables):
-    """The log α rule's (start, scores) for a learned noise's ``variables``: the network with its
-    noise leaves (which the plain model ignores, and retraining leaves at zero gradient)."""
-    return variables, prune.log_alpha(variables)
-
-
 def _finetune(task: _Task, post, key, progress: bool, variables=None):
     """One-shot pruning then retraining the kept weights with the mask held fixed; the test and
     the validation metric at every fraction. Given a learned noise's ``variables``, also the
@@ -574,17 +567,15 @@ def _finetune(task: _Task, post, key, progress: bool, variables=None):
     mean, std = _pruning_moments(task, post)
     lr = pc.finetune_learning_rate or tc.learning_rate
     starts = {rule: (mean, _RULES[rule](mean, std)) for rule in pc.rules}
-    if variables is not None:
-        starts["log_alpha"] = _learned_rule(variables)
+    if variables is not None:  # with its noise leaves, which the plain model ignores
+        starts["log_alpha"] = (variables, prune.log_alpha(variables))
     curves, valid = {}, {}
     for rule, (start, scores) in starts.items():
         curves[rule], valid[rule] = [], []
         for f in fractions:
             mask = prune.mask(scores, f, pc.scope, include_biases=pc.include_biases)
             k = jax.random.fold_in(key, int(1000 * f))
-            tuned = _retrain(
-                task, k, prune.apply(start, mask), mask, pc.finetune_epochs, lr, progress
-            )
+            tuned = _retrain(task, k, prune.apply(start, mask), pc.finetune_epochs, lr, progress)
             test, val = _both(task, tuned)
             curves[rule].append([f, test])
             valid[rule].append([f, val])
@@ -599,9 +590,9 @@ def _iterative(task: _Task, post, key, progress: bool, variables=None):
     mean, std = _pruning_moments(task, post)
     lr = ic.learning_rate or task.cfg.train.learning_rate
     starts = {rule: (mean, lambda p, rule=rule: _RULES[rule](p, std)) for rule in pc.rules}
-    if variables is not None:
-        start, scores = _learned_rule(variables)
-        starts["log_alpha"] = (start, lambda p: scores)
+    if variables is not None:  # with its noise leaves, which the plain model ignores
+        scores = prune.log_alpha(variables)
+        starts["log_alpha"] = (variables, lambda p: scores)
     curves, valid = {}, {}
     for rule, (start, score_fn) in starts.items():
         res = prune.iterative(
@@ -609,7 +600,7 @@ def _iterative(task: _Task, post, key, progress: bool, variables=None):
             start,
             score_fn,  # the retrained weights as μ
             ic.fractions,
-            lambda k, p, m: _retrain(task, k, p, m, ic.epochs, lr, progress),
+            lambda k, p, m: _retrain(task, k, p, ic.epochs, lr, progress),
             scope=pc.scope,
             include_biases=pc.include_biases,
             eval_fn=lambda p: dict(zip(("test", "valid"), _both(task, p))),
