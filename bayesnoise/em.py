@@ -595,8 +595,8 @@ def e_step(
 def _log_prior(hierarchy: gsm.Hierarchy, extra_log_prior: Callable | None) -> Callable:
     """The prior the E-step samples and the mode maximises: ``full_log_prior``, or the GSM part
     plus ``extra_log_prior`` in place of the biases' N(0, σ0²)."""
-    if extra_log_prior is None:
-        return functools.partial(gsm.full_log_prior, hierarchy=hierarchy)
+    if extra_log_prior is None:  # the scales enter compiled code as data (a Partial's arguments)
+        return jax.tree_util.Partial(gsm.full_log_prior, hierarchy=hierarchy)
     return lambda v: gsm.log_prior(v, hierarchy) + extra_log_prior(v)
 
 

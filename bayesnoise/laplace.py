@@ -98,8 +98,11 @@ logger = logging.getLogger(__name__)
 # "auto" computes per-item gradients exactly while N · items per example · params stays below
 # this many floats of work; beyond it, the probe.
 _EXACT_WORK = 2e9
-# Floats of per-item gradients the exact method holds at once (128 MiB in float32).
+# Floats of per-item gradients the exact method holds at once (128 MiB in float32), in chunks
+# of at most _EXACT_CHUNK examples (smaller chunks stay in cache: a small MLP's curvature takes
+# 40% less time in chunks of 16 than of 128).
 _EXACT_MEMORY = 2**25
+_EXACT_CHUNK = 16
 # The probe aims at this many chunks (relative sd √(2/C) ≈ 3%), with at most _PROBE_CHUNK
 # examples each: its cost is one pass per example plus O(params) per chunk.
 _PROBE_CHUNKS = 2048
@@ -451,7 +454,7 @@ def _curvature(params, log_likelihood, data, kind, key, num_classes, chunk_size,
         )
     if chunk_size is None:
         if method == "exact":
-            chunk_size = _EXACT_MEMORY // max(1, items * num_params)
+            chunk_size = min(_EXACT_CHUNK, _EXACT_MEMORY // max(1, items * num_params))
         else:
             chunk_size = min(_PROBE_CHUNK, -(-n // _PROBE_CHUNKS))
     chunk_size = int(max(1, min(chunk_size, n)))
@@ -516,8 +519,8 @@ def diag_ggn(
         key: PRNG key for the probe's random signs (needed by ``method="probe"``; ``"auto"``
             uses a fixed key when it picks the probe and none is given).
         num_classes: for integer targets, the number of classes K; default max label + 1.
-        chunk_size: examples per chunk. Default: for the exact method as many as keep the
-            per-item gradients near 128 MiB; for the probe ⌈N / 2048⌉ up to 64 (about 2048
+        chunk_size: examples per chunk. Default: for the exact method 16, or fewer where the
+            per-item gradients would pass 128 MiB; for the probe ⌈N / 2048⌉ up to 64 (about 2048
             chunks, relative sd ≈ 3%).
         method: ``"exact"`` (per-item gradients, memory chunk × items × params), ``"probe"``
             (Rademacher signs, one backward pass per chunk, unbiased, relative sd about

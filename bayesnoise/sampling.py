@@ -286,8 +286,11 @@ def _norm(tree: PyTree) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "num_iters"))
-def _power_iterate(key, params, sqrt_m, sub, scale, inv_t, *, log_likelihood, log_prior, num_iters):
+def _power_iterate(
+    key, params, sqrt_m, sub, scale, inv_t, prior_args, *, log_likelihood, log_prior, num_iters
+):
     """Power iteration for λ_max of M^½ ∇²U M^½, U = −(log p(θ) + scale Σ_sub log p(y|x, θ)) / T."""
+    log_prior = _join_fn(log_prior, prior_args)
 
     def potential(p):
         return -(log_prior(p) + scale * jnp.sum(log_likelihood(p, *sub))) * inv_t
@@ -315,6 +318,7 @@ def _power_iterate(key, params, sqrt_m, sub, scale, inv_t, *, log_likelihood, lo
 def _power_max(key, positions, sqrt_m, sub, scale, inv_t, *, log_likelihood, log_prior) -> float:
     """The largest |eigenvalue| of M^½ ∇²U M^½ over ``positions`` (one compiled iteration for
     the same functions and shapes)."""
+    log_prior, prior_args = _split_fn(log_prior)
     return max(
         abs(
             float(
@@ -325,6 +329,7 @@ def _power_max(key, positions, sqrt_m, sub, scale, inv_t, *, log_likelihood, log
                     sub,
                     jnp.float32(scale),
                     jnp.float32(inv_t),
+                    prior_args,
                     log_likelihood=log_likelihood,
                     log_prior=log_prior,
                     num_iters=15,
@@ -662,17 +667,50 @@ class _Static:
     """The settings the compiled loop is specialised to (hashable: a jit static argument)."""
 
     log_likelihood: Callable[..., jax.Array]
-    log_prior: Callable[[PyTree], jax.Array]
+    log_prior: Any  # the callable, or a Partial's structure (its arguments are data)
     transform: Any
     learning_rate: Any
     temperature: float
     batch_size: int
-    num_burnin: int
-    num_samples: int
-    thin: int
+    capacity: int  # room for kept states per chain (num_samples rounded up to a power of 2)
     trace_spec: tuple
     mesh: Any
     predict: Any
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _first_rows(buffer: jax.Array, *, n: int) -> jax.Array:
+    return buffer[:, :n]
+
+
+def _head(buffer: jax.Array, n: int) -> jax.Array:
+    """The first ``n`` kept states of a (chains, capacity, ...) buffer, on the device."""
+    return buffer if buffer.shape[1] == n else _first_rows(buffer, n=n)
+
+
+def _split_fn(fn: Any) -> tuple[Any, list]:
+    """(static part, data part) of a function that enters compiled code: a
+    ``jax.tree_util.Partial`` splits into its structure (the function, how its arguments nest)
+    and its array arguments, which then cross the ``jit`` boundary as data, so one compilation
+    serves every value of them (EM's changing prior scales, another seed's); any other
+    callable is static whole."""
+    if isinstance(fn, jax.tree_util.Partial):
+        leaves, treedef = jax.tree.flatten(fn)
+        return treedef, leaves
+    return fn, []
+
+
+def _join_fn(static: Any, leaves: list) -> Any:
+    """The function :func:`_split_fn` split."""
+    if isinstance(static, jax.tree_util.PyTreeDef):
+        return jax.tree.unflatten(static, leaves)
+    return static
+
+
+def _capacity(num_samples: int) -> int:
+    """Buffer rows for ``num_samples`` kept states: the next power of two (0 for none), so that
+    runs whose numbers of samples differ a little share one compiled loop."""
+    return 0 if num_samples <= 0 else 1 << (int(num_samples) - 1).bit_length()
 
 
 def _axes(mesh):
@@ -691,19 +729,29 @@ def _axes(mesh):
 
 @functools.partial(jax.jit, static_argnames=("static", "num_data", "params_per_chain"))
 def _init_carry(
-    chain_keys, params, precond, gnoise, predict_inputs, *, static, num_data, params_per_chain
+    chain_keys,
+    params,
+    precond,
+    gnoise,
+    predict_inputs,
+    prior_args,
+    *,
+    static,
+    num_data,
+    params_per_chain,
 ):
     """Every chain's state before its first step: sampler state, empty moments and buffers."""
     s = static
-    batch_size, num_samples, predict, mesh = s.batch_size, s.num_samples, s.predict, s.mesh
+    batch_size, num_samples, predict, mesh = s.batch_size, s.capacity, s.predict, s.mesh
     num_chains = chain_keys.shape[0]
     full_batch = batch_size >= num_data
     chain_axis, _, constrain = _axes(mesh)
     optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
+    log_prior = _join_fn(s.log_prior, prior_args)
     if not params_per_chain:
         params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
     states = jax.vmap(
-        lambda p: init(p, s.log_likelihood, s.log_prior, num_data, transform=optimizer)
+        lambda p: init(p, s.log_likelihood, log_prior, num_data, transform=optimizer)
     )(params)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
     num_traced = sum(len(idx) for _, idx in s.trace_spec)
@@ -727,11 +775,27 @@ def _init_carry(
     return constrain(carry, chain_axis)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "length"))
-def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, static, length):
-    """Steps start .. start + length of every chain, in one scan (compiled once per length)."""
+@functools.partial(jax.jit, static_argnames=("static",))
+def _sample(
+    carry,
+    start,
+    length,
+    num_burnin,
+    thin,
+    data,
+    precond,
+    gnoise,
+    predict_inputs,
+    floor,
+    prior_args,
+    *,
+    static,
+):
+    """Steps start .. start + length of every chain, in one loop, up to the first divergence of
+    any chain. The numbers of steps are data: one compilation serves every length, burn-in and
+    thinning (and, with a ``Partial`` log prior, every value of its arguments)."""
     s = static
-    batch_size, num_burnin, num_samples, thin = s.batch_size, s.num_burnin, s.num_samples, s.thin
+    batch_size, capacity = s.batch_size, s.capacity
     trace_spec, mesh, predict = s.trace_spec, s.mesh, s.predict
     num_data = jax.tree.leaves(data)[0].shape[0]
     full_batch = batch_size >= num_data
@@ -740,7 +804,8 @@ def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, stati
     # the chains' states cross the jit boundary as arrays; the kernel is rebuilt here
     optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
     one = jax.tree.map(lambda x: x[0], carry.state.params)
-    kernel = init(one, s.log_likelihood, s.log_prior, num_data, transform=optimizer).kernel
+    log_prior = _join_fn(s.log_prior, prior_args)
+    kernel = init(one, s.log_likelihood, log_prior, num_data, transform=optimizer).kernel
     carry = carry._replace(state=SamplerState(*carry.state, kernel))
 
     def shuffle(data_key, epoch):
@@ -772,7 +837,7 @@ def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, stati
 
         return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr, pred)
 
-    def body(c: _Carry, t):
+    def body(t, c: _Carry):
         if not full_batch:  # a fresh permutation of the examples at the start of every epoch
             perm = jax.lax.cond(
                 t % steps_per_epoch == 0,
@@ -788,7 +853,7 @@ def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, stati
         )
         # a runaway chain: its log posterior fell below the floor (see _runaway_floor)
         ok = alive & info.finite & (info.log_posterior >= floor)
-        if num_samples > 0:
+        if capacity > 0:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
             moments, buf_lp, buf_tr, pred, ok = jax.lax.cond(
                 is_sample,
@@ -800,10 +865,16 @@ def _sample(carry, start, data, precond, gnoise, predict_inputs, floor, *, stati
         bad_step = jnp.where(alive & ~ok, t, c.bad_step)
         keep = jax.vmap(lambda a, n, o: jax.tree.map(lambda x, y: jnp.where(a, x, y), n, o))
         c = c._replace(state=keep(ok, new_state, c.state), bad_step=bad_step)
-        return constrain(c, chain_axis), None
+        return constrain(c, chain_axis)
+
+    # the loop ends early once a chain has diverged: the run stops there with an error, so the
+    # other chains' further steps would be lost work
+    def going(tc):
+        t, c = tc
+        return (t < start + length) & jnp.all(c.bad_step < 0)
 
     carry = constrain(carry, chain_axis)
-    carry, _ = jax.lax.scan(body, carry, start + jnp.arange(length, dtype=jnp.int32))
+    _, carry = jax.lax.while_loop(going, lambda tc: (tc[0] + 1, body(*tc)), (start, carry))
     s = carry.state
     return carry._replace(state=_Arrays(s.params, s.opt_state, s.count)), None
 
@@ -952,9 +1023,13 @@ def run(
     defaults to 0, ``num_samples`` to 1000, ``thin`` to 1 and ``num_chains`` to 1.
 
     ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
-    scan: calling again with the same function objects and settings reuses it. A NaN or inf in
-    a chain's U, gradient or state freezes that chain and raises :class:`DivergenceError` after
-    the scan: no host synchronisation in the loop.
+    loop: calling again with the same function objects and settings reuses it, whatever the
+    numbers of steps (they enter as data; the buffers of kept states are sized to the next
+    power of two). A log prior given as a ``jax.tree_util.Partial`` enters with its arguments
+    as data, so one compilation serves every value of them (``bn.em.e_step`` passes its prior
+    this way: EM's iterations and other seeds reuse the loop). A NaN or inf in a chain's U,
+    gradient or state freezes that chain, ends the loop at that step and raises
+    :class:`DivergenceError` after it: no host synchronisation in the loop.
 
     Diagnostics come after the loop: split R-hat and ESS of ``num_traced`` weights spread over
     every leaf; ``result.converged`` is max R-hat <= ``rhat_threshold`` and min ESS >=
@@ -1000,7 +1075,8 @@ def run(
             meet an improper prior or a non-finite curvature.
         DivergenceError: (a ``FloatingPointError``) when a chain's log posterior, gradient or
             parameters become NaN or inf; the message names the step and the step size, and the
-            error's ``result`` holds every chain frozen at its last finite state.
+            error's ``result`` holds every chain at its state when the first one diverged (that
+            one at its last finite state).
     """
     is_auto = learning_rate is None
     if is_auto and num_chains is None and (not hasattr(key, "ndim") or jnp.ndim(key) == 0):
@@ -1147,12 +1223,13 @@ def run(
 
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "n", "per_chain"))
-def _start_log_posterior(params, data, *, log_likelihood, log_prior, n, per_chain):
+def _start_log_posterior(params, data, prior_args, *, log_likelihood, log_prior, n, per_chain):
     """(−U at ``params`` on the first n examples scaled to the whole data set, the standard
     deviation of the per-example log-likelihoods there), each of shape (C,) (C = 1 unless
     ``per_chain``, where params has a leading chain axis)."""
     num_data = data[0].shape[0]
     head = tuple(a[:n] for a in data)
+    log_prior = _join_fn(log_prior, prior_args)
 
     def one(p):
         ll = log_likelihood(p, *head)
@@ -1176,10 +1253,12 @@ def _runaway_floor(
     one = jax.tree.map(lambda a: a[0], params) if per_chain else params
     num_params = sum(int(np.size(a)) for a in jax.tree.leaves(one))
     n_floor = min(num_data, 1024)
+    log_prior, prior_args = _split_fn(log_prior)
     lp, sd = jax.device_get(
         _start_log_posterior(
             params,
             data,
+            prior_args,
             log_likelihood=log_likelihood,
             log_prior=log_prior,
             n=n_floor,
@@ -1420,8 +1499,9 @@ def _run_fixed(
     mesh (log_likelihood, log_prior, transform, learning_rate, ..., predict)."""
     n_chains = chain_keys.shape[0]
     mesh = _mesh(devices, n_chains, settings["batch_size"])
-    static = _Static(mesh=mesh, **settings)
-    num_burnin, num_samples, thin = static.num_burnin, static.num_samples, static.thin
+    num_burnin, num_samples, thin = (settings.pop(k) for k in ("num_burnin", "num_samples", "thin"))
+    log_prior, prior_args = _split_fn(settings.pop("log_prior"))
+    static = _Static(mesh=mesh, log_prior=log_prior, capacity=_capacity(num_samples), **settings)
     total = num_burnin + num_samples * thin
     if mesh is not None:
         by_chain = NamedSharding(mesh, P("chain" if "chain" in mesh.axis_names else None))
@@ -1440,23 +1520,29 @@ def _run_fixed(
         precond,
         gnoise,
         predict_inputs,
+        prior_args,
         static=static,
         num_data=int(jax.tree.leaves(data)[0].shape[0]),
         params_per_chain=params_per_chain,
     )
-    floor_on_device = jax.device_put(np.float32(floor))
+    floor_on_device, burnin_on_device, thin_on_device = jax.device_put(
+        (np.float32(floor), np.int32(num_burnin), np.int32(thin))
+    )
 
     def run_chunk(carry, start, length):
         return _sample(
             carry,
             start,
+            jax.device_put(np.int32(length)),
+            burnin_on_device,
+            thin_on_device,
             data,
             precond,
             gnoise,
             predict_inputs,
             floor_on_device,
+            prior_args,
             static=static,
-            length=length,
         )
 
     lengths = _loop.chunk_lengths(total, progress_every, bool(progress))
@@ -1474,8 +1560,8 @@ def _run_fixed(
         chain_moments=carry.moments,
         params=carry.state.params,
         opt_state=carry.state.opt_state,
-        log_posterior=carry.log_post,
-        trace=carry.trace,
+        log_posterior=_head(carry.log_post, num_samples),
+        trace=_head(carry.trace, num_samples),
         trace_names=trace_names,
         rhat=np.zeros((0,)),
         ess=np.zeros((0,)),
@@ -1502,7 +1588,12 @@ def _run_fixed(
             f"the last finite state (the error's .result.params)."
         )
         if step_t == 0 and not _first_step_finite(
-            chain_keys[chain], params, chain if params_per_chain else None, data, static
+            chain_keys[chain],
+            params,
+            chain if params_per_chain else None,
+            data,
+            static,
+            prior_args,
         ):
             advice = (
                 "The log posterior or its gradient is already NaN or inf at the starting params, "
@@ -1514,7 +1605,8 @@ def _run_fixed(
             f"SGLD diverged at step {step_t} ({phase}, chain {chain}) with step size "
             f"η_t = {eta:g}: the log posterior, its gradient or the parameters became NaN or inf"
             f"{'' if not np.isfinite(floor) else ', or the log posterior fell below ' + format(floor, '.4g')}. "
-            f"{advice} {int((bad >= 0).sum())} of {n_chains} chains diverged.",
+            f"{advice} {int((bad >= 0).sum())} of {n_chains} chains diverged at that step (the "
+            f"run stops at the first divergence).",
             step=step_t,
             step_size=eta,
             chain=chain,
@@ -1523,7 +1615,7 @@ def _run_fixed(
     return result
 
 
-def _first_step_finite(chain_key, params, chain, data, static) -> bool:
+def _first_step_finite(chain_key, params, chain, data, static, prior_args) -> bool:
     """Whether U and ∇U at a chain's starting params are finite on its first minibatch (the
     one its step 0 took); read once, after a divergence at step 0."""
     try:
@@ -1538,7 +1630,8 @@ def _first_step_finite(chain_key, params, chain, data, static) -> bool:
         else:
             batch = tuple(data)
         start = params if chain is None else jax.tree.map(lambda x: x[chain], params)
-        kernel = Kernel(static.log_likelihood, static.log_prior, num_data, None)
+        log_prior = _join_fn(static.log_prior, prior_args)
+        kernel = Kernel(static.log_likelihood, log_prior, num_data, None)
         u, grads = jax.value_and_grad(kernel.potential)(start, batch)
         return bool(jax.device_get(jnp.isfinite(u) & _check.all_finite(grads)))
     except Exception:  # the diagnosis must never hide the divergence itself

@@ -577,6 +577,65 @@ def test_divergence_names_the_step_and_the_step_size():
     assert float(err.result.moments.count) == expected - 2
 
 
+def test_the_loop_ends_at_the_first_divergence_of_any_chain():
+    # chain 0 runs away as in the test above; chain 1 starts at the mode θ = 0, where T = 0 keeps
+    # it for ever: it stops with chain 0, having kept its states up to that step (chain 0 those
+    # before it) instead of all 200
+    start = {"w": jnp.stack([jnp.ones(2), jnp.zeros(2)])}
+    with pytest.raises(sampling.DivergenceError) as info:
+        sampling.run(
+            jax.random.key(0),
+            start,
+            _no_likelihood,
+            _quadratic_log_prior,
+            (np.zeros((4, 1), np.float32),),
+            learning_rate=3.0,
+            temperature=0.0,
+            num_burnin=2,
+            num_samples=200,
+            num_chains=2,
+            params_per_chain=True,
+        )
+    err = info.value
+    assert err.chain == 0 and "1 of 2 chains diverged at that step" in str(err)
+    counts = np.asarray(err.result.chain_moments.count)
+    np.testing.assert_array_equal(counts, [err.step - 2, err.step - 1])
+    np.testing.assert_array_equal(np.asarray(err.result.params["w"][1]), [0.0, 0.0])
+
+
+def _scaled_log_prior(p, scale):
+    return -0.5 * jnp.sum((p["w"] / scale) ** 2)
+
+
+def test_runs_that_differ_in_lengths_and_prior_values_share_one_compiled_loop():
+    # the numbers of steps and the arguments of a Partial log prior enter the loop as data
+    prior = lambda s: jax.tree_util.Partial(_scaled_log_prior, scale=jnp.float32(s))
+    kw = dict(learning_rate=1e-3, batch_size=20, num_chains=2)
+    sampling.run(
+        jax.random.key(0), PARAMS, lin_ll, prior(1.0), (X, Y), num_burnin=10, num_samples=20,
+        thin=2, **kw,
+    )  # fmt: skip
+    compiled = sampling._sample._cache_size()
+    res = sampling.run(
+        jax.random.key(1), PARAMS, lin_ll, prior(0.5), (X, Y), num_burnin=30, num_samples=25,
+        thin=3, **kw,
+    )  # fmt: skip
+    assert sampling._sample._cache_size() == compiled
+    assert res.num_steps == 30 + 25 * 3 and res.trace.shape[:2] == (2, 25)
+    np.testing.assert_array_equal(np.asarray(res.chain_moments.count), [25, 25])
+    # the same chains as with the prior's value compiled in
+    closed = sampling.run(
+        jax.random.key(1), PARAMS, lin_ll, lambda p: _scaled_log_prior(p, 0.5), (X, Y),
+        num_burnin=30, num_samples=25, thin=3, **kw,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        moments.mean(res.moments)["w"], moments.mean(closed.moments)["w"], rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(res.trace), np.asarray(closed.trace), rtol=1e-4, atol=1e-6
+    )
+
+
 def _nan_likelihood(p, x):
     return jnp.log(p["w"][0]) * jnp.ones(x.shape[0])  # NaN for w < 0
 

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from small_run import ITERATIVE, run_cli
@@ -242,13 +243,21 @@ def test_a_run_over_seeds_reports_every_seed_and_their_mean_and_sd(tmp_path, cap
     out = tmp_path / "seeds"
     fast = ["em.enabled=false", "sgld.step_size=1e-5", "prune.soft_target.enabled=false"]
     fast += ["prune.finetune_epochs=0", "train.epochs=2", "train.seed=3"]
-    assert run_cli(out, *fast, "train.seeds=2") == 0
+    with jax.log_compiles(True):
+        assert run_cli(out, *fast, "train.seeds=2") == 0
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [3, 4]
     # without EM the chains are one E-step under λ = 1, with no warning about EM's iterations
     messages = [r.getMessage() for r in caplog.records]
-    assert any("[seeds] seed 4" in m for m in messages)
+    second = [i for i, m in enumerate(messages) if "[seeds] seed 4" in m]
+    assert len(second) == 1
     assert not any("iterations=0" in m for m in messages)
+    # the second seed reuses the first one's task and compiled loops: training, sampling
+    loops = ("jit(_epochs)", "jit(_sample)", "jit(_init_carry)")
+    compiled = [m for m in messages[: second[0]] if m.startswith("Compiling jit(")]
+    assert any(loop in m for m in compiled for loop in loops)
+    again = [m for m in messages[second[0] :] if any(f"Compiling {loop}" in m for loop in loops)]
+    assert again == []
     runs = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (3, 4)]
     assert [r["config"]["train"]["seed"] for r in runs] == [3, 4]
     assert runs[0]["trained_metric"] != runs[1]["trained_metric"]  # two trainings, not one

@@ -29,6 +29,7 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class _Task:
         self.noise = bconfig.build_noise(cfg)  # for a learned noise: model -> LearnedNoise
         self.learned = cfg.noise.kind == "learned"
         self.y_std = float(getattr(ds, "y_std", 1.0))
-        self.retraining: dict = {}  # (lr, steps) -> the retraining's (optimizer, loss)
+        self._made: dict = {}  # key -> a function built once (see cached)
         n = len(self.x_train)
         for key, size in (
             ("train.batch_size", cfg.train.batch_size),
@@ -116,6 +117,14 @@ class _Task:
     def init(self, key):
         return self.model.init(key, self.x_train[:1])
 
+    def cached(self, key, build: Callable[[], Any]) -> Any:
+        """``build()``, made once per ``key`` for this task: the losses, optimizers and
+        evaluations handed to compiled loops keep their identity over stages and seeds, so
+        each loop compiles once."""
+        if key not in self._made:
+            self._made[key] = build()
+        return self._made[key]
+
     def metric(self, params) -> jax.Array:
         """Test error, or test RMSE in the target's original units."""
         return self._metric(params, self.x_test, self.y_test)
@@ -129,6 +138,12 @@ class _Task:
         if self.classification:
             return jnp.mean(jnp.argmax(out, -1) != y)
         return jnp.sqrt(jnp.mean((out[:, 0] - y) ** 2)) * self.y_std
+
+    def predict(self, params, x) -> jax.Array:
+        """The predictive the posterior averages: class probabilities, or the prediction (a
+        method, so that every sampling run of the task shares one compiled loop)."""
+        out = self.model.apply(params, x)
+        return jax.nn.softmax(out) if self.classification else out
 
     def loss(self, apply):
         """The training loss of ``apply(params, x, key)``: cross-entropy or squared error."""
@@ -176,7 +191,7 @@ def _fit(task: _Task, key, params, loss_fn, targets, epochs: int, progress: bool
         key,
         params,
         loss_fn,
-        _optimizer(tc, steps),
+        task.cached(("optimizer", steps), lambda: _optimizer(tc, steps)),
         task.x_train,
         targets,
         epochs=epochs,
@@ -189,8 +204,10 @@ def _fit(task: _Task, key, params, loss_fn, targets, epochs: int, progress: bool
 def _fit_labels(task: _Task, key, params, loss_fn, epochs: int, progress: bool, net=None):
     """``_fit`` on the training labels, with the test metric of ``net(params)`` (default: of
     ``params``) in the history of every epoch."""
-    net = net or (lambda p: p)
-    eval_fn = lambda p: {"test_metric": task.metric(net(p))}
+    eval_fn = task.cached(
+        ("test_metric", net),
+        lambda: lambda p: {"test_metric": task.metric(p if net is None else net(p))},
+    )
     return _fit(task, key, params, loss_fn, task.y_train, epochs, progress, eval_fn=eval_fn)
 
 
@@ -198,21 +215,25 @@ def _train(task: _Task, noise, key, progress: bool, epochs: int | None = None):
     tc = task.cfg.train
     epochs = epochs or tc.epochs
     params = task.init(jax.random.fold_in(key, 0))
-    if noise is None:
-        apply = lambda p, x, k: task.model.apply(p, x)
-    else:
-        noisy = bnn.noisy_apply(task.model, noise)
-        apply = lambda p, x, k: noisy(p, x, rngs={"noise": k})
-    loss_fn = task.loss(apply)
-    scaled = (lambda p: inference.weight_scale(p, noise)) if noise is not None else (lambda p: p)
+    loss_fn, scaled = task.cached(("train", id(noise)), lambda: _training(task, noise))
     res = _fit_labels(task, jax.random.fold_in(key, 1), params, loss_fn, epochs, progress, scaled)
-    final = scaled(res.params)
+    final = res.params if scaled is None else scaled(res.params)
     out = {"params": final, "history": res.history, "metric": float(task.metric(final))}
     if noise is not None and task.classification:
         # Monte Carlo dropout's predictive, for the calibration table beside the posterior's
         fn = inference.sampler(bnn.noisy_apply(task.model, noise), res.params)
         out["mc_dropout"] = _mc_predictive(task, jax.random.fold_in(key, 2), fn)
     return out
+
+
+def _training(task: _Task, noise) -> tuple[Callable, Callable | None]:
+    """The loss of training under ``noise`` (None: none) and the weight-scaled network of
+    its parameters (None: the parameters themselves)."""
+    if noise is None:
+        return task.loss(lambda p, x, k: task.model.apply(p, x)), None
+    noisy = bnn.noisy_apply(task.model, noise)
+    loss_fn = task.loss(lambda p, x, k: noisy(p, x, rngs={"noise": k}))
+    return loss_fn, lambda p: inference.weight_scale(p, noise)
 
 
 _LOG_ALPHA_THRESHOLD = 3.0  # the sparse variational dropout rule: remove a weight if log α >= 3
@@ -222,14 +243,17 @@ def _train_learned(task: _Task, key, progress: bool):
     """Variational dropout: the weights and their noise trained on the negative ELBO per example
     (the KL weighted by ``noise.kl_weight``, ramped in over ``noise.warmup_epochs``)."""
     nc, tc = task.cfg.noise, task.cfg.train
-    vd = task.noise(task.model)
+    vd = task.cached("learned_noise", lambda: task.noise(task.model))
     variables = vd.init(jax.random.fold_in(key, 0), task.x_train[:1])
-    loss_fn = train.variational_loss(
-        lambda p, x, k: vd.apply(p, x, rngs={"noise": k}),
-        len(task.x_train),
-        kl_weight=nc.kl_weight,
-        warmup_steps=nc.warmup_epochs * (len(task.x_train) // tc.batch_size),
-        likelihood="categorical" if task.classification else "gaussian",
+    loss_fn = task.cached(
+        "variational_loss",
+        lambda: train.variational_loss(
+            lambda p, x, k: vd.apply(p, x, rngs={"noise": k}),
+            len(task.x_train),
+            kl_weight=nc.kl_weight,
+            warmup_steps=nc.warmup_epochs * (len(task.x_train) // tc.batch_size),
+            likelihood="categorical" if task.classification else "gaussian",
+        ),
     )
     # the test metric of the mean network (task.metric ignores the noise leaves)
     res = _fit_labels(task, jax.random.fold_in(key, 1), variables, loss_fn, tc.epochs, progress)
@@ -310,10 +334,6 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     transform = psgld if sc.method == "psgld" else sgld
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
     settings = sc.run_settings()
-    if task.classification:
-        predict = lambda p, x: jax.nn.softmax(task.model.apply(p, x))
-    else:
-        predict = lambda p, x: task.model.apply(p, x)
 
     def report(record: dict) -> None:
         _log.info(
@@ -328,7 +348,7 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     sampling = dict(
         transform=transform,
         progress=progress,
-        predict=predict,
+        predict=task.predict,
         predict_inputs=task.x_test,
         **settings,
     )
@@ -534,13 +554,13 @@ def _retrain(task: _Task, key, params, epochs: int, lr: float, progress: bool):
     serve every mask and the training loop is compiled once for all of them."""
     tc = task.cfg.train
     steps = epochs * (len(task.x_train) // tc.batch_size)
-    cache = task.retraining
-    if (lr, steps) not in cache:
-        opt = optax.chain(
+    opt = task.cached(
+        ("retrain", lr, steps),
+        lambda: optax.chain(
             optax.adam(optax.cosine_decay_schedule(lr, steps)), prune.masked_updates("nonzero")
-        )
-        cache[(lr, steps)] = (opt, task.loss(lambda p, x, k: task.model.apply(p, x)))
-    opt, loss_fn = cache[(lr, steps)]
+        ),
+    )
+    loss_fn, _ = task.cached(("train", id(None)), lambda: _training(task, None))
     return train.fit(
         key,
         params,
@@ -687,13 +707,15 @@ def _run_seeds(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> 
     folder ``OUT/seed_S`` (checkpointed, so an interrupted run resumes at its last stage), then
     the figures over seeds (mean, sd and every seed's) in ``OUT/results.json``."""
     seeds = [cfg.train.seed + i for i in range(cfg.train.seeds)]
-    per = []
+    per: list[dict] = []
+    shared: dict = {}
     for seed in seeds:
         _log.info("[seeds] seed %d (%d of %d)", seed, len(per) + 1, len(seeds))
         one = bconfig.load_config(cfg, [f"train.seed={seed}", "train.seeds=1"])
         folder = runfolder.prepare(out / f"seed_{seed}", files=("results.json",))
-        per.append(_run(one, folder, resume, progress))
-        _release_compiled()
+        per.append(_run(one, folder, resume, progress, shared))
+        if _release_compiled():
+            shared.clear()
     results = _over_seeds(cfg, seeds, per)
     bio.write_text(out / "config.yaml", cfg.to_yaml())
     results["plots"] = report.seed_plots(out, results)
@@ -703,20 +725,23 @@ def _run_seeds(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> 
     return results
 
 
-def _release_compiled(share: float = 0.4) -> None:
+def _release_compiled(share: float = 0.4) -> bool:
     """Drops JAX's compiled executables once this process holds more than ``share`` of the
     kernel's limit on memory maps (Linux): every executable keeps its code mapped, and past
-    ``vm.max_map_count`` the next compilation fails. Later seeds then compile again."""
+    ``vm.max_map_count`` the next compilation fails. Later seeds then compile again. Returns
+    whether it dropped them."""
     try:
         limit = int(Path("/proc/sys/vm/max_map_count").read_text())
         with open("/proc/self/maps") as maps:
             used = sum(1 for _ in maps)
     except (OSError, ValueError):
-        return
-    if used > share * limit:
-        _log.info("[seeds] %d of %d memory maps in use: dropping compiled code", used, limit)
-        jax.clear_caches()
-        gc.collect()
+        return False
+    if used <= share * limit:
+        return False
+    _log.info("[seeds] %d of %d memory maps in use: dropping compiled code", used, limit)
+    jax.clear_caches()
+    gc.collect()
+    return True
 
 
 def _stat(values) -> tuple[float, float]:
@@ -868,13 +893,22 @@ def to_json(results: dict) -> str:
     return text
 
 
-def _run(cfg: bconfig.Config, out: Path, resume: bool, progress: bool) -> dict:
+def _run(
+    cfg: bconfig.Config, out: Path, resume: bool, progress: bool, shared: dict | None = None
+) -> dict:
+    """One seed's stages. ``shared``: kept over the seeds of one run (configs that differ in
+    the seed only); the first seed puts its task there (data, model, and the functions its
+    stages hand to compiled loops) and later seeds reuse it, with the code compiled for it."""
     cfg_dict = cfg.to_dict()
     bio.write_text(out / "config.yaml", cfg.to_yaml())
     ckpt = Checkpoints(out, cfg_dict, resume)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    task = _Task(cfg)
+    shared = {} if shared is None else shared
+    if "task" not in shared:
+        shared["task"] = _Task(cfg)
+    task = shared["task"]
+    task.cfg = cfg
     timings["data"] = round(time.perf_counter() - t0, 2)
     # every stage's run time, from its checkpoint where it was resumed (timings: this call's)
     seconds: dict[str, float | None] = {"data": timings["data"]}
