@@ -540,6 +540,15 @@ def _no_likelihood(p, x):
     return jnp.zeros(x.shape[0])
 
 
+def _run_away(start, **kw):
+    """U = θ²/2 with no data, η = 3 at T = 0 (θ_{t+1} = −2 θ_t): 2 burn-in steps, 200 kept."""
+    return sampling.run(
+        jax.random.key(0), start, _no_likelihood, _quadratic_log_prior,
+        (np.zeros((4, 1), np.float32),), learning_rate=3.0, temperature=0.0, num_burnin=2,
+        num_samples=200, **kw,
+    )  # fmt: skip
+
+
 def test_divergence_names_the_step_and_the_step_size():
     # U = θ²/2 and η = 3 at T = 0: θ_{t+1} = −2 θ_t. The chain has run away at the first step
     # whose U is not finite or exceeds U at the start by 20 nats per parameter (here 40, with
@@ -555,17 +564,7 @@ def test_divergence_names_the_step_and_the_step_size():
         theta = theta - np.float32(3.0) * theta
     assert expected is not None
     with pytest.raises(sampling.DivergenceError) as info:
-        sampling.run(
-            jax.random.key(0),
-            {"w": jnp.ones(2)},
-            _no_likelihood,
-            _quadratic_log_prior,
-            (np.zeros((4, 1), np.float32),),
-            learning_rate=3.0,
-            temperature=0.0,
-            num_burnin=2,
-            num_samples=200,
-        )
+        _run_away({"w": jnp.ones(2)})
     err = info.value
     assert isinstance(err, FloatingPointError) and "fell below" in str(err)
     assert f"step {expected} " in str(err) and f"sampling step {expected - 2}" in str(err)
@@ -583,19 +582,7 @@ def test_the_loop_ends_at_the_first_divergence_of_any_chain():
     # before it) instead of all 200
     start = {"w": jnp.stack([jnp.ones(2), jnp.zeros(2)])}
     with pytest.raises(sampling.DivergenceError) as info:
-        sampling.run(
-            jax.random.key(0),
-            start,
-            _no_likelihood,
-            _quadratic_log_prior,
-            (np.zeros((4, 1), np.float32),),
-            learning_rate=3.0,
-            temperature=0.0,
-            num_burnin=2,
-            num_samples=200,
-            num_chains=2,
-            params_per_chain=True,
-        )
+        _run_away(start, num_chains=2, params_per_chain=True)
     err = info.value
     assert err.chain == 0 and "1 of 2 chains diverged at that step" in str(err)
     counts = np.asarray(err.result.chain_moments.count)
