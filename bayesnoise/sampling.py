@@ -1,9 +1,9 @@
-"""Posterior moments by SGLD for any model: building blocks, and many chains in one compiled scan.
+"""Posterior moments by SGLD for any model: building blocks, and many chains in one compiled loop.
 
 The sampler comes in BlackJAX's shape: :func:`init` builds a chain's state, :func:`step` takes
 one key-first, pure step on a minibatch, and :func:`run` is built from them (chains a
-``jax.vmap`` axis, all steps one ``jax.lax.scan`` under one ``jax.jit``). A step estimates the
-negative log posterior of the whole data set from a minibatch of n of the N examples,
+``jax.vmap`` axis, all steps one ``jax.lax.while_loop`` under one ``jax.jit``). A step estimates
+the negative log posterior of the whole data set from a minibatch of n of the N examples,
 
     U(θ) = −log p(θ) − (N / n) Σ_{i ∈ batch} log p(y_i | x_i, θ),
 
@@ -1420,7 +1420,7 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
     window_length = max(25, settings.num_burnin // num_windows)
     w = 0
     while w < num_windows:
-        # equal windows (one compiled scan for all of them) that share the burn-in
+        # windows that share the burn-in (one compiled loop for all of them)
         length = window_length
         try:
             out = attempt(
