@@ -127,17 +127,22 @@ def test_run_rejects_a_batch_larger_than_the_data():
     value=bad.bad_positive(),
 )
 def test_run_rejects_a_bad_threshold(name, value):
-    with bad.clear_error(name, value):
+    with bad.clear_error(name, value) as err:
         run(**{name: value})
+    assert err.type in (TypeError, ValueError) and name in str(err.value)
 
 
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_run_rejects_params_that_are_not_finite(value):
     params = jax.tree.map(lambda x: x.at[0].set(value), PARAMS)
-    with bad.clear_error("params", value):
+    with bad.clear_error("params", value) as from_run:
         run(params=params)
-    with bad.clear_error("params", value):
+    with bad.clear_error("params", value) as from_init:
         bn.sampling.init(params, log_likelihood, log_prior, 8, transform=bn.sgld(1e-3))
+    # both name the leaf, in the same words
+    assert from_run.type is from_init.type is ValueError
+    assert "'params/Dense_0/bias'" in str(from_run.value)
+    assert str(from_run.value) == str(from_init.value)
 
 
 def test_run_at_a_start_whose_log_posterior_is_nan_says_so():
@@ -159,8 +164,9 @@ def test_run_rejects_bad_functions_data_and_predictions():
         run(data=(X, Y[:7]))
     with bad.clear_error("predict_inputs", "(3, 4)"):
         run(predict=lambda p, x: x, predict_inputs=jnp.ones((3, 4)))
-    with bad.clear_error("predict", 3):
+    with bad.clear_error("predict", 3) as err:
         run(predict=3, predict_inputs=X)
+    assert err.type is TypeError and "callable" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -174,18 +180,20 @@ def test_run_rejects_bad_functions_data_and_predictions():
     ],
 )
 def test_run_rejects_bad_automatic_options(auto, name, value):
-    with bad.clear_error(name, value):
+    with bad.clear_error(name, value) as err:
         run(learning_rate=None, auto=auto)
+    assert err.type in (TypeError, ValueError) and name in str(err.value)
 
 
 @settings(max_examples=10, deadline=None)
 @given(value=bad.bad_key())
 def test_step_and_auto_settings_reject_a_bad_key(value):
     state = bn.sampling.init(PARAMS, log_likelihood, log_prior, 8, transform=bn.sgld(1e-3))
-    with bad.clear_error("key", value):
+    with bad.clear_error("key", value) as from_step:
         bn.sampling.step(value, state, DATA)
-    with bad.clear_error("key", value):
+    with bad.clear_error("key", value) as from_auto:
         bn.sampling.auto_settings(value, PARAMS, log_likelihood, log_prior, DATA)
+    assert from_step.type is from_auto.type and "key" in str(from_auto.value)
 
 
 def test_step_rejects_a_bad_state_or_batch():
@@ -194,8 +202,9 @@ def test_step_rejects_a_bad_state_or_batch():
         bn.sampling.step(KEY, {}, DATA)
     with bad.clear_error("batch", "(8, 5)"):
         bn.sampling.step(KEY, state, X)
-    with bad.clear_error("batch", "(3,)"):
+    with bad.clear_error("batch", "(3,)") as err:
         bn.sampling.step(KEY, state, (X, Y[:3]))
+    assert err.type is ValueError and "common leading axis" in str(err.value)
 
 
 @settings(max_examples=10, deadline=None)
@@ -204,8 +213,9 @@ def test_step_rejects_a_bad_state_or_batch():
     value=bad.bad_positive(),
 )
 def test_auto_settings_rejects_a_bad_setting(name, value):
-    with bad.clear_error(name, value):
+    with bad.clear_error(name, value) as err:
         bn.sampling.auto_settings(KEY, PARAMS, log_likelihood, log_prior, DATA, **{name: value})
+    assert err.type in (TypeError, ValueError) and name in str(err.value)
 
 
 def test_a_traced_key_passes_step():
@@ -220,8 +230,9 @@ def test_a_traced_key_passes_step():
 @settings(max_examples=15, deadline=None)
 @given(value=bad.bad_positive())
 def test_posterior_rejects_a_bad_temperature(value):
-    with bad.clear_error("temperature", value):
+    with bad.clear_error("temperature", value) as err:
         bn.laplace.posterior(PARAMS, H, log_likelihood, DATA, temperature=value)
+    assert err.type in (TypeError, ValueError) and "temperature" in str(err.value)
 
 
 def test_diag_ggn_rejects_bad_settings():
