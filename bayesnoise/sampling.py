@@ -203,8 +203,9 @@ def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerStat
 
     Pure and key-first, as BlackJAX's kernels: the key is handed to the transform as the extra
     argument ``key=`` (so every chain driven with its own keys has its own noise), never stored.
-    A non-finite U, gradient or new state leaves the state unchanged and sets
-    ``info.finite = False``: the chain freezes instead of spreading NaN.
+    A non-finite U or new state leaves the state unchanged and sets ``info.finite = False``:
+    the chain freezes instead of spreading NaN. A NaN gradient always makes the new state NaN;
+    an infinite one makes it infinite, unless a drift clip (``max_drift``) bounds the move.
 
     Args:
         key: a PRNG key for this step's noise.
@@ -237,15 +238,27 @@ def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerStat
             f"batch must be a tuple of arrays with a common leading axis of n >= 1 examples; got "
             f"shapes {[tuple(jnp.shape(a)) for a in jax.tree.leaves(batch)]}."
         )
+    proposed, u, ok = _propose(key, state, batch)
+    return _accept(ok, proposed, state), StepInfo(log_posterior=-u, finite=ok)
+
+
+def _propose(key: jax.Array, state: SamplerState, batch: tuple):
+    """(the state one step on, U at the old state, whether U and the new state are finite),
+    nothing rejected yet: the compiled loop adds its own tests and selects once."""
     kernel = state.kernel
     u, grads = jax.value_and_grad(kernel.potential)(state.params, batch)
     updates, new_opt = kernel.transform.update(grads, state.opt_state, state.params, key=key)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(u) & _check.all_finite(grads) & _check.all_finite(new_params)
-    params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_params, state.params)
-    opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_opt, state.opt_state)
-    new = state.replace(params=params, opt_state=opt_state, count=state.count + 1)
-    return new, StepInfo(log_posterior=-u, finite=ok)
+    # a non-finite gradient reaches the new state (θ − η·NaN, or a clipped drift of NaN), so
+    # one reduction over the new state covers both
+    ok = jnp.isfinite(u) & _check.all_finite(new_params)
+    proposed = state.replace(params=new_params, opt_state=new_opt, count=state.count + 1)
+    return proposed, u, ok
+
+
+def _accept(ok: jax.Array, proposed: SamplerState, state: SamplerState) -> SamplerState:
+    """``proposed`` where ``ok``, else ``state`` unchanged (count included)."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), proposed, state)
 
 
 # ------------------------------------------------------------------- settings that converge
@@ -821,11 +834,11 @@ def _sample(
 
     def record(t, params, log_post, ok, moments, buf_lp, buf_tr, pred):
         # The kept sample is θ_t, the state at which step t took its gradient, so that the
-        # recorded −U belongs to it. It enters the moments only when it is finite.
+        # recorded −U belongs to it. It enters the moments only when that step was accepted (θ_t
+        # itself is finite: a chain only ever moves to a finite state).
         s = (t - num_burnin) // thin
 
         def one(m, p, lp, ok, buf_lp, buf_tr, pred):
-            ok = ok & _check.all_finite(p)
             m_new = _moments.update(m, p)
             m = jax.tree.map(lambda a, b: jnp.where(ok, a, b), m_new, m)
             buf_lp = buf_lp.at[s].set(jnp.where(ok, lp, jnp.nan).astype(jnp.float32))
@@ -848,23 +861,22 @@ def _sample(
         alive = c.bad_step < 0
         batch = minibatches(t, c.perm)
         keys_t = jax.vmap(jax.random.fold_in, in_axes=(0, None))(c.step_key, t)
-        new_state, info = jax.vmap(step, in_axes=(0, 0, None if full_batch else 0))(
+        proposed, u, finite = jax.vmap(_propose, in_axes=(0, 0, None if full_batch else 0))(
             keys_t, c.state, batch
         )
         # a runaway chain: its log posterior fell below the floor (see _runaway_floor)
-        ok = alive & info.finite & (info.log_posterior >= floor)
+        ok = alive & finite & (-u >= floor)
         if capacity > 0:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
             moments, buf_lp, buf_tr, pred, ok = jax.lax.cond(
                 is_sample,
-                lambda args: record(t, c.state.params, info.log_posterior, *args),
+                lambda args: record(t, c.state.params, -u, *args),
                 lambda args: (args[1], args[2], args[3], args[4], args[0]),
                 (ok, c.moments, c.log_post, c.trace, c.pred_sum),
             )
             c = c._replace(moments=moments, log_post=buf_lp, trace=buf_tr, pred_sum=pred)
         bad_step = jnp.where(alive & ~ok, t, c.bad_step)
-        keep = jax.vmap(lambda a, n, o: jax.tree.map(lambda x, y: jnp.where(a, x, y), n, o))
-        c = c._replace(state=keep(ok, new_state, c.state), bad_step=bad_step)
+        c = c._replace(state=jax.vmap(_accept)(ok, proposed, c.state), bad_step=bad_step)
         return constrain(c, chain_axis)
 
     # the loop ends early once a chain has diverged: the run stops there with an error, so the

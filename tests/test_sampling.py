@@ -76,6 +76,28 @@ def test_step_freezes_a_chain_at_a_non_finite_gradient():
     assert not bool(info.finite) and float(new.params["w"][0]) == -1.0
 
 
+def test_an_infinite_gradient_freezes_a_chain_unless_the_drift_clip_bounds_the_move():
+    # U = −N·sqrt(w) at w = 0: finite, with an infinite gradient
+    def start(transform):
+        return sampling.init(
+            {"w": jnp.zeros(1)},
+            lambda p, x: jnp.sqrt(p["w"][0]) * jnp.ones(x.shape[0]),
+            lambda p: jnp.zeros(()),
+            4,
+            transform=transform,
+        )
+
+    batch = (jnp.zeros((4, 1)),)
+    frozen, info = sampling.step(jax.random.key(0), start(bn.sgld(0.1)), batch)
+    assert not bool(info.finite) and float(frozen.params["w"][0]) == 0.0
+    moved, info = sampling.step(jax.random.key(0), start(bn.sgld(0.1, max_drift=3.0)), batch)
+    # the drift is clipped at 3 noise deviations, sqrt(2 · 0.1) each; the noise adds one draw
+    opt, zero = bn.sgld(0.1), {"w": jnp.zeros(1)}
+    noise = float(opt.update(zero, opt.init(zero), key=jax.random.key(0))[0]["w"][0])
+    assert bool(info.finite)
+    np.testing.assert_allclose(float(moved.params["w"][0]), 3.0 * np.sqrt(0.2) + noise, rtol=1e-5)
+
+
 def test_sgld_key_seed_alias_default_and_extra_argument():
     grads, params = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
 
