@@ -850,7 +850,7 @@ def _sample(
 
         return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr, pred)
 
-    def body(t, c: _Carry):
+    def body(t, c: _Carry, burnin_only=False):
         if not full_batch:  # a fresh permutation of the examples at the start of every epoch
             perm = jax.lax.cond(
                 t % steps_per_epoch == 0,
@@ -866,7 +866,7 @@ def _sample(
         )
         # a runaway chain: its log posterior fell below the floor (see _runaway_floor)
         ok = alive & finite & (-u >= floor)
-        if capacity > 0:
+        if capacity > 0 and not burnin_only:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
             moments, buf_lp, buf_tr, pred, ok = jax.lax.cond(
                 is_sample,
@@ -879,14 +879,25 @@ def _sample(
         c = c._replace(state=jax.vmap(_accept)(ok, proposed, c.state), bad_step=bad_step)
         return constrain(c, chain_axis)
 
-    # the loop ends early once a chain has diverged: the run stops there with an error, so the
-    # other chains' further steps would be lost work
-    def going(tc):
-        t, c = tc
-        return (t < start + length) & jnp.all(c.bad_step < 0)
+    # The loops end early once a chain has diverged: the run stops there with an error, so the
+    # other chains' further steps would be lost work.
+    def steps_until(stop, burnin_only):
+        def going(tc):
+            return (tc[0] < stop) & jnp.all(tc[1].bad_step < 0)
 
+        return lambda tc: jax.lax.while_loop(
+            going, lambda tc: (tc[0] + 1, body(*tc, burnin_only=burnin_only)), tc
+        )
+
+    # The burn-in runs in a loop of its own whose carry leaves out the moments and buffers, and
+    # whose steps carry no conditional over them (XLA copies a conditional's operands).
     carry = constrain(carry, chain_axis)
-    _, carry = jax.lax.while_loop(going, lambda tc: (tc[0] + 1, body(*tc)), (start, carry))
+    kept = {f: getattr(carry, f) for f in ("moments", "log_post", "trace", "pred_sum")}
+    end = start + length
+    t, light = steps_until(jnp.minimum(num_burnin, end), True)(
+        (start, carry._replace(**dict.fromkeys(kept)))
+    )
+    _, carry = steps_until(end, False)((t, light._replace(**kept)))
     s = carry.state
     return carry._replace(state=_Arrays(s.params, s.opt_state, s.count)), None
 
