@@ -5,6 +5,7 @@ scale mixture prior (Nalisnick, Anandkumar & Smyth, 2015). ``import bayesnoise a
 """
 
 from bayesnoise._tree import Where as Where
+from bayesnoise.sgld import baoab as baoab
 from bayesnoise.sgld import polynomial_schedule as polynomial_schedule
 from bayesnoise.sgld import psgld as psgld
 from bayesnoise.sgld import sgld as sgld
@@ -37,7 +38,7 @@ _LAZY = {
     "config": "bayesnoise.pipeline.config",
     "bench": "bayesnoise.bench",
 }
-__all__ = [*_CORE, "Where", "polynomial_schedule", "psgld", "sgld"]
+__all__ = [*_CORE, "Where", "baoab", "polynomial_schedule", "psgld", "sgld"]
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from bayesnoise.sgld import polynomial_schedule, psgld, sgld
+from bayesnoise.sgld import baoab, polynomial_schedule, psgld, sgld
 
 # ---------------------------------------------------------------------------------------------
 # The transforms.
@@ -103,6 +103,18 @@ def test_psgld_preconditioned_update():
         (lambda: polynomial_schedule(0.1, 1.0, 1.5), "gamma.*1.5"),
         (lambda: polynomial_schedule(0.0, 1.0, 0.6), "a .*0.0"),
         (lambda: polynomial_schedule(0.1, 0.0, 0.6), "b .*0.0"),
+        (lambda: baoab(0.0), "learning_rate.*0.0"),
+        (lambda: baoab(lambda t: 0.1), "constant step h.*schedule"),
+        (lambda: baoab(0.1, friction=0.0), "friction.*0.0"),
+        (lambda: baoab(0.1, friction=float("inf")), "friction.*inf"),
+        (lambda: baoab(0.1, temperature=-1.0), "temperature.*-1.0"),
+        (
+            lambda: (
+                baoab(0.1).init({"w": jnp.zeros(2)})
+                and baoab(0.1, preconditioner={"v": jnp.ones(2)}).init({"w": jnp.zeros(2)})
+            ),
+            "preconditioner",
+        ),
     ],
 )
 def test_transform_bad_inputs(build, match):
@@ -116,3 +128,26 @@ def test_optax_chain_compatibility():
     state = opt.init({"w": jnp.zeros(2)})
     u, _ = opt.update({"w": jnp.array([30.0, 40.0])}, state)
     np.testing.assert_allclose(u["w"], [-0.6e-3, -0.8e-3], rtol=1e-5)
+
+
+def test_baoab_update_is_the_merged_kick_drift_ou_drift_of_its_docstring():
+    # at T = 0 the O step is a plain damping: every figure follows by hand
+    h, gamma, m = 0.2, 0.7, np.array([4.0, 1.0])
+    opt = baoab(h, friction=gamma, temperature=0.0, preconditioner={"w": jnp.asarray(m)})
+    g = np.array([1.0, -2.0])
+    state = opt.init({"w": jnp.zeros(2)})
+    s, c, p = np.sqrt(m), np.exp(-gamma * h), np.zeros(2)
+    for kick in (h / 2, h, h):  # the first update opens with half a kick
+        p = p - kick * s * g
+        p_new = c * p
+        u, state = opt.update({"w": jnp.asarray(g)}, state)
+        np.testing.assert_allclose(u["w"], s * (h / 2) * (p + p_new), rtol=1e-5)
+        p = p_new
+        np.testing.assert_allclose(state.momentum["w"], p, rtol=1e-5)
+    assert int(state.count) == 3
+    # T > 0: the momentum's noise is sqrt(T (1 − c²)) of the key's normal draws
+    opt = baoab(h, friction=gamma, temperature=2.0)
+    state = opt.init({"w": jnp.zeros(4000)})
+    _, state = opt.update({"w": jnp.zeros(4000)}, state, key=jax.random.key(5))
+    sd = float(np.std(np.asarray(state.momentum["w"])))
+    assert abs(sd / np.sqrt(2.0 * (1 - np.exp(-2 * gamma * h))) - 1.0) < 0.05
