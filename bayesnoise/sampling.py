@@ -62,6 +62,7 @@ import functools
 import itertools
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -89,6 +90,7 @@ __all__ = [
     "step",
     "auto_settings",
     "prior_precision",
+    "max_curvature",
     "make_mesh",
     "run",
 ]
@@ -328,7 +330,9 @@ def _power_iterate(
     return jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), jnp.float32)))[1]
 
 
-def _power_max(key, positions, sqrt_m, sub, scale, inv_t, *, log_likelihood, log_prior) -> float:
+def _power_max(
+    key, positions, sqrt_m, sub, scale, inv_t, *, log_likelihood, log_prior, num_iters=15
+) -> float:
     """The largest |eigenvalue| of M^½ ∇²U M^½ over ``positions`` (one compiled iteration for
     the same functions and shapes)."""
     log_prior, prior_args = _split_fn(log_prior)
@@ -345,11 +349,88 @@ def _power_max(key, positions, sqrt_m, sub, scale, inv_t, *, log_likelihood, log
                     prior_args,
                     log_likelihood=log_likelihood,
                     log_prior=log_prior,
-                    num_iters=15,
+                    num_iters=num_iters,
                 )
             )
         )
         for i, p in enumerate(positions)
+    )
+
+
+def max_curvature(
+    key: jax.Array,
+    params: PyTree,
+    log_likelihood: Callable[..., jax.Array],
+    log_prior: Callable[[PyTree], jax.Array],
+    data: tuple,
+    preconditioner: PyTree | None = None,
+    *,
+    temperature: float = 1.0,
+    num_examples: int | None = None,
+    num_iters: int = 30,
+) -> float:
+    """λ_max of M^½ ∇²U M^½ at ``params``: the largest curvature of U / T in the coordinates a
+    diagonal preconditioner M scales (power iteration on Hessian-vector products).
+
+    U is the negative log posterior of the whole data set, estimated on the first
+    ``num_examples`` examples (all by default) scaled by N / n. Steps are chosen from it: an
+    Euler step of :func:`bayesnoise.sgld` is stable for η λ_max < 2, a step of
+    :func:`bayesnoise.baoab` for h sqrt(λ_max) < 2 (h = 0.5 / sqrt(λ_max) is a safe start).
+
+    Args:
+        key: a PRNG key for the starting vector.
+        params: where the curvature is taken.
+        log_likelihood: ``log_likelihood(params, *batch)`` -> per-example values (n,).
+        log_prior: ``log_prior(params)`` -> scalar.
+        data: a tuple of arrays with a common leading axis of N examples.
+        preconditioner: a tree like the params of M > 0 (None: M = 1), e.g. the diagonal
+            Laplace variance ``bn.laplace.posterior(...).variance``.
+        temperature: T > 0.
+        num_examples: n, how many examples (from the first) the Hessian is taken on.
+        num_iters: power iterations (30 give two to three digits on the networks here).
+
+    Returns:
+        λ_max as a float.
+
+    Raises:
+        ValueError: ``num_examples`` or ``num_iters`` is not an int >= 1, ``temperature`` is not
+            finite and > 0, the data's arrays differ in length, or the preconditioner does not
+            have the params' structure.
+    """
+    _check.key("key", key)
+    _check_callables(log_likelihood, log_prior)
+    _check_positive_int("num_iters", num_iters, 1, "power iterations")
+    if not (isinstance(temperature, numbers.Real) and 0 < float(temperature) < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    sizes = {int(jnp.shape(a)[0]) for a in data}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"data must be arrays with a common leading axis, got lengths {sorted(sizes)}."
+        )
+    num_data = sizes.pop()
+    n = num_data if num_examples is None else num_examples
+    n = min(_check_positive_int("num_examples", n, 1, "examples the Hessian is taken on"), num_data)
+    if preconditioner is None:
+        sqrt_m = jax.tree.map(jnp.ones_like, params)
+    else:
+        if jax.tree.structure(preconditioner) != jax.tree.structure(params):
+            raise ValueError(
+                f"preconditioner must have the structure of the params: got "
+                f"{jax.tree.structure(preconditioner)}, expected {jax.tree.structure(params)}."
+            )
+        sqrt_m = jax.tree.map(jnp.sqrt, preconditioner)
+    sub = tuple(a[:n] for a in data)
+    return _power_max(
+        key,
+        [params],
+        sqrt_m,
+        sub,
+        num_data / n,
+        1.0 / float(temperature),
+        log_likelihood=log_likelihood,
+        log_prior=log_prior,
+        num_iters=num_iters,
     )
 
 
@@ -1072,7 +1153,10 @@ def run(
         temperature: T >= 0; 1 samples the posterior (automatic settings need T > 0).
         transform: builds the update rule, ``transform(learning_rate, temperature=T)``:
             :func:`bayesnoise.sgld` (default), :func:`bayesnoise.psgld` (which needs an explicit
-            learning rate) or any compatible optax transform.
+            learning rate), :func:`bayesnoise.baoab` (kinetic Langevin: an explicit step, best
+            with the whole data set as the batch; ``functools.partial(bn.baoab,
+            preconditioner=var)`` to scale it, h from :func:`max_curvature`) or any compatible
+            optax transform.
         batch_size: n, the minibatch size; None for the whole data set (automatic settings:
             min(N, 128)).
         num_burnin, num_samples, thin: steps before the first kept state, kept states per

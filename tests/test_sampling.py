@@ -129,6 +129,29 @@ def test_baoab_with_full_gradients_samples_the_exact_gaussian_posterior(temperat
     assert res.converged and np.max(res.rhat) < 1.05
 
 
+def test_max_curvature_against_the_eigenvalues_of_the_exact_hessian():
+    _, cov = exact()
+    hessian = np.linalg.inv(cov)
+    for m in (np.ones(D), np.diag(cov), np.array([1.0, 0.1, 10.0])):
+        want = np.linalg.eigvalsh(np.sqrt(m)[:, None] * hessian * np.sqrt(m)[None, :])[-1]
+        pre = {"w": jnp.asarray(m, jnp.float32)}
+        for t in (1.0, 0.25):
+            got = sampling.max_curvature(
+                jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y), pre, temperature=t, num_iters=60
+            )
+            assert abs(got / (want / t) - 1.0) < 0.03, (m, t, got, want / t)
+    bad = [
+        (dict(num_examples=0), "num_examples.*>= 1, got 0"),
+        (dict(num_iters=0), "num_iters.*>= 1, got 0"),
+        (dict(temperature=0.0), "temperature.*> 0, got 0.0"),
+        (dict(preconditioner={"v": jnp.ones(D)}), "preconditioner must have the structure"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match) as err:
+            sampling.max_curvature(jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y), **kwargs)
+        assert type(err.value) is ValueError
+
+
 def test_sgld_key_seed_alias_default_and_extra_argument():
     grads, params = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
 
