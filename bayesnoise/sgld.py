@@ -495,7 +495,7 @@ def baoab(
 
         dz = p dt,    dp = −s ⊙ ∇U dt − γ p dt + sqrt(2 γ T) dW
 
-    leave exp(−(U(θ) + |p|² / 2) / T) invariant, so θ samples ∝ exp(−U / T). One BAOAB step of
+    leave exp(−(U(θ) + ‖p‖² / 2) / T) invariant, so θ samples ∝ exp(−U / T). One BAOAB step of
     length h is a half kick (B), half a drift (A), the exact Ornstein–Uhlenbeck step of the
     momentum (O), the other half drift and a half kick at the new point. The closing half kick
     needs the gradient at the new point, which is the next update's ``g``: so every update merges
