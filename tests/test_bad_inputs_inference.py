@@ -236,22 +236,29 @@ def test_posterior_rejects_a_bad_temperature(value):
 
 
 def test_diag_ggn_rejects_bad_settings():
-    with bad.clear_error("method", "bogus"):
+    with bad.clear_error("method", "bogus") as err:
         bn.laplace.diag_ggn(PARAMS, log_likelihood, DATA, method="bogus")
-    with bad.clear_error("chunk_size", 0):
+    assert err.type is ValueError and "'auto', 'exact', 'probe'" in str(err.value)
+    with bad.clear_error("chunk_size", 0) as err:
         bn.laplace.diag_ggn(PARAMS, log_likelihood, DATA, chunk_size=0)
-    with bad.clear_error("num_classes", -1):
+    assert err.type is ValueError and str(err.value).startswith("chunk_size must be")
+    with bad.clear_error("num_classes", -1) as err:
         bn.laplace.diag_ggn(PARAMS, log_likelihood, DATA, num_classes=-1)
-    with bad.clear_error("log_likelihood", None):
+    assert err.type is ValueError and str(err.value).startswith("num_classes must be")
+    with bad.clear_error("log_likelihood", None) as err:
         bn.laplace.diag_ggn(PARAMS, None, DATA)
-    with bad.clear_error("hierarchy", "dict"):
+    assert err.type is TypeError and "callable" in str(err.value)
+    with bad.clear_error("hierarchy", "dict") as err:
         bn.laplace.posterior(PARAMS, {}, log_likelihood, DATA)
-    with bad.clear_error("bogus", "bogus"):
+    assert err.type is TypeError and "bn.gsm.Hierarchy" in str(err.value)
+    with bad.clear_error("bogus", "bogus") as err:
         bn.laplace.log_evidence(PARAMS, H, log_likelihood, DATA, bogus=1)
-    with bad.clear_error("prior_variance", "-1"):
+    assert err.type is TypeError and "unknown keyword arguments ['bogus']" in str(err.value)
+    with bad.clear_error("prior_variance", "-1") as err:
         bn.laplace.posterior(
             PARAMS, None, log_likelihood, DATA, prior_variance=with_value(PARAMS, -1.0)
         )
+    assert err.type is ValueError and "params/Dense_0/" in str(err.value)
 
 
 @settings(max_examples=10, deadline=None)
@@ -259,10 +266,12 @@ def test_diag_ggn_rejects_bad_settings():
 def test_laplace_rejects_a_bad_key(value):
     if value is None:  # None is allowed: the probe then needs a key of its own
         return
-    with bad.clear_error("key", value):
+    with bad.clear_error("key", value) as err:
         bn.laplace.diag_ggn(PARAMS, log_likelihood, DATA, key=value, method="probe")
-    with bad.clear_error("key", value):
+    assert err.type is TypeError and str(err.value).startswith("key must be a PRNG key")
+    with bad.clear_error("key", value) as err:
         bn.laplace.posterior(PARAMS, H, log_likelihood, DATA, key=value)
+    assert err.type is TypeError and str(err.value).startswith("key must be a PRNG key")
 
 
 # ------------------------------------------------------------------------------------- em
@@ -284,48 +293,65 @@ def test_m_step_under_jit_is_not_checked():
 @settings(max_examples=15, deadline=None)
 @given(name=st.sampled_from(["sigma0", "noise_var"]), value=bad.bad_positive())
 def test_linear_em_rejects_a_bad_variance(name, value):
-    with bad.clear_error(name, value):
+    with bad.clear_error(name, value) as err:
         bn.em.linear_em(X, X[:, 0], iterations=2, **{name: value})
+    assert err.type in (TypeError, ValueError)
+    assert str(err.value).startswith(f"{name} must be a finite number > 0")
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=bad.bad_count(0))
 def test_linear_em_rejects_bad_iterations(value):
-    with bad.clear_error("iterations", value):
+    with bad.clear_error("iterations", value) as err:
         bn.em.linear_em(X, X[:, 0], iterations=value)
+    assert err.type in (TypeError, ValueError)
+    assert str(err.value).startswith("iterations must be an int >= 0")
 
 
 def test_linear_em_rejects_bad_data():
-    with bad.clear_error("x", "(8, 5)"):
+    with bad.clear_error("x", "(8, 5)") as err:
         bn.em.linear_em(X, X[:7, 0], iterations=2)
-    with bad.clear_error("x", "(8, 5)"):
+    assert err.type is ValueError and "the same n" in str(err.value)
+    with bad.clear_error("x", "(8, 5)") as err:
         bn.em.linear_em(X.at[0, 0].set(NAN), X[:, 0], iterations=2)
-    with bad.clear_error("min_scale", -1.0):
+    assert err.type is ValueError and "finite" in str(err.value)
+    with bad.clear_error("min_scale", -1.0) as err:
         bn.em.linear_em(X, X[:, 0], iterations=2, min_scale=-1.0)
-    with bad.clear_error("prior_var", 0.0):
+    assert err.type is ValueError and str(err.value).startswith("min_scale must be")
+    with bad.clear_error("prior_var", 0.0) as err:
         bn.em.linear_posterior(X, X[:, 0], 0.0, 1.0)
+    assert err.type is ValueError and str(err.value).startswith("prior_var must be")
 
 
 @settings(max_examples=10, deadline=None)
 @given(value=bad.bad_key())
 def test_fit_and_e_step_reject_a_bad_key(value):
-    with bad.clear_error("key", value):
+    with bad.clear_error("key", value) as err:
         bn.em.fit(value, PARAMS, log_likelihood, DATA, iterations=1, learning_rate=1e-3)
-    with bad.clear_error("key", value):
+    assert err.type is TypeError and str(err.value).startswith("key must be a PRNG key")
+    with bad.clear_error("key", value) as err:
         bn.em.e_step(value, PARAMS, H, log_likelihood, DATA, learning_rate=1e-3)
+    # a float array is read as an attempt at one key per chain: a ValueError about its shape
+    assert err.type in (TypeError, ValueError)
+    assert str(err.value).startswith("key must be a PRNG key")
 
 
 def test_em_rejects_bad_states_and_trees():
-    with bad.clear_error("iterations", -1):
+    with bad.clear_error("iterations", -1) as err:
         bn.em.fit(KEY, PARAMS, log_likelihood, DATA, iterations=-1)
-    with bad.clear_error("sigma0", -1.0):
+    assert err.type is ValueError and str(err.value).startswith("iterations must be")
+    with bad.clear_error("sigma0", -1.0) as err:
         bn.em.init(PARAMS, sigma0=-1.0)
-    with bad.clear_error("v_params", "w"):
+    assert err.type is ValueError and str(err.value).startswith("sigma0 (the prior standard")
+    with bad.clear_error("v_params", "w") as err:
         bn.em.accumulate(bn.em.init(PARAMS), {"w": jnp.ones(2)})
-    with bad.clear_error("state", "NoneType"):
+    assert err.type is ValueError and "tree structure" in str(err.value)
+    with bad.clear_error("state", "NoneType") as err:
         bn.em.em_step(None)
-    with bad.clear_error("hierarchy", "NoneType"):
+    assert err.type is TypeError and "EMState" in str(err.value)
+    with bad.clear_error("hierarchy", "NoneType") as err:
         bn.em.m_step(with_value(PARAMS, 1.0), None)
+    assert err.type is TypeError and "bn.gsm.Hierarchy" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------- prune
@@ -337,8 +363,11 @@ MEAN = {"w": jnp.ones((2, 2))}
 @settings(max_examples=15, deadline=None)
 @given(value=bad_std, score=st.sampled_from(["snr", "spr"]))
 def test_scores_reject_a_bad_std(value, score):
-    with bad.clear_error("std", value):
+    with bad.clear_error("std", value) as err:
         getattr(bn.prune, score)(MEAN, {"w": jnp.full((2, 2), value)})
+    assert err.type is ValueError
+    assert str(err.value).startswith("std (posterior standard deviations) must be")
+    assert "leaf 'w' of shape (2, 2)" in str(err.value)
 
 
 @settings(max_examples=10, deadline=None)
