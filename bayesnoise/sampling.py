@@ -62,7 +62,6 @@ import functools
 import itertools
 import logging
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -394,31 +393,20 @@ def max_curvature(
 
     Raises:
         ValueError: ``num_examples`` or ``num_iters`` is not an int >= 1, ``temperature`` is not
-            finite and > 0, the data's arrays differ in length, or the preconditioner does not
-            have the params' structure.
+            finite and > 0, the data is not a tuple of arrays of one length, or the
+            preconditioner does not have the params' structure and shapes.
     """
     _check.key("key", key)
     _check_callables(log_likelihood, log_prior)
     _check_positive_int("num_iters", num_iters, 1, "power iterations")
-    if not (isinstance(temperature, numbers.Real) and 0 < float(temperature) < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
-    data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-    sizes = {int(jnp.shape(a)[0]) for a in data}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"data must be arrays with a common leading axis, got lengths {sorted(sizes)}."
-        )
-    num_data = sizes.pop()
+    _check.number("temperature", temperature, lo=0.0, lo_open=True)
+    data, num_data = _tree.data_tuple(data)
     n = num_data if num_examples is None else num_examples
     n = min(_check_positive_int("num_examples", n, 1, "examples the Hessian is taken on"), num_data)
     if preconditioner is None:
         sqrt_m = jax.tree.map(jnp.ones_like, params)
     else:
-        if jax.tree.structure(preconditioner) != jax.tree.structure(params):
-            raise ValueError(
-                f"preconditioner must have the structure of the params: got "
-                f"{jax.tree.structure(preconditioner)}, expected {jax.tree.structure(params)}."
-            )
+        _check.same_tree("preconditioner", preconditioner, params, "params")
         sqrt_m = jax.tree.map(jnp.sqrt, preconditioner)
     sub = tuple(a[:n] for a in data)
     return _power_max(

@@ -144,7 +144,7 @@ def test_max_curvature_against_the_eigenvalues_of_the_exact_hessian():
         (dict(num_examples=0), "num_examples.*>= 1, got 0"),
         (dict(num_iters=0), "num_iters.*>= 1, got 0"),
         (dict(temperature=0.0), "temperature.*> 0, got 0.0"),
-        (dict(preconditioner={"v": jnp.ones(D)}), "preconditioner must have the structure"),
+        (dict(preconditioner={"v": jnp.ones(D)}), "preconditioner must have the tree structure"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match) as err:
