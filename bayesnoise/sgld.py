@@ -216,6 +216,18 @@ def _check_temperature(temperature: float) -> None:
     )
 
 
+def _zeros_like(params: PyTree) -> PyTree:
+    """A state tree of zeros shaped and typed like the params."""
+    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), params)
+
+
+def _multipliers(preconditioner: PyTree | None, updates: PyTree) -> PyTree:
+    """The preconditioner's tree, or scalar ones in the updates' dtypes (M = 1)."""
+    if preconditioner is not None:
+        return preconditioner
+    return jax.tree.map(lambda g: jnp.ones((), jnp.result_type(g)), updates)
+
+
 def _step_size(learning_rate: float | optax.Schedule, count: ArrayLike) -> jax.Array:
     if callable(learning_rate):
         return jnp.asarray(learning_rate(count))
@@ -363,10 +375,11 @@ def sgld(
 
             new = jax.tree.map(one, updates, noise)
         else:
-            ones = jax.tree.map(lambda g: jnp.ones((), jnp.result_type(g)), updates)
-            m_tree = ones if preconditioner is None else preconditioner
+            m_tree = _multipliers(preconditioner, updates)
             b_tree = (
-                jax.tree.map(jnp.zeros_like, ones) if gradient_noise is None else gradient_noise
+                jax.tree.map(lambda g: jnp.zeros((), jnp.result_type(g)), updates)
+                if gradient_noise is None
+                else gradient_noise
             )
 
             def one(g, z, m, b):
@@ -455,7 +468,7 @@ def psgld(
     key0 = _as_key(key, seed)
 
     def init_fn(params: PyTree) -> PSGLDState:
-        nu = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), params)
+        nu = _zeros_like(params)
         return PSGLDState(count=jnp.zeros((), jnp.int32), key=key0, nu=nu)
 
     def update_fn(updates: PyTree, state: PSGLDState, params: PyTree | None = None, **extra):
@@ -574,7 +587,7 @@ def baoab(
 
     def init_fn(params: PyTree) -> BAOABState:
         _check_preconditioner(preconditioner, params)
-        momentum = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), params)
+        momentum = _zeros_like(params)
         return BAOABState(count=jnp.zeros((), jnp.int32), key=key0, momentum=momentum)
 
     def update_fn(updates: PyTree, state: BAOABState, params: PyTree | None = None, **extra):
@@ -589,8 +602,7 @@ def baoab(
         spread = jnp.sqrt(temperature * (1.0 - c * c))
         new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
-        ones = jax.tree.map(lambda g: jnp.ones((), jnp.result_type(g)), updates)
-        m_tree = ones if preconditioner is None else preconditioner
+        m_tree = _multipliers(preconditioner, updates)
 
         def one(g, p, z, m):
             s = jnp.sqrt(m)
