@@ -75,6 +75,7 @@ from jax.sharding import PartitionSpec as P
 from bayesnoise import _check, _loop, _tree
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
+from bayesnoise.sgld import baoab as _baoab
 from bayesnoise.sgld import sgld as _sgld
 from bayesnoise.sgld import step_size as _step_size
 
@@ -422,6 +423,38 @@ def max_curvature(
     )
 
 
+def _proper_precision(params: PyTree, log_prior: Callable, curvature: PyTree) -> PyTree:
+    """The prior precision per weight, after checking that it is > 0 everywhere and that the
+    curvature (the per-example diagonal GGN) is a finite tree >= 0 like the params."""
+    prec = prior_precision(params, log_prior)
+    flat, _ = jax.tree_util.tree_flatten_with_path(prec)
+    for path, leaf in flat:
+        low = float(jnp.min(leaf)) if jnp.size(leaf) else 1.0
+        if not (low > 0 and np.isfinite(low)):
+            raise ValueError(
+                f"the prior is not proper in leaf {_tree.path_str(path)!r} (smallest prior "
+                f"precision {low:g}): automatic settings need a Gaussian-like prior on every "
+                f"parameter, e.g. bn.gsm.full_log_prior (biases N(0, σ0²)); or pass "
+                f"learning_rate= explicitly."
+            )
+    if jax.tree.structure(curvature) != jax.tree.structure(params) or any(
+        jnp.shape(c) != jnp.shape(p)
+        for c, p in zip(jax.tree.leaves(curvature), jax.tree.leaves(params))
+    ):
+        raise ValueError(
+            "the curvature must be a tree like the params (the per-example diagonal GGN), got "
+            f"structure {jax.tree.structure(curvature)} for params {jax.tree.structure(params)}."
+        )
+    for c in jax.tree.leaves(curvature):
+        if not bool(jnp.all(jnp.isfinite(c))) or float(jnp.min(c)) < 0:
+            raise ValueError(
+                f"the curvature (diagonal GGN) must be finite and >= 0; found a leaf with minimum "
+                f"{float(jnp.min(c))} and {int(jnp.sum(~jnp.isfinite(c)))} non-finite entries. "
+                f"Check log_likelihood at these params, or pass learning_rate= explicitly."
+            )
+    return prec
+
+
 def auto_settings(
     key: jax.Array,
     params: PyTree,
@@ -534,34 +567,9 @@ def auto_settings(
     n = min(num_data, 128) if batch_size is None else int(batch_size)
     k_ggn, k_pow, k_sub = jax.random.split(key, 3)
 
-    prec = prior_precision(params, log_prior)
-    flat, _ = jax.tree_util.tree_flatten_with_path(prec)
-    for path, leaf in flat:
-        low = float(jnp.min(leaf)) if jnp.size(leaf) else 1.0
-        if not (low > 0 and np.isfinite(low)):
-            raise ValueError(
-                f"the prior is not proper in leaf {_tree.path_str(path)!r} (smallest prior "
-                f"precision {low:g}): automatic settings need a Gaussian-like prior on every "
-                f"parameter, e.g. bn.gsm.full_log_prior (biases N(0, σ0²)); or pass "
-                f"learning_rate= explicitly."
-            )
     if curvature is None:
         curvature = laplace.diag_ggn(params, log_likelihood, data, key=k_ggn)
-    if jax.tree.structure(curvature) != jax.tree.structure(params) or any(
-        jnp.shape(c) != jnp.shape(p)
-        for c, p in zip(jax.tree.leaves(curvature), jax.tree.leaves(params))
-    ):
-        raise ValueError(
-            "the curvature must be a tree like the params (the per-example diagonal GGN), got "
-            f"structure {jax.tree.structure(curvature)} for params {jax.tree.structure(params)}."
-        )
-    for c in jax.tree.leaves(curvature):
-        if not bool(jnp.all(jnp.isfinite(c))) or float(jnp.min(c)) < 0:
-            raise ValueError(
-                f"the curvature (diagonal GGN) must be finite and >= 0; found a leaf with minimum "
-                f"{float(jnp.min(c))} and {int(jnp.sum(~jnp.isfinite(c)))} non-finite entries. "
-                f"Check log_likelihood at these params, or pass learning_rate= explicitly."
-            )
+    prec = _proper_precision(params, log_prior, curvature)
     h = jax.tree.map(lambda f, p: num_data * f + p, curvature, prec)
     precond = jax.tree.map(lambda hk: T / hk, h)
     rho = jax.tree.map(lambda f, hk: num_data * f / hk, curvature, h)
@@ -696,6 +704,8 @@ _MAX_DRIFT = 3.0
 def _build_transform(transform, learning_rate, temperature, precond, gnoise):
     if precond is None:
         return transform(learning_rate, temperature=temperature)
+    if gnoise is None:  # bn.baoab's automatic settings: a preconditioner only
+        return transform(learning_rate, temperature=temperature, preconditioner=precond)
     return transform(
         learning_rate,
         temperature=temperature,
@@ -1114,6 +1124,18 @@ def run(
     ``max_steps``). With an explicit ``learning_rate`` nothing is derived: ``num_burnin``
     defaults to 0, ``num_samples`` to 1000, ``thin`` to 1 and ``num_chains`` to 1.
 
+    With ``transform=bn.baoab`` (or a ``functools.partial`` of it) and no ``learning_rate``,
+    kinetic Langevin gets its own automatic settings: the diagonal Laplace variance
+    T / (N diag GGN + prior precision) at ``params`` as the preconditioner (unless the partial
+    names one), h = ``step_fraction`` / sqrt(λ_max) with λ_max from :func:`max_curvature`
+    (``step_fraction`` 0.5 by default; BAOAB is stable below 2), the whole data set as the batch
+    unless ``batch_size`` is given, and of ``max_steps`` (20,000 by default) steps per chain a
+    tenth as burn-in and 1,000 kept states over the rest. After a divergence the curvature at
+    the chains' last states joins the estimate, the step fraction halves and the run starts
+    again (``max_retries``, 3 by default). ``settings`` then holds ``method="baoab"``, the step,
+    the step fraction, the friction, λ_max and the preconditioner. Its ``auto`` options are
+    ``max_steps``, ``step_fraction``, ``hessian_examples`` and ``max_retries``.
+
     ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
     loop: calling again with the same function objects and settings reuses it, whatever the
     numbers of steps (they enter as data; the buffers of kept states are sized to the next
@@ -1159,7 +1181,7 @@ def run(
             averaged over the kept states of all chains into ``result.predictive``.
         predict_inputs: the inputs handed to ``predict`` (e.g. held-out x).
         rhat_threshold, ess_threshold: the convergence criteria.
-        auto: options for :func:`auto_settings`.
+        auto: options for :func:`auto_settings` (with :func:`bayesnoise.baoab`: those above).
 
     Returns:
         A :class:`SamplingResult`.
@@ -1293,11 +1315,33 @@ def run(
             **common,
         )
         settings = {"learning_rate": "schedule" if callable(learning_rate) else learning_rate}
+    elif _is_baoab(transform):
+        result, settings = _run_baoab_auto(
+            chain_keys,
+            params,
+            one_params,
+            data,
+            batch_size=batch_size,
+            num_burnin=num_burnin,
+            num_samples=num_samples,
+            thin=thin,
+            params_per_chain=bool(params_per_chain),
+            trace_spec=trace_spec,
+            trace_names=trace_names,
+            options=dict(auto or {}),
+            **common,
+        )
     else:
         if transform is not _sgld:
             raise ValueError(
-                f"automatic settings drive bn.sgld with a preconditioner; pass learning_rate= "
-                f"explicitly for the transform {getattr(transform, '__name__', transform)!r}."
+                f"automatic settings drive bn.sgld or bn.baoab with a preconditioner; pass "
+                f"learning_rate= explicitly for the transform "
+                f"{getattr(transform, '__name__', transform)!r}."
+            )
+        if "step_fraction" in (auto or {}):
+            raise ValueError(
+                f"auto['step_fraction'] is an option of bn.baoab's automatic settings, got it "
+                f"with bn.sgld; its options are {', '.join(o for o in _AUTO_OPTIONS if o != 'step_fraction')}."
             )
         result, settings = _run_auto(
             chain_keys,
@@ -1314,7 +1358,7 @@ def run(
             options=dict(auto or {}),
             **common,
         )
-    return _finish(result, settings, rhat_threshold, ess_threshold)
+    return _finish(result, settings, rhat_threshold, ess_threshold, is_auto)
 
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "n", "per_chain"))
@@ -1379,7 +1423,10 @@ _AUTO_OPTIONS = (
     "hessian_examples",
     "adapt_windows",
     "max_retries",
+    "step_fraction",
 )
+# the options that apply to bn.baoab with automatic settings
+_BAOAB_OPTIONS = ("max_steps", "hessian_examples", "max_retries", "step_fraction")
 
 
 def _check_auto_options(auto: Any) -> None:
@@ -1394,6 +1441,13 @@ def _check_auto_options(auto: Any) -> None:
     for name in ("max_step", "noise_fraction", "target_ess"):
         if name in auto:
             _check.number(f"auto['{name}']", auto[name], lo=0.0, lo_open=True)
+    if "step_fraction" in auto:
+        _check.number("auto['step_fraction']", auto["step_fraction"], lo=0.0, lo_open=True)
+        if not float(auto["step_fraction"]) < 2:
+            raise ValueError(
+                f"auto['step_fraction'] must be < 2 (h sqrt(λ_max) = 2 is BAOAB's stability "
+                f"limit), got {auto['step_fraction']!r}."
+            )
     for name, low, meaning in (
         ("max_steps", 1, "the most steps per chain"),
         ("min_samples", 1, "the fewest kept states per chain"),
@@ -1574,6 +1628,161 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
     return result._replace(num_steps=adapted + result.num_steps), info
 
 
+def _is_baoab(transform) -> bool:
+    """Whether ``transform`` is :func:`bayesnoise.baoab`, or a ``functools.partial`` of it."""
+    while isinstance(transform, functools.partial):
+        transform = transform.func
+    return transform is _baoab
+
+
+def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
+    """Kinetic Langevin (:func:`bayesnoise.baoab`) with settings derived at the start.
+
+    The preconditioner is the diagonal Laplace variance T / (N diag GGN + prior precision) at
+    ``one_params`` (unless the transform is a partial that names one); h = ``step_fraction`` /
+    sqrt(λ_max), λ_max from :func:`max_curvature` there (on ``hessian_examples`` examples, all
+    by default); the batch is the whole data set unless ``batch_size`` says otherwise; of
+    ``max_steps`` steps per chain a tenth is burn-in and the rest gives 1,000 kept states
+    (fewer when the budget is short), thinned evenly. After a divergence, the diagonal GGN at
+    the chains' last finite states joins the curvature (the elementwise maximum), the
+    preconditioner and λ_max (the largest over the start and those states) are taken again, the
+    step fraction halves, and the run starts again from the start, at most ``max_retries``
+    times.
+    """
+    from bayesnoise import laplace
+
+    unknown = sorted(set(options) - set(_BAOAB_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"auto has options {unknown} that bn.baoab's automatic settings do not use; its "
+            f"options are {', '.join(_BAOAB_OPTIONS)}."
+        )
+    temperature = float(kw["temperature"])
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(
+            f"temperature must be a finite number > 0 for automatic settings (T = 0 is "
+            f"optimisation), got {temperature!r}; pass learning_rate= explicitly for T = 0."
+        )
+    log_likelihood, log_prior = kw["log_likelihood"], kw["log_prior"]
+    num_data = int(data[0].shape[0])
+    batch_size = kw.pop("batch_size") or num_data
+    lengths = {k: kw.pop(k) for k in ("num_burnin", "num_samples", "thin")}
+    params_per_chain = kw.pop("params_per_chain")
+    max_steps = int(options.get("max_steps", 20_000))
+    fraction = float(options.get("step_fraction", 0.5))
+    max_retries = int(options.get("max_retries", 3))
+    examples = options.get("hessian_examples")
+    base = jax.random.fold_in(chain_keys[0], 1_000_033)
+
+    transform = kw.pop("transform")
+    given = transform.keywords if isinstance(transform, functools.partial) else {}
+    floor, _ = _runaway_floor(
+        params, params_per_chain, log_likelihood, log_prior, data, batch_size, temperature
+    )
+    calls = itertools.count()
+
+    def curvature_at(positions, curvature=None):
+        # the elementwise maximum of the diagonal GGN over the states where it is finite
+        for p in positions:
+            try:
+                found = laplace.diag_ggn(
+                    p, log_likelihood, data, key=jax.random.fold_in(base, next(calls))
+                )
+            except ValueError:
+                continue
+            curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
+        return curvature
+
+    def derive(positions, curvature):
+        # the preconditioner from the curvature, and the largest λ_max over the positions
+        precond = given.get("preconditioner")
+        if precond is None:
+            prec = _proper_precision(one_params, log_prior, curvature)
+            precond = jax.tree.map(lambda f, p: temperature / (num_data * f + p), curvature, prec)
+        lams = [
+            max_curvature(
+                jax.random.fold_in(base, next(calls)),
+                p,
+                log_likelihood,
+                log_prior,
+                data,
+                precond,
+                temperature=temperature,
+                num_examples=None if examples is None else min(num_data, int(examples)),
+            )
+            for p in positions
+        ]
+        lam = max((v for v in lams if math.isfinite(v)), default=float("nan"))
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(
+                f"the largest preconditioned curvature must be finite and > 0, got {lams}: "
+                f"check log_likelihood and log_prior at the start, or pass learning_rate= "
+                f"explicitly."
+            )
+        return precond, lam
+
+    positions = [one_params]
+    curvature = None if "preconditioner" in given else curvature_at(positions)
+    precond, lam = derive(positions, curvature)
+    burnin = lengths["num_burnin"]
+    burnin = max(1, max_steps // 10) if burnin is None else burnin
+    room = max(1, max_steps - burnin)
+    samples = lengths["num_samples"]
+    samples = min(1000, room) if samples is None else samples
+    thin = lengths["thin"]
+    thin = max(1, room // samples) if thin is None else thin
+    for retry in range(max_retries + 1):
+        step = fraction / math.sqrt(lam)
+        try:
+            result = _run_fixed(
+                jax.vmap(lambda k, r=retry: jax.random.fold_in(k, 1 + 100 * r))(chain_keys),
+                params,
+                data,
+                learning_rate=step,
+                batch_size=batch_size,
+                params_per_chain=params_per_chain,
+                precond=precond,  # enters the compiled loop as data
+                gnoise=None,
+                floor=floor,
+                num_burnin=burnin,
+                num_samples=samples,
+                thin=thin,
+                transform=transform,
+                **kw,
+            )
+            break
+        except DivergenceError as err:
+            if retry == max_retries:
+                raise
+            # the curvature where the chains stopped joins the estimate, and the step halves
+            last = err.result.params
+            positions += [jax.tree.map(lambda x, c=c: x[c], last) for c in range(len(chain_keys))]
+            if curvature is not None:
+                curvature = curvature_at(positions[-len(chain_keys) :], curvature)
+            precond, lam = derive(positions, curvature)
+            fraction /= 2.0
+            logger.info(
+                "bn.baoab diverged at step %d: starting again with the curvature where the "
+                "chains stopped (λ_max %.4g) and h sqrt(λ_max) = %g",
+                err.step,
+                lam,
+                fraction,
+            )
+    info = {
+        "method": "baoab",
+        "learning_rate": step,
+        "step_fraction": fraction,
+        "friction": float(given.get("friction", 1.0)),
+        "batch_size": batch_size,
+        "num_burnin": burnin,
+        "num_samples": samples,
+        "thin": thin,
+        "curvature_max": lam,
+        "preconditioner": precond,
+    }
+    return result, info
+
+
 def _run_fixed(
     chain_keys,
     params,
@@ -1733,7 +1942,16 @@ def _first_step_finite(chain_key, params, chain, data, static, prior_args) -> bo
         return True
 
 
-def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshold):
+def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshold, auto=False):
+    if auto:
+        advice = (
+            f"raise auto['max_steps'] (this run took {result.num_steps} steps per chain) or "
+            f"use more chains"
+        )
+    else:
+        advice = (
+            "run longer, use more chains, or let the sampler choose its settings (no learning_rate)"
+        )
     trace = np.asarray(jax.device_get(result.trace), np.float64)
     rhat, ess = _diagnostics(trace)
     finite = np.isfinite(rhat) & np.isfinite(ess)
@@ -1748,8 +1966,7 @@ def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshol
         low = int(np.nanargmin(np.where(finite, ess, -np.inf)))
         logger.warning(
             "the chains have not converged: max split R-hat %.3g (threshold %.3g, at %s), min "
-            "ESS %.3g (threshold %.3g, at %s) over %d traced weights; run longer, use more "
-            "chains, or let the sampler choose its settings (no learning_rate).",
+            "ESS %.3g (threshold %.3g, at %s) over %d traced weights; %s.",
             rhat[worst],
             rhat_threshold,
             result.trace_names[worst],
@@ -1757,6 +1974,7 @@ def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshol
             ess_threshold,
             result.trace_names[low],
             rhat.size,
+            advice,
         )
     settings = dict(settings)
     settings.update(

@@ -148,6 +148,12 @@ def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
         ({"sgld": {"step_size": "fast"}}, "sgld.step_size", ["'fast'", "auto, a number > 0"]),
         ({"sgld": {"step_size": -1.0}}, "sgld.step_size", ["-1.0", "auto, a number > 0"]),
         ({"sgld": {"method": "psgld"}}, "sgld.method", ["psgld", "numeric step_size"]),
+        (
+            {"sgld": {"method": "baoab", "step_size": None, "polynomial": {}}},
+            "sgld.method",
+            ["baoab with a polynomial schedule", "step_size auto or a number"],
+        ),
+        ({"sgld": {"method": "hmc"}}, "sgld.method", ["'hmc'", "sgld, psgld, baoab"]),
         ({"sgld": {"temperature": 0.0}}, "sgld.temperature", ["got 0", "temperature > 0"]),
         ({"prune": {"fractions": [0.2, 1.5]}}, "prune.fractions", ["1.5", "[0, 1]"]),
         ({"prune": {"fractions": [0.5, 0.2]}}, "prune.fractions", ["strictly increasing"]),

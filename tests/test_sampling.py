@@ -129,6 +129,72 @@ def test_baoab_with_full_gradients_samples_the_exact_gaussian_posterior(temperat
     assert res.converged and np.max(res.rhat) < 1.05
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+def test_baoab_with_automatic_settings_samples_the_exact_gaussian_posterior(temperature):
+    # no learning rate: the Laplace preconditioner, h = 0.5 / sqrt(λ_max) and the whole batch
+    mean, cov = exact()
+    res = sampling.run(
+        jax.random.key(5),
+        PARAMS,
+        lin_ll,
+        lin_lp,
+        (X, Y),
+        transform=bn.baoab,
+        temperature=temperature,
+        auto={"max_steps": 4000},
+    )
+    s = res.settings
+    # the Laplace variance of a linear model is T / diag(precision); λ_max of the scaled
+    # precision follows from the exact Hessian
+    var = temperature / np.diag(np.linalg.inv(cov))
+    np.testing.assert_allclose(np.asarray(s["preconditioner"]["w"]), var, rtol=1e-4)
+    scaled = np.sqrt(var)[:, None] * np.linalg.inv(cov) * np.sqrt(var)[None, :] / temperature
+    np.testing.assert_allclose(s["curvature_max"], np.linalg.eigvalsh(scaled)[-1], rtol=0.03)
+    np.testing.assert_allclose(s["learning_rate"], 0.5 / np.sqrt(s["curvature_max"]), rtol=1e-6)
+    assert (s["method"], s["batch_size"], s["num_burnin"]) == ("baoab", N, 400)
+    assert s["num_samples"] * s["thin"] <= 3600 and s["num_samples"] == 1000
+    got_mean = np.asarray(moments.mean(res.moments)["w"])
+    got_var = np.asarray(moments.variance(res.moments)["w"])
+    sd = np.sqrt(temperature * np.diag(cov))
+    assert np.all(np.abs(got_mean - mean) < 0.1 * sd), (got_mean, mean)
+    np.testing.assert_allclose(got_var / (temperature * np.diag(cov)), 1.0, atol=0.12)
+    assert res.converged and np.max(res.rhat) < 1.05
+
+
+def test_baoab_with_automatic_settings_keeps_a_given_preconditioner_and_friction():
+    given = {"w": jnp.full((D,), 0.01)}
+    transform = functools.partial(bn.baoab, preconditioner=given, friction=2.0)
+    res = sampling.run(
+        jax.random.key(6), PARAMS, lin_ll, lin_lp, (X, Y), transform=transform,
+        num_chains=2, auto={"max_steps": 200, "step_fraction": 0.25},
+    )  # fmt: skip
+    s = res.settings
+    assert s["preconditioner"] is given and s["friction"] == 2.0
+    lam = sampling.max_curvature(jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y), given)
+    np.testing.assert_allclose(s["learning_rate"], 0.25 / np.sqrt(lam), rtol=0.03)
+
+
+def test_automatic_settings_reject_options_of_the_other_sampler():
+    run = functools.partial(sampling.run, jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y))
+    with pytest.raises(ValueError) as err:
+        run(transform=bn.baoab, auto={"noise_fraction": 0.1})
+    assert "['noise_fraction']" in str(err.value) and "step_fraction" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        run(auto={"step_fraction": 0.5})
+    assert "bn.baoab" in str(err.value) and "noise_fraction" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        run(transform=bn.baoab, auto={"step_fraction": 2.0})
+    assert "must be < 2" in str(err.value) and "2.0" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        run(transform=bn.baoab, temperature=0.0)
+    assert "temperature must be a finite number > 0" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        sampling.run(
+            jax.random.key(0), PARAMS, lin_ll, lambda p: jnp.zeros(()), (X, Y), transform=bn.baoab
+        )
+    assert "the prior is not proper in leaf" in str(err.value)
+
+
 def test_max_curvature_against_the_eigenvalues_of_the_exact_hessian():
     _, cov = exact()
     hessian = np.linalg.inv(cov)
@@ -234,12 +300,14 @@ def _dead_input_problem(seed):
     return params, ll, (jnp.asarray(x), jnp.asarray(y))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_e_step_defaults_recover_the_prior_of_inputs_without_data(seed):
+@pytest.mark.parametrize("seed, transform", [(0, bn.sgld), (1, bn.sgld), (0, bn.baoab)])
+def test_e_step_defaults_recover_the_prior_of_inputs_without_data(seed, transform):
     params, ll, data = _dead_input_problem(seed)
     h = bn.gsm.hierarchy(params, sigma0=0.7)
     h = h.replace(scales=jax.tree.map(lambda s: 1.5 * s, h.scales))
-    res = bn.em.e_step(jax.random.key(seed), params, h, ll, data, auto={"max_steps": 3000})
+    res = bn.em.e_step(
+        jax.random.key(seed), params, h, ll, data, transform=transform, auto={"max_steps": 3000}
+    )
     prior_var = (0.7 * 1.5) ** 2
     var = bn.moments.variance(res.moments)["params"]["Dense_0"]["kernel"][jnp.array([1, 4])]
     mean = bn.moments.mean(res.moments)["params"]["Dense_0"]["kernel"][jnp.array([1, 4])]
@@ -283,6 +351,16 @@ def test_model_average_and_diagnostics(caplog):
     mean = bn.moments.mean(res.moments)["w"]
     np.testing.assert_allclose(res.predictive, x_new @ mean, rtol=1e-4, atol=1e-5)
     assert not res.converged and "have not converged" in caplog.text
+    assert "let the sampler choose its settings" in caplog.text
+    # automatic settings: the advice names the budget instead
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bayesnoise"):
+        res = sampling.run(
+            jax.random.key(4), PARAMS, lin_ll, lin_lp, (X, Y), transform=bn.baoab,
+            num_chains=2, ess_threshold=1e9, auto={"max_steps": 300},
+        )  # fmt: skip
+    assert not res.converged
+    assert "raise auto['max_steps'] (this run took 300 steps per chain)" in caplog.text
     assert res.trace.shape[-1] == len(res.trace_names) >= D
     with pytest.raises(ValueError, match="predict_inputs must hold examples"):
         run(num_samples=5, predict_inputs=jnp.ones((7, D + 1)))

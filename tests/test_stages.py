@@ -301,3 +301,28 @@ def test_runs_over_seeds_drop_compiled_code_near_the_kernels_limit_on_memory_map
     assert calls == []
     stages._release_compiled(share=0.0)  # above any share of it: drop it
     assert calls == [1]
+
+
+def test_the_sampling_stage_runs_kinetic_langevin_with_method_baoab():
+    from small_run import CONFIG, SMALL
+
+    from bayesnoise.pipeline import config, stages
+
+    small = [s for s in SMALL if not s.startswith("sgld.")]
+    cfg = config.load_config(
+        CONFIG, small + ["sgld.method=baoab", "sgld.batch_size=null", "sgld.max_steps=400"]
+    )
+    task = stages._Task(cfg)
+    post = stages._sgld(task, task.init(jax.random.key(0)), jax.random.key(1), False, False)
+    d = post["diagnostics"]
+    # the whole training set as the batch, a tenth of the budget as burn-in, h from λ_max
+    assert (d["method"], d["batch_size"], d["num_burnin"]) == ("baoab", len(task.x_train), 40)
+    assert (
+        d["num_samples"] * d["thin"] <= 360 and d["num_steps"] == 40 + d["num_samples"] * d["thin"]
+    )
+    # 0.5, halved after each divergence (the start is an untrained network, not a mode)
+    assert d["step_fraction"] in (0.5, 0.25, 0.125, 0.0625)
+    h = d["step_fraction"] / np.sqrt(d["curvature_max"])
+    assert d["learning_rate"] == pytest.approx(h, rel=1e-6)
+    assert d["prior_recovery"]["inputs"] == 4 and np.isfinite(d["rhat_max"])
+    assert "preconditioner" not in d

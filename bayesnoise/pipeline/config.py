@@ -441,9 +441,14 @@ class SGLDConfig(_Section):
     a stable step, burn-in, thinning and samples, in at most ``max_steps`` steps per chain (the
     ones given win); a number is the constant step η = ε / 2 of :func:`bayesnoise.sgld`; null
     takes ``polynomial``. Without auto, ``burnin``, ``samples``, ``thin`` default to 1000, 500, 4.
+    ``method: baoab`` samples by kinetic Langevin (:func:`bayesnoise.baoab`); with auto, the
+    preconditioner is the diagonal Laplace variance at the start and h = 0.5 / sqrt(λ_max)
+    (:func:`bayesnoise.sampling.run`), and ``batch_size: null`` takes the whole training set.
     """
 
-    method: Literal["sgld", "psgld"] = "sgld"  # psgld: RMSprop-preconditioned, a numeric step
+    # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
+    # step_size auto a Laplace preconditioner and h from the curvature, best with batch_size null
+    method: Literal["sgld", "psgld", "baoab"] = "sgld"
     step_size: Annotated[Literal["auto"] | float | None, pydantic.PlainValidator(_step_size)] = (
         Field("auto", description="auto, a number > 0, or null")
     )
@@ -469,6 +474,9 @@ class SGLDConfig(_Section):
             raise _bad("step_size", got, "one of step_size and polynomial, the other null")
         if self.auto and self.method == "psgld":
             raise _bad("method", "psgld with step_size: auto", f"sgld, or psgld with {fixed}")
+        if self.method == "baoab" and self.polynomial is not None:
+            got = "baoab with a polynomial schedule"
+            raise _bad("method", got, "baoab with step_size auto or a number, or sgld")
         if self.auto and self.temperature == 0:
             raise _bad("temperature", "0 with step_size: auto", f"a temperature > 0, or {fixed}")
         return self

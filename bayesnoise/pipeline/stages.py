@@ -56,7 +56,7 @@ from bayesnoise.pipeline import report, runfolder
 from bayesnoise.pipeline.checkpoints import Checkpoints
 from bayesnoise.pipeline.checkpoints import staged as _staged
 from bayesnoise.pipeline.runfolder import RunError, UsageError
-from bayesnoise.sgld import psgld, sgld
+from bayesnoise.sgld import baoab, psgld, sgld
 
 __all__ = ["run", "STAGES"]
 
@@ -331,7 +331,7 @@ def _prior_recovery(task: _Task, mean, variance, h) -> dict | None:
 
 def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     sc, ec = task.cfg.sgld, task.cfg.em
-    transform = psgld if sc.method == "psgld" else sgld
+    transform = {"sgld": sgld, "psgld": psgld, "baoab": baoab}[sc.method]
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
     settings = sc.run_settings()
 
