@@ -1131,7 +1131,7 @@ def run(
     (``step_fraction`` 0.5 by default; BAOAB is stable below 2), the whole data set as the batch
     unless ``batch_size`` is given, and of ``max_steps`` (20,000 by default) steps per chain a
     tenth as burn-in and 1,000 kept states over the rest. After a divergence the curvature at
-    the chains' last states joins the estimate, the step fraction halves and the run starts
+    the other chains' states joins the estimate, the step fraction halves and the run starts
     again (``max_retries``, 3 by default). ``settings`` then holds ``method="baoab"``, the step,
     the step fraction, the friction, λ_max and the preconditioner. Its ``auto`` options are
     ``max_steps``, ``step_fraction``, ``hessian_examples`` and ``max_retries``.
@@ -1644,7 +1644,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     by default); the batch is the whole data set unless ``batch_size`` says otherwise; of
     ``max_steps`` steps per chain a tenth is burn-in and the rest gives 1,000 kept states
     (fewer when the budget is short), thinned evenly. After a divergence, the diagonal GGN at
-    the chains' last finite states joins the curvature (the elementwise maximum), the
+    the other chains' states joins the curvature (the elementwise maximum), the
     preconditioner and λ_max (the largest over the start and those states) are taken again, the
     step fraction halves, and the run starts again from the start, at most ``max_retries``
     times.
@@ -1754,16 +1754,20 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
         except DivergenceError as err:
             if retry == max_retries:
                 raise
-            # the curvature where the chains stopped joins the estimate, and the step halves
+            # the curvature where the other chains stopped joins the estimate (the diverged
+            # chain's last finite state is at the edge of the divergence, where the curvature
+            # says little about the typical set), and the step halves
             last = err.result.params
-            positions += [jax.tree.map(lambda x, c=c: x[c], last) for c in range(len(chain_keys))]
+            kept = [c for c in range(len(chain_keys)) if c != err.chain] or [err.chain]
+            states = [jax.tree.map(lambda x, c=c: x[c], last) for c in kept]
+            positions += states
             if curvature is not None:
-                curvature = curvature_at(positions[-len(chain_keys) :], curvature)
+                curvature = curvature_at(states, curvature)
             precond, lam = derive(positions, curvature)
             fraction /= 2.0
             logger.info(
                 "bn.baoab diverged at step %d: starting again with the curvature where the "
-                "chains stopped (λ_max %.4g) and h sqrt(λ_max) = %g",
+                "other chains stopped (λ_max %.4g) and h sqrt(λ_max) = %g",
                 err.step,
                 lam,
                 fraction,

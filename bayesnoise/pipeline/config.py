@@ -443,7 +443,9 @@ class SGLDConfig(_Section):
     takes ``polynomial``. Without auto, ``burnin``, ``samples``, ``thin`` default to 1000, 500, 4.
     ``method: baoab`` samples by kinetic Langevin (:func:`bayesnoise.baoab`); with auto, the
     preconditioner is the diagonal Laplace variance at the start and h = 0.5 / sqrt(λ_max)
-    (:func:`bayesnoise.sampling.run`), and ``batch_size: null`` takes the whole training set.
+    (:func:`bayesnoise.sampling.run`), and ``batch_size: null`` takes the whole training set;
+    the chains start at a mode (EM's, or without EM the mode under λ = 1 found in
+    ``em.map_steps`` Adam steps from the trained network).
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with

@@ -370,10 +370,16 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         ggn = None if ggn is None else ggn.ggn
     else:  # one E-step under λ = 1 (the key em.fit's first E-step would get)
         h = gsm.hierarchy(params, ec.sigma0)
+        mode, ggn = None, None
+        if sc.method == "baoab" and sc.auto:
+            # BAOAB's automatic settings read the curvature at the start: start at the mode
+            mode = params = em.map_estimate(
+                jax.random.fold_in(key, 1001), params, h, task.log_likelihood, data,
+                steps=ec.map_steps, learning_rate=ec.map_learning_rate,
+            )  # fmt: skip
         res = em.e_step(
             jax.random.fold_in(key, 0), params, h, task.log_likelihood, data, **sampling
         )
-        mode, ggn = None, None
     mean, variance = moments.mean(res.moments), moments.variance(res.moments)
     hist = fitted.history if use_em else {"iteration": []}
     records = [
