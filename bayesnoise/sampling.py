@@ -1459,6 +1459,47 @@ def _check_auto_options(auto: Any) -> None:
             _check_positive_int(f"auto['{name}']", auto[name], low, meaning)
 
 
+def _ggn_max(positions, log_likelihood, data, next_key, curvature=None):
+    """The elementwise maximum of ``curvature`` and the diagonal GGN at every position where it
+    is finite (states at the edge of a divergence are skipped); None if there is none."""
+    from bayesnoise import laplace
+
+    for p in positions:
+        try:
+            found = laplace.diag_ggn(p, log_likelihood, data, key=next_key())
+        except ValueError:
+            continue
+        curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
+    return curvature
+
+
+def _start_curvature(curvature):
+    if curvature is None:
+        raise ValueError(
+            "the curvature (diagonal GGN) at the start is not finite: check log_likelihood at "
+            "these params, or pass learning_rate= explicitly."
+        )
+    return curvature
+
+
+def _finite_start(params, per_chain, log_likelihood, log_prior, data, batch_size, temperature):
+    """The runaway floor of :func:`_runaway_floor`, after checking that the log posterior at
+    every chain's start is finite (automatic settings take the curvature there)."""
+    floor, start_lp = _runaway_floor(
+        params, per_chain, log_likelihood, log_prior, data, batch_size, temperature
+    )
+    n_floor = min(int(data[0].shape[0]), 1024)
+    for c, lp in enumerate(start_lp):
+        if not math.isfinite(lp):
+            raise ValueError(
+                f"the log posterior at the starting params{'' if len(start_lp) == 1 else f' of chain {c}'} "
+                f"must be finite, got {lp} (log_prior(params) + N/n × the sum of "
+                f"log_likelihood over the first {n_floor} examples): check log_likelihood, "
+                f"log_prior and the data there."
+            )
+    return floor
+
+
 def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
     """Adaptation windows, then burn-in and sampling with the last settings.
 
@@ -1468,7 +1509,6 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
     chains' last finite states joins the estimate, the steps of every weight the data touches
     shrink fourfold, and the window (or the sampling run) starts again from where it started.
     """
-    from bayesnoise import laplace
 
     n_chains = chain_keys.shape[0]
     temperature = kw["temperature"]
@@ -1501,30 +1541,17 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
         )
 
     def curvature_at(positions, curvature=None):
-        # the elementwise maximum of the diagonal GGN over the chains' states (states where it
-        # is not finite, at the edge of a divergence, are skipped)
-        for p in positions:
-            try:
-                found = laplace.diag_ggn(
-                    p, log_likelihood, data, key=jax.random.fold_in(base, next(calls))
-                )
-            except ValueError:
-                continue
-            curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
-        return curvature
+        return _ggn_max(
+            positions,
+            log_likelihood,
+            data,
+            lambda: jax.random.fold_in(base, next(calls)),
+            curvature,
+        )
 
-    floor, start_lp = _runaway_floor(
+    floor = _finite_start(
         params, params_per_chain, log_likelihood, log_prior, data, batch_size, temperature
     )
-    n_floor = min(int(data[0].shape[0]), 1024)
-    for c, lp in enumerate(start_lp):
-        if not math.isfinite(lp):
-            raise ValueError(
-                f"the log posterior at the starting params{'' if len(start_lp) == 1 else f' of chain {c}'} "
-                f"must be finite, got {lp} (log_prior(params) + N/n × the sum of "
-                f"log_likelihood over the first {n_floor} examples): check log_likelihood, "
-                f"log_prior and the data there."
-            )
 
     def attempt(settings, state, per_chain, salt, **run):
         return _run_fixed(
@@ -1541,12 +1568,7 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
         )
 
     positions = chain_positions(params) if params_per_chain else [one_params]
-    curvature = curvature_at(positions)
-    if curvature is None:
-        raise ValueError(
-            "the curvature (diagonal GGN) at the start is not finite: check log_likelihood at "
-            "these params, or pass learning_rate= explicitly."
-        )
+    curvature = _start_curvature(curvature_at(positions))
     scale, state, per_chain, adapted, retries = 1.0, params, params_per_chain, 0, 0
     settings = derive(positions, curvature, scale)
 
@@ -1649,7 +1671,6 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     step fraction halves, and the run starts again from the start, at most ``max_retries``
     times.
     """
-    from bayesnoise import laplace
 
     unknown = sorted(set(options) - set(_BAOAB_OPTIONS))
     if unknown:
@@ -1676,22 +1697,19 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
 
     transform = kw.pop("transform")
     given = transform.keywords if isinstance(transform, functools.partial) else {}
-    floor, _ = _runaway_floor(
+    floor = _finite_start(
         params, params_per_chain, log_likelihood, log_prior, data, batch_size, temperature
     )
     calls = itertools.count()
 
     def curvature_at(positions, curvature=None):
-        # the elementwise maximum of the diagonal GGN over the states where it is finite
-        for p in positions:
-            try:
-                found = laplace.diag_ggn(
-                    p, log_likelihood, data, key=jax.random.fold_in(base, next(calls))
-                )
-            except ValueError:
-                continue
-            curvature = found if curvature is None else jax.tree.map(jnp.maximum, curvature, found)
-        return curvature
+        return _ggn_max(
+            positions,
+            log_likelihood,
+            data,
+            lambda: jax.random.fold_in(base, next(calls)),
+            curvature,
+        )
 
     def derive(positions, curvature):
         # the preconditioner from the curvature, and the largest λ_max over the positions
@@ -1722,7 +1740,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
         return precond, lam
 
     positions = [one_params]
-    curvature = None if "preconditioner" in given else curvature_at(positions)
+    curvature = None if "preconditioner" in given else _start_curvature(curvature_at(positions))
     precond, lam = derive(positions, curvature)
     burnin = lengths["num_burnin"]
     burnin = max(1, max_steps // 10) if burnin is None else burnin

@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom in their small mode (`make notebooks` runs all of them)."""
+"""The notebooks run top to bottom in their small mode (`make notebooks` runs all of them;
+`make docs` runs every one on every build)."""
 
 import os
 from pathlib import Path
@@ -28,6 +29,9 @@ def test_notebooks_are_stored_without_outputs():
                 assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
+# slow: `make docs` runs every notebook on every build (a failing cell fails it), and
+# `make test-slow` runs these two
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["01_gsm_zoo.ipynb", "04_inference_rules.ipynb"])
 def test_notebook_runs(name, tmp_path):
     book = execute(name, tmp_path)

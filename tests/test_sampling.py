@@ -193,6 +193,12 @@ def test_automatic_settings_reject_options_of_the_other_sampler():
             jax.random.key(0), PARAMS, lin_ll, lambda p: jnp.zeros(()), (X, Y), transform=bn.baoab
         )
     assert "the prior is not proper in leaf" in str(err.value)
+    nan_ll = lambda p, x, y: jnp.log(p["w"][0]) * jnp.ones(x.shape[0])  # noqa: E731
+    with pytest.raises(ValueError) as err:
+        sampling.run(
+            jax.random.key(0), {"w": -jnp.ones(D)}, nan_ll, lin_lp, (X, Y), transform=bn.baoab
+        )
+    assert "the log posterior at the starting params must be finite, got nan" in str(err.value)
 
 
 def test_max_curvature_against_the_eigenvalues_of_the_exact_hessian():
