@@ -1315,35 +1315,23 @@ def run(
             **common,
         )
         settings = {"learning_rate": "schedule" if callable(learning_rate) else learning_rate}
-    elif _is_baoab(transform):
-        result, settings = _run_baoab_auto(
-            chain_keys,
-            params,
-            one_params,
-            data,
-            batch_size=batch_size,
-            num_burnin=num_burnin,
-            num_samples=num_samples,
-            thin=thin,
-            params_per_chain=bool(params_per_chain),
-            trace_spec=trace_spec,
-            trace_names=trace_names,
-            options=dict(auto or {}),
-            **common,
-        )
     else:
-        if transform is not _sgld:
+        if _is_baoab(transform):
+            driver = _run_baoab_auto
+        elif transform is not _sgld:
             raise ValueError(
                 f"automatic settings drive bn.sgld or bn.baoab with a preconditioner; pass "
                 f"learning_rate= explicitly for the transform "
                 f"{getattr(transform, '__name__', transform)!r}."
             )
-        if "step_fraction" in (auto or {}):
+        elif "step_fraction" in (auto or {}):
             raise ValueError(
                 f"auto['step_fraction'] is an option of bn.baoab's automatic settings, got it "
                 f"with bn.sgld; its options are {', '.join(o for o in _AUTO_OPTIONS if o != 'step_fraction')}."
             )
-        result, settings = _run_auto(
+        else:
+            driver = _run_auto
+        result, settings = driver(
             chain_keys,
             params,
             one_params,

@@ -42,6 +42,17 @@ def exact():
     return cov @ x.T @ y, cov
 
 
+def assert_tempered_exact(res, temperature):
+    """Means within 0.1 sd, variances within 12% of the exact posterior at T, R-hat < 1.05."""
+    mean, cov = exact()
+    got_mean = np.asarray(moments.mean(res.moments)["w"])
+    got_var = np.asarray(moments.variance(res.moments)["w"])
+    sd = np.sqrt(temperature * np.diag(cov))
+    assert np.all(np.abs(got_mean - mean) < 0.1 * sd), (got_mean, mean)
+    np.testing.assert_allclose(got_var / (temperature * np.diag(cov)), 1.0, atol=0.12)
+    assert res.converged and np.max(res.rhat) < 1.05
+
+
 def test_run_is_init_and_step_in_a_loop():
     chain_keys = jax.random.split(jax.random.key(3), 1)
     res = sampling.run(
@@ -102,7 +113,7 @@ def test_an_infinite_gradient_freezes_a_chain_unless_the_drift_clip_bounds_the_m
 def test_baoab_with_full_gradients_samples_the_exact_gaussian_posterior(temperature, h_scale):
     # BAOAB's positions are exact for a Gaussian target at any stable step (h·sqrt(λ) < 2),
     # where an Euler step of the same size would not be
-    mean, cov = exact()
+    _, cov = exact()
     var = temperature * np.diag(cov)
     s = np.sqrt(var)
     lam = np.linalg.eigvalsh(s[:, None] * np.linalg.inv(cov) * s[None, :])[-1]
@@ -121,18 +132,13 @@ def test_baoab_with_full_gradients_samples_the_exact_gaussian_posterior(temperat
         num_samples=2000,
         num_chains=4,
     )
-    got_mean = np.asarray(moments.mean(res.moments)["w"])
-    got_var = np.asarray(moments.variance(res.moments)["w"])
-    sd = np.sqrt(temperature * np.diag(cov))
-    assert np.all(np.abs(got_mean - mean) < 0.1 * sd), (got_mean, mean)
-    np.testing.assert_allclose(got_var / (temperature * np.diag(cov)), 1.0, atol=0.12)
-    assert res.converged and np.max(res.rhat) < 1.05
+    assert_tempered_exact(res, temperature)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.25])
 def test_baoab_with_automatic_settings_samples_the_exact_gaussian_posterior(temperature):
     # no learning rate: the Laplace preconditioner, h = 0.5 / sqrt(λ_max) and the whole batch
-    mean, cov = exact()
+    _, cov = exact()
     res = sampling.run(
         jax.random.key(5),
         PARAMS,
@@ -153,12 +159,7 @@ def test_baoab_with_automatic_settings_samples_the_exact_gaussian_posterior(temp
     np.testing.assert_allclose(s["learning_rate"], 0.5 / np.sqrt(s["curvature_max"]), rtol=1e-6)
     assert (s["method"], s["batch_size"], s["num_burnin"]) == ("baoab", N, 400)
     assert s["num_samples"] * s["thin"] <= 3600 and s["num_samples"] == 1000
-    got_mean = np.asarray(moments.mean(res.moments)["w"])
-    got_var = np.asarray(moments.variance(res.moments)["w"])
-    sd = np.sqrt(temperature * np.diag(cov))
-    assert np.all(np.abs(got_mean - mean) < 0.1 * sd), (got_mean, mean)
-    np.testing.assert_allclose(got_var / (temperature * np.diag(cov)), 1.0, atol=0.12)
-    assert res.converged and np.max(res.rhat) < 1.05
+    assert_tempered_exact(res, temperature)
 
 
 def test_baoab_with_automatic_settings_keeps_a_given_preconditioner_and_friction():
