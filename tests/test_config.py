@@ -154,6 +154,11 @@ def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
             ["baoab with a polynomial schedule", "step_size auto or a number"],
         ),
         ({"sgld": {"method": "hmc"}}, "sgld.method", ["'hmc'", "sgld, psgld, baoab"]),
+        (
+            {"sgld": {"method": "baoab", "batch_size": 128}},
+            "sgld.batch_size",
+            ["128 with method baoab", "null (the whole training set"],
+        ),
         ({"sgld": {"temperature": 0.0}}, "sgld.temperature", ["got 0", "temperature > 0"]),
         ({"prune": {"fractions": [0.2, 1.5]}}, "prune.fractions", ["1.5", "[0, 1]"]),
         ({"prune": {"fractions": [0.5, 0.2]}}, "prune.fractions", ["strictly increasing"]),
