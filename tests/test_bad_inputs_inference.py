@@ -374,8 +374,11 @@ def test_scores_reject_a_bad_std(value, score):
 @given(value=bad.not_finite(), score=st.sampled_from(["snr", "spr", "magnitude"]))
 def test_scores_reject_a_mean_that_is_not_finite(value, score):
     mean = {"w": jnp.full((2, 2), value)}
-    with bad.clear_error("mean", value):
+    with bad.clear_error("mean", value) as err:
         bn.prune.magnitude(mean) if score == "magnitude" else getattr(bn.prune, score)(mean, MEAN)
+    assert err.type is ValueError
+    assert str(err.value).startswith("mean (posterior means")
+    assert "leaf 'w' of shape (2, 2) holds 4 NaN or infinite entries" in str(err.value)
 
 
 def test_mask_rejects_nan_scores_but_not_under_jit():
@@ -391,21 +394,30 @@ def test_mask_rejects_nan_scores_but_not_under_jit():
 @settings(max_examples=15, deadline=None)
 @given(value=bad_fraction)
 def test_mask_rejects_a_bad_fraction(value):
-    with bad.clear_error("fraction", value):
+    with bad.clear_error("fraction", value) as err:
         bn.prune.mask(bn.prune.magnitude(PARAMS), value)
+    assert err.type is ValueError
+    assert str(err.value).startswith("fraction must be in [0, 1]")
+    assert str(err.value).endswith(f"got {value!r}.")
 
 
 def test_where_that_matches_nothing_is_shown():
-    with bad.clear_error("where", "nomatch"):
+    paths = "(params/Dense_0/bias, params/Dense_0/kernel)"
+    with bad.clear_error("where", "nomatch") as err:
         bn.prune.mask(bn.prune.magnitude(PARAMS), 0.5, where="nomatch")
-    with bad.clear_error("where", "nomatch"):
+    assert err.type is ValueError and f"matches none of its leaf paths {paths}" in str(err.value)
+    with bad.clear_error("where", "nomatch") as err:
         bn.prune.curve(
             lambda p: jnp.zeros(()), PARAMS, bn.prune.magnitude(PARAMS), [0.5], where="nomatch"
         )
-    with bad.clear_error("where", "["):
+    assert err.type is ValueError and f"matches none of its leaf paths {paths}" in str(err.value)
+    with bad.clear_error("where", "[") as err:
         bn.prune.mask(bn.prune.magnitude(PARAMS), 0.5, where="[")
-    with bad.clear_error("where", "3"):
+    assert err.type is ValueError
+    assert str(err.value).startswith("where='[' is not a valid regular expression")
+    with bad.clear_error("where", "3") as err:
         bn.prune.mask(bn.prune.magnitude(PARAMS), 0.5, where=3)
+    assert err.type is TypeError and str(err.value).endswith("got int: 3.")
 
 
 def test_mask_of_the_whole_fraction_is_legit():
@@ -416,8 +428,11 @@ def test_mask_of_the_whole_fraction_is_legit():
 @settings(max_examples=15, deadline=None)
 @given(value=bad_fraction)
 def test_breakpoint_fraction_rejects_a_bad_fraction(value):
-    with bad.clear_error("fractions", str([0.0, value])):
+    with bad.clear_error("fractions", str([0.0, value])) as err:
         bn.prune.breakpoint_fraction([0.0, value], [0.1, 0.1], 0.1)
+    assert err.type is ValueError
+    assert str(err.value).startswith("fractions must be a finite number or an array of them")
+    assert str(err.value).endswith(f"in [0, 1], got {[0.0, value]}.")
 
 
 def test_breakpoint_fraction_and_curve_reject_bad_arrays():
@@ -435,15 +450,21 @@ def test_breakpoint_fraction_and_curve_reject_bad_arrays():
 
 def test_sparse_export_rejects_bad_masks_and_dtypes():
     params = {"kernel": jnp.ones((3, 3))}
-    with bad.clear_error("mask", "(2, 2)"):
+    with bad.clear_error("mask", "(2, 2)") as err:
         bn.prune.to_sparse(params, {"kernel": jnp.ones((2, 2), bool)})
-    with bad.clear_error("index_dtype", "float32"):
+    assert err.type is ValueError
+    assert "does not broadcast to the leaf's shape (3, 3)" in str(err.value)
+    with bad.clear_error("index_dtype", "float32") as err:
         bn.prune.to_sparse(params, {"kernel": jnp.eye(3, dtype=bool)}, index_dtype=np.float32)
+    assert err.type is TypeError and "must be None or an integer dtype" in str(err.value)
     big = {"kernel": jnp.ones((300, 3))}
-    with bad.clear_error("index_dtype", "int8"):
+    with bad.clear_error("index_dtype", "int8") as err:
         bn.prune.to_sparse(big, {"kernel": jnp.ones((300, 3), bool)}, index_dtype=np.int8)
-    with bad.clear_error("kernel", "(3, 3)"):
+    assert err.type is ValueError and "an integer dtype that reaches 299" in str(err.value)
+    with bad.clear_error("kernel", "(3, 3)") as err:
         bn.prune.sparse_dense(jnp.ones((2, 4)), params["kernel"])
+    assert err.type is ValueError
+    assert "got x of shape (2, 4) and kernel of shape (3, 3)" in str(err.value)
 
 
 # ------------------------------------------------------------------------------ inference
@@ -451,13 +472,18 @@ def test_sparse_export_rejects_bad_masks_and_dtypes():
 
 @pytest.mark.parametrize("noise", [None, "bernoulli"])
 def test_weight_scale_rejects_a_bad_noise(noise):
-    with bad.clear_error("noise", noise):
+    with bad.clear_error("noise", noise) as err:
         bn.inference.weight_scale(PARAMS, noise)
+    assert err.type is TypeError
+    assert str(err.value).startswith("noise must be a bayesnoise.noise distribution")
+    assert str(err.value).endswith(f"got {type(noise).__name__}: {noise!r}.")
 
 
 def test_weight_scale_shows_a_where_that_matches_nothing():
-    with bad.clear_error("where", "nomatch"):
+    with bad.clear_error("where", "nomatch") as err:
         bn.inference.weight_scale(PARAMS, bn.noise.Bernoulli(0.8), where="nomatch")
+    assert err.type is ValueError
+    assert str(err.value).startswith("no leaf of the params tree is noised: where='nomatch'")
 
 
 @settings(max_examples=15, deadline=None)
@@ -466,8 +492,10 @@ def test_weight_scale_shows_a_where_that_matches_nothing():
     rule=st.sampled_from(["mc_predict", "geometric_predict", "mc_logits"]),
 )
 def test_monte_carlo_rules_reject_a_bad_key(value, rule):
-    with bad.clear_error("key", value):
+    with bad.clear_error("key", value) as err:
         getattr(bn.inference, rule)(value, apply_fn, X, 4)
+    assert err.type is TypeError
+    assert str(err.value).startswith("key must be a PRNG key, e.g. jax.random.key(0)")
 
 
 @settings(max_examples=15, deadline=None)
