@@ -423,6 +423,17 @@ def max_curvature(
     )
 
 
+def _auto_temperature(temperature: Any) -> float:
+    """T as a float, after checking that it is finite and > 0 (automatic settings need it)."""
+    _check.number("temperature", temperature, finite=False)
+    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
+        raise ValueError(
+            f"temperature must be a finite number > 0 for automatic settings (T = 0 is "
+            f"optimisation), got {temperature!r}; pass learning_rate= explicitly for T = 0."
+        )
+    return float(temperature)
+
+
 def _proper_precision(params: PyTree, log_prior: Callable, curvature: PyTree) -> PyTree:
     """The prior precision per weight, after checking that it is > 0 everywhere and that the
     curvature (the per-example diagonal GGN) is a finite tree >= 0 like the params."""
@@ -532,12 +543,7 @@ def auto_settings(
 
     _check.key("key", key)
     _check_callables(log_likelihood, log_prior)
-    _check.number("temperature", temperature, finite=False)
-    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
-        raise ValueError(
-            f"temperature must be a finite number > 0 for automatic settings (T = 0 is optimisation), got "
-            f"{temperature!r}; pass learning_rate= explicitly for T = 0."
-        )
+    _auto_temperature(temperature)
     data, num_data = _tree.data_tuple(data)
     if batch_size is not None:
         _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
@@ -1210,7 +1216,7 @@ def run(
             f"optax transform, such as bn.sgld; got {transform!r}."
         )
     if auto is not None:
-        _check_auto_options(auto)
+        _check_auto_options(auto, baoab=_is_baoab(transform))
     data, num_data = _tree.data_tuple(data)
     if batch_size is not None:
         batch_size = _check_positive_int("batch_size", batch_size, 1, "examples per minibatch")
@@ -1324,11 +1330,6 @@ def run(
                 f"learning_rate= explicitly for the transform "
                 f"{getattr(transform, '__name__', transform)!r}."
             )
-        elif "step_fraction" in (auto or {}):
-            raise ValueError(
-                f"auto['step_fraction'] is an option of bn.baoab's automatic settings, got it "
-                f"with bn.sgld; its options are {', '.join(o for o in _AUTO_OPTIONS if o != 'step_fraction')}."
-            )
         else:
             driver = _run_auto
         result, settings = driver(
@@ -1401,7 +1402,7 @@ def _runaway_floor(
     return float(np.min(lp)) - 20.0 * num_params * t - 20.0 * noise_sd, lp
 
 
-# the options of run(auto=...): auto_settings' own, and the driver's
+# the options of run(auto=...) for bn.sgld (auto_settings' own, and the driver's) and bn.baoab
 _AUTO_OPTIONS = (
     "max_step",
     "noise_fraction",
@@ -1411,20 +1412,22 @@ _AUTO_OPTIONS = (
     "hessian_examples",
     "adapt_windows",
     "max_retries",
-    "step_fraction",
 )
-# the options that apply to bn.baoab with automatic settings
 _BAOAB_OPTIONS = ("max_steps", "hessian_examples", "max_retries", "step_fraction")
 
 
-def _check_auto_options(auto: Any) -> None:
-    """Checks the options of ``run(auto=...)`` before anything is computed."""
+def _check_auto_options(auto: Any, baoab: bool = False) -> None:
+    """Checks the options of ``run(auto=...)`` for the sampler's automatic settings (those of
+    :func:`bayesnoise.baoab` when ``baoab``) before anything is computed."""
     if not isinstance(auto, dict):
         raise TypeError(f"auto must be None or a dict of auto_settings options, got {auto!r}.")
-    unknown = sorted(set(auto) - set(_AUTO_OPTIONS), key=str)
+    allowed = _BAOAB_OPTIONS if baoab else _AUTO_OPTIONS
+    unknown = sorted(set(auto) - set(allowed), key=str)
     if unknown:
+        sampler = "bn.baoab" if baoab else "bn.sgld"
         raise ValueError(
-            f"auto has unknown options {unknown}; allowed: {', '.join(_AUTO_OPTIONS)}."
+            f"auto has options {unknown} that the automatic settings of {sampler} do not use; "
+            f"allowed: {', '.join(allowed)}."
         )
     for name in ("max_step", "noise_fraction", "target_ess"):
         if name in auto:
@@ -1659,19 +1662,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     step fraction halves, and the run starts again from the start, at most ``max_retries``
     times.
     """
-
-    unknown = sorted(set(options) - set(_BAOAB_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"auto has options {unknown} that bn.baoab's automatic settings do not use; its "
-            f"options are {', '.join(_BAOAB_OPTIONS)}."
-        )
-    temperature = float(kw["temperature"])
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(
-            f"temperature must be a finite number > 0 for automatic settings (T = 0 is "
-            f"optimisation), got {temperature!r}; pass learning_rate= explicitly for T = 0."
-        )
+    temperature = _auto_temperature(kw["temperature"])
     log_likelihood, log_prior = kw["log_likelihood"], kw["log_prior"]
     num_data = int(data[0].shape[0])
     batch_size = kw.pop("batch_size") or num_data
