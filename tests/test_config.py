@@ -159,6 +159,12 @@ def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
             "sgld.batch_size",
             ["128 with method baoab", "null (the whole training set"],
         ),
+        (
+            {"sgld": {"friction": 0.5}},
+            "sgld.friction",
+            ["0.5 with method sgld", "null, or a number > 0 with method baoab"],
+        ),
+        ({"sgld": {"method": "baoab", "friction": 0}}, "sgld.friction", ["got 0", "> 0"]),
         ({"sgld": {"temperature": 0.0}}, "sgld.temperature", ["got 0", "temperature > 0"]),
         ({"prune": {"fractions": [0.2, 1.5]}}, "prune.fractions", ["1.5", "[0, 1]"]),
         ({"prune": {"fractions": [0.5, 0.2]}}, "prune.fractions", ["strictly increasing"]),

@@ -326,3 +326,17 @@ def test_the_sampling_stage_runs_kinetic_langevin_with_method_baoab():
     assert d["learning_rate"] == pytest.approx(h, rel=1e-6)
     assert d["prior_recovery"]["inputs"] == 4 and np.isfinite(d["rhat_max"])
     assert "preconditioner" not in d
+
+
+def test_the_sampling_stage_takes_its_friction_from_the_config():
+    from small_run import CONFIG, SMALL
+
+    from bayesnoise.pipeline import config, stages
+
+    small = [s for s in SMALL if not s.startswith("sgld.")]
+    baoab = ["sgld.method=baoab", "sgld.batch_size=null", "sgld.max_steps=200"]
+    cfg = config.load_config(CONFIG, small + baoab + ["sgld.friction=0.3"])
+    task = stages._Task(cfg)
+    post = stages._sgld(task, task.init(jax.random.key(0)), jax.random.key(1), False, False)
+    assert post["diagnostics"]["friction"] == 0.3
+    assert config.load_config(CONFIG, small + baoab).sgld.friction is None  # bn.baoab's 1

@@ -445,7 +445,7 @@ class SGLDConfig(_Section):
     preconditioner is the diagonal Laplace variance at the start and h = 0.5 / sqrt(λ_max)
     (:func:`bayesnoise.sampling.run`), with ``batch_size: null`` (the whole training set);
     the chains start at a mode (EM's, or without EM the mode under λ = 1 found in
-    ``em.map_steps`` Adam steps from the trained network).
+    ``em.map_steps`` Adam steps from the trained network). ``friction`` is its γ (null: 1).
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
@@ -462,6 +462,7 @@ class SGLDConfig(_Section):
     chains: int = Field(4, ge=1)
     batch_size: int | None = Field(64, ge=1)  # null: the whole training set
     max_steps: int = Field(20_000, ge=100)
+    friction: _Float | None = Field(None, gt=0)  # baoab's γ; null: 1
     rhat_threshold: _Float = Field(1.1, gt=0)  # the convergence criteria of the diagnostics
     ess_threshold: _Float = Field(100.0, gt=0)
 
@@ -483,6 +484,9 @@ class SGLDConfig(_Section):
             got = f"{self.batch_size} with method baoab and step_size auto"
             allowed = "null (the whole training set: BAOAB's automatic step assumes full gradients)"
             raise _bad("batch_size", got, allowed)
+        if self.friction is not None and self.method != "baoab":
+            got = f"{self.friction} with method {self.method}"
+            raise _bad("friction", got, "null, or a number > 0 with method baoab")
         if self.auto and self.temperature == 0:
             raise _bad("temperature", "0 with step_size: auto", f"a temperature > 0, or {fixed}")
         return self

@@ -25,6 +25,7 @@ stage depends on is ignored and the stage runs again):
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -332,6 +333,8 @@ def _prior_recovery(task: _Task, mean, variance, h) -> dict | None:
 def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
     sc, ec = task.cfg.sgld, task.cfg.em
     transform = {"sgld": sgld, "psgld": psgld, "baoab": baoab}[sc.method]
+    if sc.friction is not None:  # baoab only (the config says so)
+        transform = functools.partial(transform, friction=sc.friction)
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
     settings = sc.run_settings()
 
