@@ -48,12 +48,16 @@ def run_chunked(
     progress: bool,
     desc: str,
     unit: str,
+    start: int = 0,
+    after_chunk: Callable[[Any, int, bool], None] | None = None,
 ) -> tuple[Any, list[Any]]:
     """``carry, out = run_chunk(carry, start, length)`` for every chunk, in order.
 
-    ``start`` (the index of the chunk's first step) goes in as a device scalar, so calls of the
-    compiled chunk transfer nothing implicitly. With ``progress``, a tqdm bar advances after
-    each chunk has finished on the device.
+    ``start`` (the index of the chunk's first step; the first chunk's is the argument
+    ``start``, for a run that goes on from a checkpoint) goes in as a device scalar, so calls of
+    the compiled chunk transfer nothing implicitly. With ``progress``, a tqdm bar advances after
+    each chunk has finished on the device. ``after_chunk(carry, steps_done, is_last)``, if
+    given, is called after every chunk (to save the carry).
 
     Returns:
         the final carry and the list of every chunk's output.
@@ -62,13 +66,15 @@ def run_chunked(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(lengths), desc=desc, unit=unit)
-    outs, start = [], 0
+        bar = tqdm(total=start + sum(lengths), initial=start, desc=desc, unit=unit)
+    outs = []
     try:
-        for length in lengths:
+        for i, length in enumerate(lengths):
             carry, out = run_chunk(carry, jax.device_put(np.int32(start)), length)
             outs.append(out)
             start += length
+            if after_chunk is not None:
+                after_chunk(carry, start, i == len(lengths) - 1)
             if bar is not None:
                 jax.block_until_ready(carry)
                 bar.update(length)

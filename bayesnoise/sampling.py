@@ -62,6 +62,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -72,7 +73,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bayesnoise import _check, _loop, _tree
+from bayesnoise import _check, _loop, _resume, _tree
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
 from bayesnoise.sgld import baoab as _baoab
@@ -1105,6 +1106,8 @@ def run(
     rhat_threshold: float = 1.1,
     ess_threshold: float = 100.0,
     auto: dict | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> SamplingResult:
     """Runs SGLD chains and returns running posterior moments (no samples are stored).
 
@@ -1151,6 +1154,17 @@ def run(
     gradient or state freezes that chain, ends the loop at that step and raises
     :class:`DivergenceError` after it: no host synchronisation in the loop.
 
+    With ``checkpoint`` (a folder), a long run can be stopped and started again: every
+    compiled run of the chains (with automatic settings, the pilot windows and the main run)
+    saves its whole state (chains, moments, kept states, predictive sums, keys) to a file in
+    that folder after a stretch of steps, at most every ``checkpoint_every`` seconds and at its
+    end. The file is named by a digest of the run's settings, start, data, keys and prior
+    arguments; a call with the same inputs reads it back and goes on from the saved step, to
+    the same result as a run that was never stopped. Functions enter the digest by name and the
+    numbers they close over, not by their code: after changing one, delete the folder. The
+    files stay after the run (a finished run's file returns its result at once); delete the
+    folder when the result is saved.
+
     Diagnostics come after the loop: split R-hat and ESS of ``num_traced`` weights spread over
     every leaf; ``result.converged`` is max R-hat <= ``rhat_threshold`` and min ESS >=
     ``ess_threshold``, and a ``logging`` warning (logger ``"bayesnoise"``) names the worst
@@ -1188,6 +1202,9 @@ def run(
         predict_inputs: the inputs handed to ``predict`` (e.g. held-out x).
         rhat_threshold, ess_threshold: the convergence criteria.
         auto: options for :func:`auto_settings` (with :func:`bayesnoise.baoab`: those above).
+        checkpoint: None, or a folder (created if missing) for the run's checkpoints.
+        checkpoint_every: the least number of seconds between two saves of a run (>= 0; its
+            last step is always saved).
 
     Returns:
         A :class:`SamplingResult`.
@@ -1233,6 +1250,18 @@ def run(
         if value is not None:
             _check_positive_int(name, value, low, meaning)
     num_traced = _check_positive_int("num_traced", num_traced, 0, "weights traced")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
+            raise TypeError(
+                f"checkpoint must be None or the path of a folder (a str or os.PathLike), got "
+                f"{checkpoint!r}."
+            )
+        if os.path.exists(checkpoint) and not os.path.isdir(checkpoint):
+            raise ValueError(
+                f"checkpoint={os.fspath(checkpoint)!r} is a file; allowed: None, or the path of "
+                f"a folder (created if missing) for the run's checkpoints."
+            )
+    _check.number("checkpoint_every", checkpoint_every, lo=0.0)
     for name, value in (("rhat_threshold", rhat_threshold), ("ess_threshold", ess_threshold)):
         _check.number(name, value, lo=0.0, lo_open=True)
 
@@ -1291,6 +1320,8 @@ def run(
         progress_every=progress_every,
         predict=predict,
         predict_inputs=predict_inputs,
+        checkpoint=checkpoint,
+        checkpoint_every=float(checkpoint_every),
     )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
     if not is_auto:
@@ -1798,16 +1829,29 @@ def _run_fixed(
     progress_every,
     predict_inputs,
     floor=-np.inf,
+    checkpoint=None,
+    checkpoint_every=60.0,
     **settings,
 ):
     """One compiled run of the chains; ``settings`` are the fields of :class:`_Static` but the
-    mesh (log_likelihood, log_prior, transform, learning_rate, ..., predict)."""
+    mesh (log_likelihood, log_prior, transform, learning_rate, ..., predict). With a
+    ``checkpoint`` folder the carry is saved there between chunks and a run with the same
+    inputs goes on from its file."""
     n_chains = chain_keys.shape[0]
     mesh = _mesh(devices, n_chains, settings["batch_size"])
     num_burnin, num_samples, thin = (settings.pop(k) for k in ("num_burnin", "num_samples", "thin"))
+    given_prior = settings["log_prior"]  # with a Partial's arguments, for the checkpoint's key
     log_prior, prior_args = _split_fn(settings.pop("log_prior"))
     static = _Static(mesh=mesh, log_prior=log_prior, capacity=_capacity(num_samples), **settings)
     total = num_burnin + num_samples * thin
+    saver = None
+    if checkpoint is not None:
+        key = _resume.digest(
+            dataclasses.replace(static, log_prior=given_prior),
+            (chain_keys, params, params_per_chain, data, precond, gnoise, predict_inputs),
+            (float(floor), num_burnin, num_samples, thin),
+        )
+        saver = _resume.Checkpoint(checkpoint, key, checkpoint_every)
     if mesh is not None:
         by_chain = NamedSharding(mesh, P("chain" if "chain" in mesh.axis_names else None))
         replicated = NamedSharding(mesh, P())
@@ -1850,9 +1894,21 @@ def _run_fixed(
             static=static,
         )
 
-    lengths = _loop.chunk_lengths(total, progress_every, bool(progress))
+    done = 0
+    if saver is not None:
+        carry, done = saver.load(carry)
+    # with a checkpoint, chunks as for a bar, so that the carry can be saved between them
+    chunked = bool(progress) or saver is not None
+    lengths = _loop.chunk_lengths(total - done, progress_every, chunked)
     carry, _ = _loop.run_chunked(
-        run_chunk, carry, lengths, progress=bool(progress), desc="sgld", unit="step"
+        run_chunk,
+        carry,
+        lengths,
+        progress=bool(progress),
+        desc="sgld",
+        unit="step",
+        start=done,
+        after_chunk=None if saver is None else saver.save,
     )
     merged = _merge_chains(carry.moments)
 

@@ -340,3 +340,48 @@ def test_the_sampling_stage_takes_its_friction_from_the_config():
     post = stages._sgld(task, task.init(jax.random.key(0)), jax.random.key(1), False, False)
     assert post["diagnostics"]["friction"] == 0.3
     assert config.load_config(CONFIG, small + baoab).sgld.friction is None  # bn.baoab's 1
+
+
+def test_a_stopped_sampling_stage_goes_on_from_the_chains_checkpoints(tmp_path, monkeypatch):
+    from small_run import CONFIG, SMALL
+
+    from bayesnoise import _loop, _resume
+    from bayesnoise.pipeline import config, stages
+
+    task = stages._Task(config.load_config(CONFIG, SMALL))
+    params, key = task.init(jax.random.key(0)), jax.random.key(1)
+    whole = stages._sgld(task, params, key, False, False)
+
+    class Stop(Exception):
+        pass
+
+    folder, saves, save = tmp_path / "sgld.sampling", [], _resume.Checkpoint.save
+
+    def stopping_save(self, carry, step, last):
+        save(self, carry, step, last)
+        if last:  # a short run saves only at its end
+            saves.append(step)
+        if len(saves) == 2:  # killed after the second compiled run of the chains was saved
+            raise Stop
+
+    monkeypatch.setattr(_resume.Checkpoint, "save", stopping_save)
+    with pytest.raises(Stop):
+        stages._sgld(task, params, key, False, False, folder)
+    monkeypatch.undo()
+    starts, run_chunked = [], _loop.run_chunked
+
+    def counting(run_chunk, carry, lengths, **kw):
+        starts.append((kw["start"], sum(lengths)))
+        return run_chunked(run_chunk, carry, lengths, **kw)
+
+    monkeypatch.setattr(_loop, "run_chunked", counting)
+    resumed = stages._sgld(task, params, key, False, False, folder)
+    # the two saved runs came back from their files without a step, the rest ran
+    assert [n for _, n in starts[:2]] == [0, 0] and starts[0][0] > 0 and len(starts) > 2
+    for name in ("mean", "std"):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+            resumed[name],
+            whole[name],
+        )
+    np.testing.assert_allclose(resumed["rhat"], whole["rhat"], rtol=1e-5)

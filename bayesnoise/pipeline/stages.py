@@ -29,6 +29,7 @@ import functools
 import gc
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -330,7 +331,9 @@ def _prior_recovery(task: _Task, mean, variance, h) -> dict | None:
     return None
 
 
-def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
+def _sgld(task: _Task, params, key, progress: bool, use_em: bool, checkpoint=None):
+    """The posterior stage (EM, then the chains); ``checkpoint``: a folder where the chains
+    save their state as they go, so that a stopped run goes on from there."""
     sc, ec = task.cfg.sgld, task.cfg.em
     transform = {"sgld": sgld, "psgld": psgld, "baoab": baoab}[sc.method]
     if sc.friction is not None:  # baoab only (the config says so)
@@ -353,6 +356,7 @@ def _sgld(task: _Task, params, key, progress: bool, use_em: bool):
         progress=progress,
         predict=task.predict,
         predict_inputs=task.x_test,
+        checkpoint=checkpoint,
         **settings,
     )
     if use_em:
@@ -939,15 +943,27 @@ def _run(
         "reference", lambda: _train(task, None, jax.random.fold_in(key, 2), progress)
     )
     _check_trained(task, reference, "reference")
-    post = staged(
+
+    def sampled(stage: str, fn):
+        # the chains' own checkpoints while the stage runs, removed once the stage is saved
+        folder = ckpt.dir / f"{stage}.sampling"
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        value = staged(stage, lambda: fn(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        return value
+
+    post = sampled(
         "sgld",
-        lambda: _sgld(
-            task, trained["params"], jax.random.fold_in(key, 3), progress, cfg.em.enabled
+        lambda folder: _sgld(
+            task, trained["params"], jax.random.fold_in(key, 3), progress, cfg.em.enabled, folder
         ),
     )
-    ref_post = staged(
+    ref_post = sampled(
         "sgld_reference",
-        lambda: _sgld(task, reference["params"], jax.random.fold_in(key, 4), progress, False),
+        lambda folder: _sgld(
+            task, reference["params"], jax.random.fold_in(key, 4), progress, False, folder
+        ),
     )
     _check_converged(cfg, post)
     pruned = staged("prune", lambda: _prune(task, post, trained.get("variables")))
