@@ -706,6 +706,8 @@ class _Carry(NamedTuple):
 
 # the drift clip of the automatic settings, in noise standard deviations per step
 _MAX_DRIFT = 3.0
+# with a checkpoint and no progress bar, the fewest steps between two chances to save
+_SAVE_CHUNK = 1000
 
 
 def _build_transform(transform, learning_rate, temperature, precond, gnoise):
@@ -1204,7 +1206,8 @@ def run(
         auto: options for :func:`auto_settings` (with :func:`bayesnoise.baoab`: those above).
         checkpoint: None, or a folder (created if missing) for the run's checkpoints.
         checkpoint_every: the least number of seconds between two saves of a run (>= 0; its
-            last step is always saved).
+            last step is always saved). A save can come every ``progress_every`` steps, or
+            without it every max(1,000, a hundredth of the run) steps.
 
     Returns:
         A :class:`SamplingResult`.
@@ -1897,9 +1900,13 @@ def _run_fixed(
     done = 0
     if saver is not None:
         carry, done = saver.load(carry)
-    # with a checkpoint, chunks as for a bar, so that the carry can be saved between them
+    # with a checkpoint, chunks (as for a bar) between which the carry can be saved; without a
+    # bar, of at least _SAVE_CHUNK steps (a short run is one chunk, saved at its end)
+    every = progress_every
+    if every is None and saver is not None and not progress:
+        every = max(_SAVE_CHUNK, -(-(total - done) // 100))
     chunked = bool(progress) or saver is not None
-    lengths = _loop.chunk_lengths(total - done, progress_every, chunked)
+    lengths = _loop.chunk_lengths(total - done, every, chunked)
     carry, _ = _loop.run_chunked(
         run_chunk,
         carry,
