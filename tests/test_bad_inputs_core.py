@@ -58,27 +58,31 @@ def with_scales(value):
 @settings(max_examples=15, deadline=None)
 @given(value=bad_positive())
 def test_gaussian_rejects_a_bad_alpha(value):
-    with clear_error("alpha", value):
+    with clear_error("alpha", value) as err:
         bn.noise.Gaussian(alpha=value)
+    assert err.type in (TypeError, ValueError) and "Gaussian: alpha must be" in str(err.value)
 
 
 @settings(max_examples=15, deadline=None)
 @given(value=bad_probability())
 def test_bernoulli_rejects_a_bad_keep(value):
-    with clear_error("keep", value):
+    with clear_error("keep", value) as err:
         bn.noise.Bernoulli(keep=value)
+    assert err.type in (TypeError, ValueError) and "in (0, 1]" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["0.5", None, True, np.array([0.5, 0.7])])
 def test_bernoulli_rejects_a_keep_that_is_not_a_number(value):
-    with clear_error("keep", value, kinds=TypeError):
+    with clear_error("keep", value, kinds=TypeError) as err:
         bn.noise.Bernoulli(keep=value)
+    assert err.type is TypeError and "Bernoulli: keep must be a finite number" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["1", None, False])
 def test_gaussian_rejects_an_alpha_that_is_not_a_number(value):
-    with clear_error("alpha", value, kinds=TypeError):
+    with clear_error("alpha", value, kinds=TypeError) as err:
         bn.noise.Gaussian(alpha=value)
+    assert err.type is TypeError and "Gaussian: alpha must be a finite number" in str(err.value)
 
 
 def test_noise_parameters_must_fit_float32():
@@ -100,8 +104,9 @@ def test_noise_parameters_must_fit_float32():
     ],
 )
 def test_noise_parameters_must_be_finite(make, argument, value):
-    with clear_error(argument, value):
+    with clear_error(argument, value) as err:
         make()
+    assert err.type in (TypeError, ValueError) and "must be a finite number" in str(err.value)
 
 
 NOISES = [

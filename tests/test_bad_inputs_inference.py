@@ -504,17 +504,21 @@ def test_monte_carlo_rules_reject_a_bad_key(value, rule):
     rule=st.sampled_from(["mc_predict", "geometric_predict", "mc_logits"]),
 )
 def test_monte_carlo_rules_reject_a_bad_number_of_samples(value, rule):
-    with bad.clear_error("num_samples", value):
+    with bad.clear_error("num_samples", value) as err:
         getattr(bn.inference, rule)(KEY, apply_fn, X, value)
+    assert err.type in (TypeError, ValueError) and "an int >= 1" in str(err.value)
 
 
 def test_samplers_reject_bad_arguments():
-    with bad.clear_error("apply", None):
+    with bad.clear_error("apply", None) as err:
         bn.inference.sampler(None, PARAMS)
-    with bad.clear_error("rng_collection", 3):
+    assert err.type is TypeError and "such as model.apply" in str(err.value)
+    with bad.clear_error("rng_collection", 3) as err:
         bn.inference.sampler(lambda v, x, rngs: x, PARAMS, rng_collection=3)
-    with bad.clear_error("model", "NoneType"):
+    assert err.type is TypeError and "a non-empty str" in str(err.value)
+    with bad.clear_error("model", "NoneType") as err:
         bn.inference.nnx_sampler(None)
+    assert err.type is TypeError and "bn.inference.sampler(model.apply" in str(err.value)
 
 
 def test_bad_probability_strategy_is_a_bad_fraction_too():
@@ -522,7 +526,8 @@ def test_bad_probability_strategy_is_a_bad_fraction_too():
     @settings(max_examples=10, deadline=None)
     @given(value=bad.bad_probability().filter(lambda v: not 0 <= v <= 1))
     def check(value):
-        with bad.clear_error("fraction", value):
+        with bad.clear_error("fraction", value) as err:
             bn.prune.mask(bn.prune.magnitude(PARAMS), value)
+        assert err.type is ValueError and "must be in [0, 1]" in str(err.value)
 
     check()
