@@ -1323,7 +1323,10 @@ def run(
         progress_every=progress_every,
         predict=predict,
         predict_inputs=predict_inputs,
-        checkpoint=checkpoint,
+        # the data enter every compiled run's checkpoint key by their digest, hashed once here
+        checkpoint=None
+        if checkpoint is None
+        else (os.fspath(checkpoint), _resume.digest(data, predict_inputs)),
         checkpoint_every=float(checkpoint_every),
     )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
@@ -1838,8 +1841,8 @@ def _run_fixed(
 ):
     """One compiled run of the chains; ``settings`` are the fields of :class:`_Static` but the
     mesh (log_likelihood, log_prior, transform, learning_rate, ..., predict). With a
-    ``checkpoint`` folder the carry is saved there between chunks and a run with the same
-    inputs goes on from its file."""
+    ``checkpoint`` = (folder, digest of the data and held-out inputs) the carry is saved there
+    between chunks and a run with the same inputs goes on from its file."""
     n_chains = chain_keys.shape[0]
     mesh = _mesh(devices, n_chains, settings["batch_size"])
     num_burnin, num_samples, thin = (settings.pop(k) for k in ("num_burnin", "num_samples", "thin"))
@@ -1849,12 +1852,13 @@ def _run_fixed(
     total = num_burnin + num_samples * thin
     saver = None
     if checkpoint is not None:
+        folder, data_digest = checkpoint
         key = _resume.digest(
             dataclasses.replace(static, log_prior=given_prior),
-            (chain_keys, params, params_per_chain, data, precond, gnoise, predict_inputs),
+            (chain_keys, params, params_per_chain, data_digest, precond, gnoise),
             (float(floor), num_burnin, num_samples, thin),
         )
-        saver = _resume.Checkpoint(checkpoint, key, checkpoint_every)
+        saver = _resume.Checkpoint(folder, key, checkpoint_every)
     if mesh is not None:
         by_chain = NamedSharding(mesh, P("chain" if "chain" in mesh.axis_names else None))
         replicated = NamedSharding(mesh, P())
