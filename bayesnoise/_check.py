@@ -31,7 +31,9 @@ __all__ = [
 
 
 def concrete(x: Any) -> bool:
-    """Whether ``x`` holds no tracer (so its value can be checked)."""
+    """Whether ``x`` holds no tracer (so its value can be checked). A concrete value may still be
+    a constant closed over inside a jit trace, where every operation is traced: compute a check
+    on it under ``jax.ensure_compile_time_eval()`` (or with numpy)."""
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
 
 
@@ -243,7 +245,8 @@ def finite_leaves(tree: Any, name: str, advice: str) -> None:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return
-    stats = jax.device_get(_nonfinite_per_leaf(tree))
+    with jax.ensure_compile_time_eval():  # concrete leaves closed over inside a jit trace
+        stats = jax.device_get(_nonfinite_per_leaf(tree))
     for (path, leaf), (bad, first) in zip(flat, stats):
         if bad:
             raise ValueError(

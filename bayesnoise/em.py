@@ -204,7 +204,8 @@ def _check_rows(S: PyTree) -> None:
     named = [(_tree.path_str(p), s) for p, s in flat if s is not None]
     if not named or not _check.concrete([s for _, s in named]):
         return
-    zeros = jax.device_get([jnp.sum(jnp.asarray(s) == 0) for _, s in named])
+    with jax.ensure_compile_time_eval():  # concrete scales closed over inside a jit trace
+        zeros = jax.device_get([jnp.sum(jnp.asarray(s) == 0) for _, s in named])
     for (path, s), n_zero in zip(named, zeros):
         if n_zero:
             first = int(np.flatnonzero(np.asarray(s) == 0)[0])

@@ -434,11 +434,14 @@ def kl_log_uniform(log_alpha: ArrayLike) -> jax.Array:
         [2.6342, 0.4312, 0.0002]
     """
     la = _array("log_alpha", log_alpha)
-    if _check.concrete(la) and bool(jnp.any(jnp.isnan(la))):
-        raise ValueError(
-            f"log_alpha must be a number or an array of them, none NaN; got "
-            f"{int(jnp.sum(jnp.isnan(la)))} NaN entries of {la.size}."
-        )
+    if _check.concrete(la):
+        with jax.ensure_compile_time_eval():  # la may be a constant closed over under jit
+            n_nan = int(jnp.sum(jnp.isnan(la)))
+        if n_nan:
+            raise ValueError(
+                f"log_alpha must be a number or an array of them, none NaN; got {n_nan} NaN "
+                f"entries of {la.size}."
+            )
     if not jnp.issubdtype(la.dtype, jnp.floating):
         la = la.astype(jnp.result_type(float))
     return K1 * jax.nn.sigmoid(-(K2 + K3 * la)) + 0.5 * jax.nn.softplus(-la)

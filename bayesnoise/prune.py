@@ -155,9 +155,9 @@ def _check_values(tree: PyTree, name: str, meaning: str, nonnegative: bool = Fal
         low = jnp.min(jnp.where(bad, jnp.inf, x)) if x.size else jnp.zeros(())
         return jnp.sum(bad), first, jnp.sum(x < 0), low
 
-    for (leaf, x), (n_bad, first, n_neg, low) in zip(
-        flat, jax.device_get([stats(x) for _, x in flat])
-    ):
+    with jax.ensure_compile_time_eval():  # concrete leaves closed over inside a jit trace
+        found = jax.device_get([stats(x) for _, x in flat])
+    for (leaf, x), (n_bad, first, n_neg, low) in zip(flat, found):
         if n_bad:
             raise ValueError(
                 f"{name} ({meaning}) must be finite: leaf {leaf!r} of shape {tuple(x.shape)} "
@@ -333,7 +333,8 @@ def _check_scores(flat: list, chosen: list[bool]) -> None:
     leaves = [(_tree.path_str(p), x) for (p, x), c in zip(flat, chosen) if c]
     if not leaves or not _check.concrete([x for _, x in leaves]):
         return
-    nans = np.asarray(jax.device_get([jnp.sum(jnp.isnan(jnp.asarray(x))) for _, x in leaves]))
+    with jax.ensure_compile_time_eval():  # concrete leaves closed over inside a jit trace
+        nans = np.asarray(jax.device_get([jnp.sum(jnp.isnan(jnp.asarray(x))) for _, x in leaves]))
     if nans.any():
         i = int(np.flatnonzero(nans)[0])
         name, x = leaves[i]

@@ -495,9 +495,10 @@ def _check_finite_data(name: str, a: jax.Array) -> None:
     """Raises when a concrete float array holds NaN or inf, naming the first such example."""
     if not jnp.issubdtype(a.dtype, jnp.inexact) or not _check.concrete(a) or a.size == 0:
         return
-    if bool(jax.device_get(_all_finite(a))):
-        return
-    bad = np.flatnonzero(np.asarray(jax.device_get(_bad_rows(a))))
+    with jax.ensure_compile_time_eval():  # a concrete array closed over inside a jit trace
+        if bool(jax.device_get(_all_finite(a))):
+            return
+        bad = np.flatnonzero(np.asarray(jax.device_get(_bad_rows(a))))
     raise ValueError(
         f"{name} holds NaN or inf in {bad.size} of {a.shape[0]} examples (the first at index "
         f"{int(bad[0])}); the training data must be finite: drop or impute those examples."

@@ -75,6 +75,32 @@ def test_run_is_init_and_step_in_a_loop():
     assert not np.allclose(states.params["w"][0], states.params["w"][1])
 
 
+def test_chains_built_inside_jit_from_a_closed_over_start():
+    # BlackJAX's pattern: one jitted function builds the chains from a start it closes over
+    # (inside jit, operations on such a constant are traced: the start's check must still run)
+    keys = jax.random.split(jax.random.key(5), 3)
+
+    def chains(start, keys):
+        def one(key):
+            state = sampling.init(start, lin_ll, lin_lp, N, transform=bn.sgld(1e-3))
+
+            def body(state, t):
+                return sampling.step(jax.random.fold_in(key, t), state, (X, Y))[0], None
+
+            return jax.lax.scan(body, state, jnp.arange(4))[0].params["w"]
+
+        return jax.vmap(one)(keys)
+
+    start = {"w": jnp.ones(D)}
+    got = jax.jit(lambda k: chains(start, k))(keys)
+    np.testing.assert_allclose(got, chains(start, keys), rtol=1e-6)
+    assert not np.allclose(got[0], got[1])
+    bad = {"w": jnp.array([1.0, np.nan, 0.0])}
+    with pytest.raises(ValueError, match="must be finite") as err:
+        jax.jit(lambda k: chains(bad, k))(keys)
+    assert "'w'" in str(err.value) and "1 NaN or infinite" in str(err.value)
+
+
 def test_step_freezes_a_chain_at_a_non_finite_gradient():
     state = sampling.init(
         {"w": -jnp.ones(1)},
