@@ -672,6 +672,13 @@ class SamplingResult(NamedTuple):
     converged: bool  # max R-hat <= rhat_threshold and min ESS >= ess_threshold
     predictive: jax.Array | None  # (M, ...) mean of predict(θ, inputs) over kept states, or None
     settings: dict  # the settings used: learning_rate, batch_size, num_burnin, ... (and auto's)
+    # (C, num_samples, m, K): predict's outputs on the first m <= 32 held-out inputs at the kept
+    # states (K = the size of one input's output), or None without predict
+    predictive_trace: jax.Array | None = None
+    # (m,): split R-hat and ESS of each of those inputs' output of the largest mean (the
+    # predicted class's probability), convergence in function space; None without predict
+    predictive_rhat: np.ndarray | None = None
+    predictive_ess: np.ndarray | None = None
 
 
 class DivergenceError(FloatingPointError):
@@ -702,10 +709,13 @@ class _Carry(NamedTuple):
     log_post: jax.Array  # (C, S) thinned −U
     trace: jax.Array  # (C, S, k) thinned traced weights
     pred_sum: Any  # (C, M, ...) sum of the predictive over kept states, or () without one
+    pred_trace: Any  # (C, S, m, K) predict's outputs on the first m held-out inputs, or ()
 
 
 # the drift clip of the automatic settings, in noise standard deviations per step
 _MAX_DRIFT = 3.0
+# the held-out inputs whose predictive outputs are traced for function-space diagnostics
+_PREDICTIVE_TRACED = 32
 # with a checkpoint and no progress bar, the fewest steps between two chances to save
 _SAVE_CHUNK = 1000
 
@@ -859,8 +869,11 @@ def _init_carry(
     if predict is not None:
         shape = jax.eval_shape(predict, jax.tree.map(lambda x: x[0], params), predict_inputs)
         pred_sum = jnp.zeros((num_chains,) + shape.shape, jnp.float32)
+        m = min(_PREDICTIVE_TRACED, shape.shape[0]) if shape.shape else 0
+        width = int(np.prod(shape.shape[1:], dtype=int))
+        pred_trace = jnp.zeros((num_chains, num_samples, m, width), jnp.float32)
     else:
-        pred_sum = ()
+        pred_sum = pred_trace = ()
     steps_per_epoch = 1 if full_batch else num_data // batch_size
     carry = _Carry(
         state=_Arrays(states.params, states.opt_state, states.count),
@@ -872,6 +885,7 @@ def _init_carry(
         log_post=jnp.zeros((num_chains, num_samples), jnp.float32),
         trace=jnp.zeros((num_chains, num_samples, num_traced), jnp.float32),
         pred_sum=pred_sum,
+        pred_trace=pred_trace,
     )
     return constrain(carry, chain_axis)
 
@@ -920,13 +934,13 @@ def _sample(
         batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return constrain(batch, chain_axis, data_axis)
 
-    def record(t, params, log_post, ok, moments, buf_lp, buf_tr, pred):
+    def record(t, params, log_post, ok, moments, buf_lp, buf_tr, pred, pred_tr):
         # The kept sample is θ_t, the state at which step t took its gradient, so that the
         # recorded −U belongs to it. It enters the moments only when that step was accepted (θ_t
         # itself is finite: a chain only ever moves to a finite state).
         s = (t - num_burnin) // thin
 
-        def one(m, p, lp, ok, buf_lp, buf_tr, pred):
+        def one(m, p, lp, ok, buf_lp, buf_tr, pred, pred_tr):
             m_new = _moments.update(m, p)
             m = jax.tree.map(lambda a, b: jnp.where(ok, a, b), m_new, m)
             buf_lp = buf_lp.at[s].set(jnp.where(ok, lp, jnp.nan).astype(jnp.float32))
@@ -934,9 +948,11 @@ def _sample(
             if predict is not None:
                 out = predict(p, predict_inputs).astype(jnp.float32)
                 pred = pred + jnp.where(ok, out, 0.0)
-            return m, buf_lp, buf_tr, pred, ok
+                first = out[: pred_tr.shape[1]]
+                pred_tr = pred_tr.at[s].set(first.reshape(pred_tr.shape[1:]))
+            return m, buf_lp, buf_tr, pred, pred_tr, ok
 
-        return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr, pred)
+        return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr, pred, pred_tr)
 
     def body(t, c: _Carry, burnin_only=False):
         if not full_batch:  # a fresh permutation of the examples at the start of every epoch
@@ -956,13 +972,15 @@ def _sample(
         ok = alive & finite & (-u >= floor)
         if capacity > 0 and not burnin_only:
             is_sample = (t >= num_burnin) & ((t - num_burnin) % thin == thin - 1)
-            moments, buf_lp, buf_tr, pred, ok = jax.lax.cond(
+            moments, buf_lp, buf_tr, pred, pred_tr, ok = jax.lax.cond(
                 is_sample,
                 lambda args: record(t, c.state.params, -u, *args),
-                lambda args: (args[1], args[2], args[3], args[4], args[0]),
-                (ok, c.moments, c.log_post, c.trace, c.pred_sum),
+                lambda args: (*args[1:], args[0]),
+                (ok, c.moments, c.log_post, c.trace, c.pred_sum, c.pred_trace),
             )
-            c = c._replace(moments=moments, log_post=buf_lp, trace=buf_tr, pred_sum=pred)
+            c = c._replace(
+                moments=moments, log_post=buf_lp, trace=buf_tr, pred_sum=pred, pred_trace=pred_tr
+            )
         bad_step = jnp.where(alive & ~ok, t, c.bad_step)
         c = c._replace(state=jax.vmap(_accept)(ok, proposed, c.state), bad_step=bad_step)
         return constrain(c, chain_axis)
@@ -980,7 +998,9 @@ def _sample(
     # The burn-in runs in a loop of its own whose carry leaves out the moments and buffers, and
     # whose steps carry no conditional over them (XLA copies a conditional's operands).
     carry = constrain(carry, chain_axis)
-    kept = {f: getattr(carry, f) for f in ("moments", "log_post", "trace", "pred_sum")}
+    kept = {
+        f: getattr(carry, f) for f in ("moments", "log_post", "trace", "pred_sum", "pred_trace")
+    }
     end = start + length
     t, light = steps_until(jnp.minimum(num_burnin, end), True)(
         (start, carry._replace(**dict.fromkeys(kept)))
@@ -1122,7 +1142,12 @@ def run(
     state θ_t (t = num_burnin + thin − 1, num_burnin + 2 thin − 1, ...) enters the chain's
     running moments and, with ``predict``, a running sum of ``predict(θ_t, predict_inputs)``:
     ``result.predictive`` is their mean over all kept states of all chains, the Bayesian model
-    average (for a classifier, pass a ``predict`` that returns probabilities).
+    average (for a classifier, pass a ``predict`` that returns probabilities). The outputs on
+    the first 32 held-out inputs are kept at every kept state too (``result.predictive_trace``),
+    and each input's output of the largest mean (a classifier's predicted class probability)
+    gets its split R-hat and ESS (``result.predictive_rhat``, ``predictive_ess``; the worst in
+    ``settings``): convergence in function space, which the weights' symmetries do not touch.
+    ``converged`` reads the traced weights only.
 
     Without ``learning_rate`` (the default), the settings come from :func:`auto_settings`: a
     pilot run of the preconditioned sampler from ``params``, the curvature taken again where
@@ -1941,6 +1966,7 @@ def _run_fixed(
         converged=False,
         predictive=predictive,
         settings={},
+        predictive_trace=None if predictive is None else _head(carry.pred_trace, num_samples),
     )
     # Explicit transfers only (the run works under jax.transfer_guard("disallow")).
     bad = jax.device_get(carry.bad_step)
@@ -2051,7 +2077,26 @@ def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshol
         rhat_threshold=float(rhat_threshold),
         ess_threshold=float(ess_threshold),
     )
-    return result._replace(rhat=rhat, ess=ess, converged=converged, settings=settings)
+    result = result._replace(rhat=rhat, ess=ess, converged=converged, settings=settings)
+    if result.predictive_trace is None:
+        return result
+    p_rhat, p_ess = _predictive_diagnostics(np.asarray(jax.device_get(result.predictive_trace)))
+    ok = np.isfinite(p_rhat) & np.isfinite(p_ess)
+    settings.update(
+        predictive_rhat_max=float(np.max(p_rhat[ok])) if ok.any() else float("nan"),
+        predictive_ess_min=float(np.min(p_ess[ok])) if ok.any() else float("nan"),
+    )
+    return result._replace(predictive_rhat=p_rhat, predictive_ess=p_ess)
+
+
+def _predictive_diagnostics(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split R-hat and ESS of each traced held-out input's output of the largest mean over all
+    kept states (for class probabilities: the predicted class's), from a (C, S, m, K) trace.
+    Outputs that do not vary over the kept states give NaN."""
+    trace = trace.astype(np.float64)
+    top = np.argmax(trace.mean(axis=(0, 1)), axis=-1)  # (m,)
+    chosen = np.take_along_axis(trace, top[None, None, :, None], axis=-1)[..., 0]
+    return _diagnostics(chosen)
 
 
 def _diagnostics(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -401,6 +401,46 @@ def test_model_average_and_diagnostics(caplog):
         run(num_samples=5, predict_inputs=jnp.ones((7, D + 1)))
 
 
+def test_function_space_diagnostics_from_the_traced_predictive():
+    from numpyro.diagnostics import split_gelman_rubin
+
+    x_new = jnp.asarray(_rng.normal(size=(40, D)).astype(np.float32))
+
+    def softmax_of(z):  # three classes, each probability a different function of z
+        return jax.nn.softmax(jnp.stack([z, -z, 0.5 * z**2], axis=-1))
+
+    def three_class(p, x):  # K = 3 outputs: per input, the one of largest mean is traced
+        return softmax_of(x @ p["w"])
+
+    for predict, width in ((lambda p, x: (x @ p["w"])[:, None], 1), (three_class, 3)):
+        res = sampling.run(
+            jax.random.key(7), PARAMS, lin_ll, lin_lp, (X, Y), transform=bn.baoab,
+            auto={"max_steps": 3000}, predict=predict, predict_inputs=x_new,
+        )  # fmt: skip
+        tr = np.asarray(res.predictive_trace, np.float64)
+        # the first 32 held-out inputs at every kept state, from the traced weights
+        assert tr.shape == res.trace.shape[:2] + (32, width)
+        assert res.trace_names == ("w[0]", "w[1]", "w[2]")
+        z = np.einsum("csd,md->csm", np.asarray(res.trace, np.float64), np.asarray(x_new[:32]))
+        want = z[..., None] if width == 1 else np.asarray(softmax_of(z), np.float64)
+        np.testing.assert_allclose(tr, want, rtol=1e-4, atol=1e-5)
+        top = np.argmax(want.mean(axis=(0, 1)), axis=-1)  # each input's output of largest mean
+        chosen = np.take_along_axis(want, top[None, None, :, None], axis=-1)[..., 0]
+        if width == 3:  # another choice of output gives other figures
+            assert len(set(top.tolist())) > 1
+            other = np.take_along_axis(want, (top[None, None, :, None] + 1) % 3, axis=-1)[..., 0]
+            assert not np.allclose(split_gelman_rubin(other), split_gelman_rubin(chosen), rtol=1e-3)
+        np.testing.assert_allclose(res.predictive_rhat, split_gelman_rubin(chosen), rtol=1e-3)
+        np.testing.assert_allclose(res.predictive_ess, effective_sample_size(chosen), rtol=1e-3)
+        # the chains sample the exact posterior: its predictions have converged
+        assert res.converged and np.max(res.predictive_rhat) < 1.05
+        assert res.settings["predictive_rhat_max"] == pytest.approx(np.max(res.predictive_rhat))
+        assert res.settings["predictive_ess_min"] == pytest.approx(np.min(res.predictive_ess))
+    # without predict there is nothing to trace
+    res = sampling.run(jax.random.key(7), PARAMS, lin_ll, lin_lp, (X, Y), learning_rate=1e-4)
+    assert res.predictive_trace is None and res.predictive_rhat is None
+
+
 def test_traced_weights_cover_every_leaf():
     params = {"a": jnp.zeros((50, 40)), "b": jnp.zeros(3), "c": jnp.zeros(())}
     spec, names = sampling._trace_spec(params, 64)

@@ -62,6 +62,8 @@ def test_run_writes_the_report(digits_small_run, tmp_path, capsys):
     # the explicit settings override the derived ones (one SGLD E-step, after EM's iterations)
     assert sg["num_burnin"] == 20 and sg["num_samples"] == 10 and sg["thin"] == 1
     assert sg["prior_recovery"]["inputs"] == 4 and sg["prior_recovery"]["variance_over_prior"] > 0
+    # and in function space: the predicted class's probability on held-out digits
+    assert np.isfinite(sg["predictive_rhat_max"]) and sg["predictive_ess_min"] > 0
     for name in ("bma", "posterior_mean", "mc_dropout"):
         values = res["predictive"][name]
         assert 0 <= values["error"] <= 1 and values["nll"] > 0 and 0 <= values["ece"] <= 1

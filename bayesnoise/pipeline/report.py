@@ -310,6 +310,11 @@ def table(results: dict) -> str:
             f"sgld: {'converged' if sg.get('converged') else 'NOT converged'} (max R-hat "
             f"{sg.get('rhat_max', float('nan')):.3g}, min ESS {sg.get('ess_min', float('nan')):.3g})"
         )
+        if sg.get("predictive_rhat_max") is not None:
+            line += (
+                f"; predictions on held-out inputs: max R-hat {sg['predictive_rhat_max']:.3g}, "
+                f"min ESS {sg.get('predictive_ess_min', float('nan')):.3g}"
+            )
         rec = sg.get("prior_recovery")
         if rec:
             line += (
