@@ -673,7 +673,7 @@ class SamplingResult(NamedTuple):
     predictive: jax.Array | None  # (M, ...) mean of predict(θ, inputs) over kept states, or None
     settings: dict  # the settings used: learning_rate, batch_size, num_burnin, ... (and auto's)
     # (C, num_samples, m, K): predict's outputs on the first m <= 32 held-out inputs at the kept
-    # states (K = the size of one input's output), or None without predict
+    # states (K = the size of one input's output; m·K <= 1,024), or None without predict
     predictive_trace: jax.Array | None = None
     # (m,): split R-hat and ESS of each of those inputs' output of the largest mean (the
     # predicted class's probability), convergence in function space; None without predict
@@ -714,8 +714,10 @@ class _Carry(NamedTuple):
 
 # the drift clip of the automatic settings, in noise standard deviations per step
 _MAX_DRIFT = 3.0
-# the held-out inputs whose predictive outputs are traced for function-space diagnostics
+# the held-out inputs whose predictive outputs are traced for function-space diagnostics, and
+# the most values traced per kept state (wider outputs trace fewer inputs, or none)
 _PREDICTIVE_TRACED = 32
+_PREDICTIVE_TRACED_VALUES = 1024
 # with a checkpoint and no progress bar, the fewest steps between two chances to save
 _SAVE_CHUNK = 1000
 
@@ -869,9 +871,10 @@ def _init_carry(
     if predict is not None:
         shape = jax.eval_shape(predict, jax.tree.map(lambda x: x[0], params), predict_inputs)
         pred_sum = jnp.zeros((num_chains,) + shape.shape, jnp.float32)
-        m = min(_PREDICTIVE_TRACED, shape.shape[0]) if shape.shape else 0
         width = int(np.prod(shape.shape[1:], dtype=int))
-        pred_trace = jnp.zeros((num_chains, num_samples, m, width), jnp.float32)
+        m = 0 if not shape.shape or width == 0 else shape.shape[0]
+        m = min(m, _PREDICTIVE_TRACED, _PREDICTIVE_TRACED_VALUES // max(width, 1))
+        pred_trace = jnp.zeros((num_chains, num_samples, m, width), jnp.float32) if m else ()
     else:
         pred_sum = pred_trace = ()
     steps_per_epoch = 1 if full_batch else num_data // batch_size
@@ -948,8 +951,9 @@ def _sample(
             if predict is not None:
                 out = predict(p, predict_inputs).astype(jnp.float32)
                 pred = pred + jnp.where(ok, out, 0.0)
-                first = out[: pred_tr.shape[1]]
-                pred_tr = pred_tr.at[s].set(first.reshape(pred_tr.shape[1:]))
+                if not isinstance(pred_tr, tuple):  # () where nothing is traced
+                    first = out[: pred_tr.shape[1]]
+                    pred_tr = pred_tr.at[s].set(first.reshape(pred_tr.shape[1:]))
             return m, buf_lp, buf_tr, pred, pred_tr, ok
 
         return jax.vmap(one)(moments, params, log_post, ok, buf_lp, buf_tr, pred, pred_tr)
@@ -1966,7 +1970,11 @@ def _run_fixed(
         converged=False,
         predictive=predictive,
         settings={},
-        predictive_trace=None if predictive is None else _head(carry.pred_trace, num_samples),
+        predictive_trace=(
+            None
+            if predictive is None or isinstance(carry.pred_trace, tuple)
+            else _head(carry.pred_trace, num_samples)
+        ),
     )
     # Explicit transfers only (the run works under jax.transfer_guard("disallow")).
     bad = jax.device_get(carry.bad_step)

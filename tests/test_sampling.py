@@ -439,6 +439,22 @@ def test_function_space_diagnostics_from_the_traced_predictive():
     # without predict there is nothing to trace
     res = sampling.run(jax.random.key(7), PARAMS, lin_ll, lin_lp, (X, Y), learning_rate=1e-4)
     assert res.predictive_trace is None and res.predictive_rhat is None
+    # one number per input; outputs too wide to trace (1,024 values per state at most); a scalar
+    for predict, m in (
+        (lambda p, x: x @ p["w"], 32),
+        (lambda p, x: jnp.repeat((x @ p["w"])[:, None], 100, axis=1), 10),
+        (lambda p, x: jnp.repeat((x @ p["w"])[:, None], 2000, axis=1), None),
+        (lambda p, x: jnp.sum(x @ p["w"]), None),
+    ):
+        res = sampling.run(
+            jax.random.key(7), PARAMS, lin_ll, lin_lp, (X, Y), learning_rate=1e-4,
+            num_samples=20, predict=predict, predict_inputs=x_new,
+        )  # fmt: skip
+        assert res.predictive is not None
+        if m is None:
+            assert res.predictive_trace is None and res.predictive_rhat is None
+        else:
+            assert res.predictive_trace.shape[2] == m and res.predictive_rhat.shape == (m,)
 
 
 def test_traced_weights_cover_every_leaf():
