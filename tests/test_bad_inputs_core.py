@@ -119,15 +119,17 @@ NOISES = [
 
 @pytest.mark.parametrize("noise", NOISES, ids=lambda n: type(n).__name__)
 def test_sample_needs_a_key(noise):
-    with clear_error("key", None, kinds=TypeError):
+    with clear_error("key", None, kinds=TypeError) as err:
         noise.sample()
+    assert err.type is TypeError and "key must be a PRNG key" in str(err.value)
 
 
 @settings(max_examples=15, deadline=None)
 @given(key=bad_key(), noise=st.sampled_from(NOISES))
 def test_sample_rejects_a_bad_key(key, noise):
-    with clear_error("key", key, kinds=TypeError):
+    with clear_error("key", key, kinds=TypeError) as err:
         noise.sample(key, (3,))
+    assert err.type is TypeError and "key must be a PRNG key" in str(err.value)
 
 
 @pytest.mark.parametrize("noise", NOISES, ids=lambda n: type(n).__name__)
@@ -135,8 +137,9 @@ def test_sample_rejects_a_bad_key(key, noise):
     "shape,kind", [((-1,), ValueError), ((2, -3), ValueError), ((2.5,), TypeError)]
 )
 def test_sample_rejects_a_bad_shape(noise, shape, kind):
-    with clear_error("shape", shape, kinds=kind):
+    with clear_error("shape", shape, kinds=kind) as err:
         noise.sample(KEY, shape)
+    assert err.type is kind and "shape must be a tuple of ints >= 0" in str(err.value)
 
 
 def test_sample_takes_an_int_shape_as_one_axis():
@@ -145,14 +148,16 @@ def test_sample_takes_an_int_shape_as_one_axis():
 
 
 def test_rsample_checks_its_key():
-    with clear_error("key", None, kinds=TypeError):
+    with clear_error("key", None, kinds=TypeError) as err:
         bn.noise.Gaussian(1.0).rsample(None, (2,))
+    assert err.type is TypeError and "key must be a PRNG key" in str(err.value)
 
 
 @pytest.mark.parametrize("noise", [bn.noise.Gaussian(1.0), bn.noise.Beta(2.0, 3.0)])
 def test_log_prob_rejects_text(noise):
-    with clear_error("x", "abc", kinds=TypeError):
+    with clear_error("x", "abc", kinds=TypeError) as err:
         noise.log_prob("abc")
+    assert err.type is TypeError and "x must be a real number" in str(err.value)
 
 
 def test_traced_noise_parameters_pass():
@@ -175,19 +180,22 @@ def test_bad_noise_specs():
 @settings(max_examples=15, deadline=None)
 @given(value=bad_positive())
 def test_hierarchy_rejects_a_bad_sigma0(value):
-    with clear_error("sigma0", value):
+    with clear_error("sigma0", value) as err:
         bn.gsm.hierarchy(PARAMS, sigma0=value)
+    assert err.type in (TypeError, ValueError) and "must be a finite number > 0" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["1", np.ones(7)])
 def test_hierarchy_rejects_a_sigma0_that_is_not_a_number(value):
-    with clear_error("sigma0", value, kinds=TypeError):
+    with clear_error("sigma0", value, kinds=TypeError) as err:
         bn.gsm.hierarchy(PARAMS, sigma0=value)
+    assert err.type is TypeError and "sigma0 (the prior standard deviation" in str(err.value)
 
 
 def test_where_that_matches_nothing_is_shown():
-    with clear_error("where", "nomatch"):
+    with clear_error("where", "nomatch") as err:
         bn.gsm.hierarchy(PARAMS, where="nomatch")
+    assert err.type is ValueError and "no leaf of the params tree is noised" in str(err.value)
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, NAN])
