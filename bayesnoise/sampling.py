@@ -2085,16 +2085,22 @@ def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshol
         rhat_threshold=float(rhat_threshold),
         ess_threshold=float(ess_threshold),
     )
-    result = result._replace(rhat=rhat, ess=ess, converged=converged, settings=settings)
-    if result.predictive_trace is None:
-        return result
-    p_rhat, p_ess = _predictive_diagnostics(np.asarray(jax.device_get(result.predictive_trace)))
-    ok = np.isfinite(p_rhat) & np.isfinite(p_ess)
-    settings.update(
-        predictive_rhat_max=float(np.max(p_rhat[ok])) if ok.any() else float("nan"),
-        predictive_ess_min=float(np.min(p_ess[ok])) if ok.any() else float("nan"),
+    p_rhat = p_ess = None
+    if result.predictive_trace is not None:
+        p_rhat, p_ess = _predictive_diagnostics(np.asarray(jax.device_get(result.predictive_trace)))
+        ok = np.isfinite(p_rhat) & np.isfinite(p_ess)
+        settings.update(
+            predictive_rhat_max=float(np.max(p_rhat[ok])) if ok.any() else float("nan"),
+            predictive_ess_min=float(np.min(p_ess[ok])) if ok.any() else float("nan"),
+        )
+    return result._replace(
+        rhat=rhat,
+        ess=ess,
+        converged=converged,
+        settings=settings,
+        predictive_rhat=p_rhat,
+        predictive_ess=p_ess,
     )
-    return result._replace(predictive_rhat=p_rhat, predictive_ess=p_ess)
 
 
 def _predictive_diagnostics(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
