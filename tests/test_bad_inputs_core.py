@@ -201,8 +201,10 @@ def test_where_that_matches_nothing_is_shown():
 @pytest.mark.parametrize("value", [0.0, -1.0, NAN])
 @pytest.mark.parametrize("fn", [bn.gsm.log_prior, bn.gsm.full_log_prior])
 def test_log_prior_rejects_scales_that_are_not_positive(fn, value):
-    with clear_error("scales", value):
+    with clear_error("scales", value) as err:
         fn(PARAMS, with_scales(value))
+    assert err.type is ValueError
+    assert "finite and > 0" in str(err.value) and "params/Dense_0/kernel" in str(err.value)
 
 
 def test_log_prior_checks_the_hierarchy():
@@ -215,15 +217,20 @@ def test_log_prior_checks_the_hierarchy():
 
 
 def test_sample_prior_checks_the_noise_and_the_key():
-    with clear_error("noise", "bernoulli", kinds=TypeError):
+    with clear_error("noise", "bernoulli", kinds=TypeError) as err:
         bn.gsm.sample_prior(KEY, PARAMS, "bernoulli")
+    assert "bayesnoise.noise distribution" in str(err.value) and "got str" in str(err.value)
+    # a good noise and key give a draw of the params' shapes
+    v, lambdas = bn.gsm.sample_prior(KEY, PARAMS, bn.noise.Gaussian(1.0))
+    assert v["params"]["Dense_0"]["kernel"].shape == (5, 3)
 
 
 @settings(max_examples=15, deadline=None)
 @given(key=bad_key())
 def test_sample_prior_rejects_a_bad_key(key):
-    with clear_error("key", key, kinds=TypeError):
+    with clear_error("key", key, kinds=TypeError) as err:
         bn.gsm.sample_prior(key, PARAMS, bn.noise.Gaussian(1.0))
+    assert str(err.value).startswith("key must be a PRNG key")
 
 
 # ------------------------------------------------------------------------------------ penalties
@@ -239,12 +246,15 @@ def test_penalties_reject_a_bad_noise_variance(value):
 
 
 def test_penalties_reject_a_noise_that_is_not_one():
-    with clear_error("noise", "gauss", kinds=TypeError):
+    with clear_error("noise", "gauss", kinds=TypeError) as err:
         bn.penalties.logistic_regression(W, X, "gauss")
-    with clear_error("noise", "inf"):  # an infinite variance
+    assert "bayesnoise.noise distribution or the noise variance" in str(err.value)
+    with clear_error("noise", "inf") as err:  # an infinite variance
         bn.penalties.linear_regression(W, X, bn.noise.InverseGammaScale(0.8, 1.0))
-    with clear_error("mean", NAN):
+    assert err.type is ValueError and "variance inf" in str(err.value)
+    with clear_error("mean", NAN) as err:
         bn.penalties.expected_linear_loss(W, X, Y, 0.5, mean=NAN)
+    assert err.type is ValueError and "must be a finite number" in str(err.value)
 
 
 def test_penalties_check_shapes():
@@ -280,8 +290,10 @@ def test_ml2_penalties_check_the_hierarchy():
 
 @pytest.mark.parametrize("fn", [bn.moments.mean, bn.moments.std, bn.moments.second_moment])
 def test_summaries_of_no_samples_are_errors(fn):
-    with clear_error("state", "no samples"):
+    with clear_error("state", "no samples") as err:
         fn(moments_of([]))
+    assert err.type is ValueError
+    assert str(err.value).startswith(f"{fn.__name__}: the state holds no samples (count 0)")
 
 
 def test_summaries_of_no_samples_pass_under_jit():
@@ -303,8 +315,12 @@ def test_variance_rejects_a_bad_ddof(ddof):
     state = moments_of([1.0, 2.0])
     if isinstance(ddof, float) and math.isfinite(ddof) and ddof.is_integer():
         return  # a whole float counts as its int
-    with clear_error("ddof", ddof):
+    with clear_error("ddof", ddof) as err:
         bn.moments.variance(state, ddof=ddof)
+    assert str(err.value).startswith("ddof must be an int >= 0")
+    # a negative int is a bad value, anything else a bad type
+    negative_int = isinstance(ddof, int) and not isinstance(ddof, bool) and ddof < 0
+    assert err.type is (ValueError if negative_int else TypeError)
 
 
 @pytest.mark.parametrize(
@@ -316,19 +332,26 @@ def test_variance_rejects_a_bad_ddof(ddof):
     ],
 )
 def test_update_needs_the_state_tree(sample, value):
-    with clear_error("sample", value):
+    with clear_error("sample", value) as err:
         bn.moments.update(moments_of([]), sample)
+    assert err.type is ValueError
+    assert "tree structure of the state" in str(err.value) or "shapes of the state" in str(
+        err.value
+    )
 
 
 def test_merge_needs_the_same_tree():
     a = moments_of([1.0, 2.0])
-    with clear_error("b", "(4,)"):
+    with clear_error("b", "(4,)") as err:
         bn.moments.merge(a, moments_of([1.0], shape=(4,)))
+    assert err.type is ValueError and "b must have the shapes of a" in str(err.value)
     b = bn.moments.update(bn.moments.init({"v": jnp.zeros(3)}), {"v": jnp.ones(3)})
-    with clear_error("b", "'v'"):
+    with clear_error("b", "'v'") as err:
         bn.moments.merge(a, b)
-    with clear_error("b", "dict", kinds=TypeError):
+    assert err.type is ValueError and "b must have the tree structure of a" in str(err.value)
+    with clear_error("b", "dict", kinds=TypeError) as err:
         bn.moments.merge(a, {"w": 1})
+    assert "bn.moments.MomentsState" in str(err.value)
 
 
 def test_state_must_be_a_moments_state():
