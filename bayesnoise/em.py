@@ -559,6 +559,7 @@ def e_step(
     data: Any,
     *,
     extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
+    unit_swaps: bool = False,
     **sampling_kwargs,
 ):
     """SGLD under the current scales: posterior moments of v with prior N(0, σ0² λ²).
@@ -575,21 +576,33 @@ def e_step(
     ``num_chains``) override. Warm start by passing the previous E-step's final chain states
     with ``params_per_chain=True``.
 
+    With ``unit_swaps=True`` (for an MLP's params), every step of every chain is preceded by
+    the exact move :func:`bayesnoise.sampling.unit_swaps` builds for these params and this
+    hierarchy: exchanges of hidden units whose outgoing rows EM kept, accepted by the prior.
+
     Returns:
         the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
         through ``bn.moments.second_moment``; ``converged``, ``rhat`` and ``ess`` say whether
         the chains mixed.
 
     Raises:
-        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`, or
-            ``extra_log_prior`` is not None or a callable; and as
+        TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`,
+            ``extra_log_prior`` is not None or a callable, or ``unit_swaps`` is not a bool; and
+            as
             :func:`bayesnoise.sampling.run` (a ``key`` that is not a PRNG key, bad settings).
     """
     from bayesnoise import sampling
 
     _check_hierarchy(hierarchy)
     _check_callable("extra_log_prior", extra_log_prior, "a callable v -> scalar", optional=True)
+    if not isinstance(unit_swaps, bool):
+        raise TypeError(f"unit_swaps must be True or False, got {unit_swaps!r}.")
     log_prior = _log_prior(hierarchy, extra_log_prior)
+    if unit_swaps:
+        one = params
+        if sampling_kwargs.get("params_per_chain"):
+            one = jax.tree.map(lambda x: x[0], params)
+        sampling_kwargs["move"] = sampling.unit_swaps(one, hierarchy=hierarchy)
     return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
 
 

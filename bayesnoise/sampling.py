@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec as P
 from bayesnoise import _check, _loop, _resume, _tree
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
+from bayesnoise.sgld import BAOABState as _BAOABState
 from bayesnoise.sgld import baoab as _baoab
 from bayesnoise.sgld import sgld as _sgld
 from bayesnoise.sgld import step_size as _step_size
@@ -84,6 +85,7 @@ __all__ = [
     "Kernel",
     "SamplerState",
     "StepInfo",
+    "UnitSwaps",
     "AutoSettings",
     "SamplingResult",
     "DivergenceError",
@@ -94,6 +96,7 @@ __all__ = [
     "max_curvature",
     "make_mesh",
     "run",
+    "unit_swaps",
 ]
 
 logger = logging.getLogger("bayesnoise")
@@ -112,12 +115,17 @@ class Kernel:
         num_data: N, the number of examples the minibatch log-likelihood is scaled to.
         transform: the optax transform that turns ∇U into the update (e.g. ``bn.sgld(η)``);
             it is given each step's key as the extra argument ``key=``.
+        move: None, or an exact move made before every step (a :class:`UnitSwaps`).
+        temperature: T of the tempered posterior exp(−U / T) the move keeps (that of the
+            transform).
     """
 
     log_likelihood: Callable[..., jax.Array]
     log_prior: Callable[[PyTree], jax.Array]
     num_data: int
     transform: optax.GradientTransformation
+    move: Any = None
+    temperature: float = 1.0
 
     def potential(self, params: PyTree, batch: tuple) -> jax.Array:
         """U(θ) on ``batch``: −log p(θ) − (N / n) Σ_batch log p(y | x, θ)."""
@@ -157,6 +165,8 @@ def init(
     num_data: int,
     *,
     transform: optax.GradientTransformation,
+    move: UnitSwaps | None = None,
+    temperature: float = 1.0,
 ) -> SamplerState:
     """A chain's state at ``params``.
 
@@ -166,14 +176,20 @@ def init(
         log_prior: ``log_prior(params)`` -> scalar log prior density.
         num_data: N, the size of the whole data set (the minibatch sum is scaled by N / n).
         transform: an optax transform, e.g. ``bn.sgld(1e-5)`` or ``bn.psgld(...)``.
+        move: None, or a :class:`UnitSwaps` (from :func:`unit_swaps`): an exact Metropolis move
+            that exchanges hidden units, made before every step.
+        temperature: T >= 0 of the transform (the move accepts by exp(Δ log p / T)); only read
+            with a move.
 
     Returns:
         A :class:`SamplerState` for :func:`step`.
 
     Raises:
         ValueError: ``num_data`` is not an int >= 1, ``transform`` is not an optax transform,
-            or concrete ``params`` hold a NaN or infinite entry.
-        TypeError: ``log_likelihood`` or ``log_prior`` is not callable.
+            ``temperature`` is not finite and >= 0, or concrete ``params`` hold a NaN or
+            infinite entry.
+        TypeError: ``log_likelihood`` or ``log_prior`` is not callable, or ``move`` is not None
+            or a :class:`UnitSwaps`.
     """
     num_data = _check_positive_int("num_data", num_data, 1, "the number of examples N")
     _check_callables(log_likelihood, log_prior)
@@ -183,7 +199,21 @@ def init(
             f"transform must be an optax GradientTransformation (such as bn.sgld(1e-5)), got "
             f"{transform!r}."
         )
-    kernel = Kernel(log_likelihood, log_prior, num_data, optax.with_extra_args_support(transform))
+    if _check.concrete(temperature):
+        _check.number("temperature", temperature, lo=0.0)
+    if move is not None and not isinstance(move, UnitSwaps):
+        raise TypeError(
+            f"move must be None or a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), got "
+            f"{type(move).__name__}."
+        )
+    kernel = Kernel(
+        log_likelihood,
+        log_prior,
+        num_data,
+        optax.with_extra_args_support(transform),
+        move,
+        temperature if move is not None else 1.0,
+    )
     return SamplerState(params, kernel.transform.init(params), jnp.zeros((), jnp.int32), kernel)
 
 
@@ -250,8 +280,11 @@ def _propose(key: jax.Array, state: SamplerState, batch: tuple):
     nothing rejected yet: the compiled loop adds its own tests and selects once."""
     kernel = state.kernel
     u, grads = jax.value_and_grad(kernel.potential)(state.params, batch)
-    updates, new_opt = kernel.transform.update(grads, state.opt_state, state.params, key=key)
-    new_params = optax.apply_updates(state.params, updates)
+    params = state.params
+    if kernel.move is not None:
+        params, grads = _moved(key, state, grads)
+    updates, new_opt = kernel.transform.update(grads, state.opt_state, params, key=key)
+    new_params = optax.apply_updates(params, updates)
     # a non-finite gradient reaches the new state (θ − η·NaN, or a clipped drift of NaN), so
     # one reduction over the new state covers both
     ok = jnp.isfinite(u) & _check.all_finite(new_params)
@@ -262,6 +295,295 @@ def _propose(key: jax.Array, state: SamplerState, batch: tuple):
 def _accept(ok: jax.Array, proposed: SamplerState, state: SamplerState) -> SamplerState:
     """``proposed`` where ``ok``, else ``state`` unchanged (count included)."""
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), proposed, state)
+
+
+# ------------------------------------------------------------------- an exact move: unit swaps
+
+# folded into a step's key for its move, so the transform's noise is the same with and without
+_MOVE_SALT = 0x6D6F7665
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSwaps:
+    """An exact Metropolis move that exchanges hidden units of a network.
+
+    Exchanging two hidden units of a layer (their incoming weights and bias, and their outgoing
+    weights) leaves the likelihood of an MLP unchanged. Under a prior that treats the two units
+    alike it leaves the posterior unchanged too; under the GSM prior with its own scale for every
+    unit's outgoing row it does not, and the move accepts the exchange with probability
+    min(1, exp((log p(θ') − log p(θ)) / T)), which the prior alone decides. Each call proposes
+    up to ``max_pairs`` disjoint random pairs per layer among that layer's ``candidates`` and
+    decides each pair in turn: a Metropolis–Hastings move with a symmetric proposal, so the
+    chain's target is kept exactly. Build it with :func:`unit_swaps`.
+
+    The move jumps between configurations that gradient steps cross only slowly: on the digits
+    network under EM's scales, units that trade roles (README, "Exact moves").
+
+    Attributes:
+        layers: per hidden layer, ``((leaf path, unit axis), ...)``: every leaf that holds the
+            layer's units and the axis that indexes them, e.g.
+            ``(("params/Dense_0/kernel", 1), ("params/Dense_0/bias", 0),
+            ("params/Dense_1/kernel", 0))``.
+        candidates: per hidden layer, the units that may be paired (at least 2 for any move).
+        max_pairs: the most pairs proposed per layer and call (>= 1).
+    """
+
+    layers: tuple[tuple[tuple[str, int], ...], ...]
+    candidates: tuple[tuple[int, ...], ...]
+    max_pairs: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.layers, tuple) or not self.layers:
+            raise ValueError(
+                f"layers must be a non-empty tuple with one ((leaf path, unit axis), ...) per "
+                f"hidden layer, got {self.layers!r}."
+            )
+        for layer in self.layers:
+            if (
+                not isinstance(layer, tuple)
+                or not layer
+                or not all(
+                    isinstance(e, tuple)
+                    and len(e) == 2
+                    and isinstance(e[0], str)
+                    and isinstance(e[1], int)
+                    for e in layer
+                )
+            ):
+                raise ValueError(
+                    f"every layer must be a non-empty tuple of (leaf path, unit axis) pairs, "
+                    f"such as (('params/Dense_0/kernel', 1), ('params/Dense_1/kernel', 0)); "
+                    f"got {layer!r}."
+                )
+        if not isinstance(self.candidates, tuple) or len(self.candidates) != len(self.layers):
+            raise ValueError(
+                f"candidates must be a tuple with one tuple of unit indices per layer "
+                f"({len(self.layers)}), got {self.candidates!r}."
+            )
+        for c in self.candidates:
+            if (
+                not isinstance(c, tuple)
+                or not all(isinstance(i, int) and i >= 0 for i in c)
+                or len(set(c)) != len(c)
+            ):
+                raise ValueError(
+                    f"every layer's candidates must be a tuple of distinct unit indices >= 0, "
+                    f"got {c!r}."
+                )
+        if isinstance(self.max_pairs, bool) or not isinstance(self.max_pairs, int):
+            raise TypeError(f"max_pairs must be an int >= 1, got {self.max_pairs!r}.")
+        if self.max_pairs < 1:
+            raise ValueError(f"max_pairs must be an int >= 1, got {self.max_pairs}.")
+
+    def _leaves(self, tree: PyTree):
+        """(leaves, treedef, per layer [(leaf index, axis)], per layer number of units)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        index = {_tree.path_str(path): i for i, (path, _) in enumerate(flat)}
+        leaves = [x for _, x in flat]
+        where, sizes = [], []
+        for layer, cand in zip(self.layers, self.candidates):
+            spots = []
+            for path, axis in layer:
+                if path not in index:
+                    raise ValueError(
+                        f"UnitSwaps: no leaf {path!r} in the params; their leaves are "
+                        f"{sorted(index)}."
+                    )
+                shape = jnp.shape(leaves[index[path]])
+                if not -len(shape) <= axis < len(shape):
+                    raise ValueError(
+                        f"UnitSwaps: axis {axis} of {path!r} is out of range for its shape {shape}."
+                    )
+                spots.append((index[path], axis % len(shape)))
+            n = {jnp.shape(leaves[i])[a] for i, a in spots}
+            if len(n) != 1:
+                got = [(p, jnp.shape(leaves[i])[a]) for (p, _), (i, a) in zip(layer, spots)]
+                raise ValueError(
+                    f"UnitSwaps: the leaves of one layer must hold the same number of units "
+                    f"along their axes, got {got}."
+                )
+            (n,) = n
+            if cand and max(cand) >= n:
+                raise ValueError(
+                    f"UnitSwaps: candidate unit {max(cand)} does not exist in a layer of {n} units."
+                )
+            where.append(spots)
+            sizes.append(n)
+        return leaves, treedef, where, sizes
+
+    def __call__(
+        self,
+        key: jax.Array,
+        params: PyTree,
+        log_prior: Callable[[PyTree], jax.Array],
+        temperature: float = 1.0,
+    ) -> tuple[PyTree, tuple[jax.Array, ...], jax.Array]:
+        """One move: ``(new params, per layer the source of each unit, swaps accepted per
+        layer)``. Unit i of a layer after the move is unit ``sources[layer][i]`` before it."""
+        leaves, treedef, where, sizes = self._leaves(params)
+        leaves = list(leaves)
+        lp = log_prior(params)
+        sources, accepted = [], []
+        for li, (spots, n, cand) in enumerate(zip(where, sizes, self.candidates)):
+            src = jnp.arange(n)
+            m = min(self.max_pairs, len(cand) // 2)
+            if m == 0:
+                sources.append(src)
+                accepted.append(jnp.zeros((), jnp.int32))
+                continue
+            k_pairs, k_accept = jax.random.split(jax.random.fold_in(key, li))
+            order = jnp.asarray(cand)[jax.random.permutation(k_pairs, len(cand))[: 2 * m]]
+            log_u = jnp.log(jax.random.uniform(k_accept, (m,)))
+            mine = [i for i, _ in spots]
+
+            def pair(i, carry, spots=spots, order=order, log_u=log_u, mine=mine):
+                values, lp, src, count = carry
+                j, k = order[2 * i], order[2 * i + 1]
+                swapped = [_exchange(v, a, j, k) for v, (_, a) in zip(values, spots)]
+                trial = list(leaves)
+                for i_leaf, v in zip(mine, swapped):
+                    trial[i_leaf] = v
+                lp_new = log_prior(jax.tree.unflatten(treedef, trial))
+                ok = jnp.isfinite(lp_new) & (log_u[i] * temperature < lp_new - lp)
+                values = [jnp.where(ok, s, v) for s, v in zip(swapped, values)]
+                src = jnp.where(ok, _exchange(src, 0, j, k), src)
+                return values, jnp.where(ok, lp_new, lp), src, count + ok.astype(jnp.int32)
+
+            # the leaves the pairs change travel through the loop; the others stay closed over
+            values, lp, src, count = jax.lax.fori_loop(
+                0, m, pair, ([leaves[i] for i in mine], lp, src, jnp.zeros((), jnp.int32))
+            )
+            for i_leaf, v in zip(mine, values):
+                leaves[i_leaf] = v
+            sources.append(src)
+            accepted.append(count)
+        return jax.tree.unflatten(treedef, leaves), tuple(sources), jnp.stack(accepted)
+
+    def permute(self, tree: PyTree, sources: tuple[jax.Array, ...]) -> PyTree:
+        """``tree`` (shaped like the params, e.g. a gradient) with its units moved as the move
+        moved the params' (``sources`` from the call)."""
+        leaves, treedef, where, _ = self._leaves(tree)
+        leaves = list(leaves)
+        for spots, src in zip(where, sources):
+            for i, a in spots:
+                leaves[i] = jnp.take(leaves[i], src, axis=a)
+        return jax.tree.unflatten(treedef, leaves)
+
+
+def _exchange(x: jax.Array, axis: int, j: jax.Array, k: jax.Array) -> jax.Array:
+    """``x`` with its slices j and k along ``axis`` exchanged."""
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.at[j].set(x[k]).at[k].set(x[j])
+    return jnp.moveaxis(x, 0, axis)
+
+
+def unit_swaps(
+    params: PyTree,
+    *,
+    hierarchy: Any = None,
+    min_scale: float = 1e-4,
+    max_pairs: int = 8,
+) -> UnitSwaps:
+    """The :class:`UnitSwaps` move for an MLP's params: a chain of dense layers (leaves named
+    ``kernel`` of shape (in, out) and ``bias`` of shape (out,) under parents numbered in order,
+    such as Flax's ``Dense_0``, ``Dense_1``, ... or an NNX list's ``layers/0``, ...) with an
+    elementwise activation between them, as :class:`bayesnoise.nn.MLP`.
+
+    Hidden layer l's units are the columns of kernel l, the entries of bias l and the rows of
+    kernel l + 1. With ``hierarchy`` (a :class:`bayesnoise.gsm.Hierarchy`), only units whose
+    outgoing row holds a scale above the floor (:func:`bayesnoise.em.pruned_rows` with
+    ``min_scale``) are paired: a unit EM switched off cannot take a kept unit's role.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, bayesnoise as bn
+        >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+        ...                      "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}}
+        >>> move = bn.sampling.unit_swaps(params)
+        >>> move.layers[0]
+        (('params/Dense_0/kernel', 1), ('params/Dense_0/bias', 0), ('params/Dense_1/kernel', 0))
+
+    Raises:
+        ValueError: the params hold fewer than two dense layers, or consecutive layers' sizes
+            do not chain; ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy` over them.
+    """
+    import re
+
+    from bayesnoise import em, gsm
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    layers: dict[str, dict[str, tuple]] = {}
+    for path, leaf in flat:
+        name = _tree.path_str(path)
+        parent, _, last = name.rpartition("/")
+        if last in ("kernel", "bias"):
+            layers.setdefault(parent, {})[last] = (name, jnp.shape(leaf))
+
+    def order(parent):
+        m = re.search(r"^(.*?)_?(\d+)$", parent)
+        return (m.group(1), int(m.group(2))) if m else (parent, -1)
+
+    dense = [p for p in sorted(layers, key=order) if len(layers[p].get("kernel", ("", ()))[1]) == 2]
+    if len(dense) < 2:
+        raise ValueError(
+            f"unit_swaps needs an MLP's params: at least two dense layers (a 2-D 'kernel' leaf "
+            f"under numbered parents such as Dense_0, Dense_1); found the dense layers {dense}."
+        )
+    scales = None
+    if hierarchy is not None:
+        if not isinstance(hierarchy, gsm.Hierarchy):
+            raise ValueError(
+                f"hierarchy must be None or a bn.gsm.Hierarchy, got {type(hierarchy).__name__}."
+            )
+        pruned = em.pruned_rows(hierarchy.scales, min_scale)
+        scales = {
+            _tree.path_str(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(
+                pruned, is_leaf=lambda x: x is None
+            )[0]
+        }
+    spec, candidates = [], []
+    for a, b in zip(dense[:-1], dense[1:]):
+        k_in, shape_in = layers[a]["kernel"]
+        k_out, shape_out = layers[b]["kernel"]
+        if shape_in[1] != shape_out[0]:
+            raise ValueError(
+                f"unit_swaps: {k_in} has {shape_in[1]} outputs but {k_out} has {shape_out[0]} "
+                f"inputs; the dense layers do not form a chain."
+            )
+        layer = [(k_in, 1)]
+        if "bias" in layers[a]:
+            layer.append((layers[a]["bias"][0], 0))
+        layer.append((k_out, 0))
+        units = range(shape_in[1])
+        if scales is not None and scales.get(k_out) is not None:
+            off = np.asarray(scales[k_out]).reshape(-1)
+            units = [i for i in units if not off[i]]
+        spec.append(tuple(layer))
+        candidates.append(tuple(int(i) for i in units))
+    return UnitSwaps(tuple(spec), tuple(candidates), max_pairs)
+
+
+def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[PyTree, PyTree]:
+    """The state's move before a step: (the moved params, the gradient the transform takes).
+
+    ∇U = −∇log p(θ) − (N / n) ∇Σ log p(y | x, θ): the likelihood's part follows the units,
+    the prior's is taken at the new state. :func:`bayesnoise.baoab` merges the closing half
+    kick of the last step (at the old state) with the opening one of this step (at the new
+    state), so it takes half of each gradient, which places the move between two whole steps.
+    """
+    kernel = state.kernel
+    grad_prior = jax.grad(kernel.log_prior)
+    params, sources, _ = kernel.move(
+        jax.random.fold_in(key, _MOVE_SALT), state.params, kernel.log_prior, kernel.temperature
+    )
+    likelihood_part = jax.tree.map(jnp.add, grads, grad_prior(state.params))
+    new = jax.tree.map(
+        jnp.subtract, kernel.move.permute(likelihood_part, sources), grad_prior(params)
+    )
+    if isinstance(state.opt_state, _BAOABState):
+        first = state.opt_state.count == 0  # no closing half kick is pending yet
+        new = jax.tree.map(lambda a, b: jnp.where(first, b, 0.5 * (a + b)), grads, new)
+    return params, new
 
 
 # ------------------------------------------------------------------- settings that converge
@@ -789,6 +1111,7 @@ class _Static:
     trace_spec: tuple
     mesh: Any
     predict: Any
+    move: Any = None
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -864,7 +1187,15 @@ def _init_carry(
     if not params_per_chain:
         params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
     states = jax.vmap(
-        lambda p: init(p, s.log_likelihood, log_prior, num_data, transform=optimizer)
+        lambda p: init(
+            p,
+            s.log_likelihood,
+            log_prior,
+            num_data,
+            transform=optimizer,
+            move=s.move,
+            temperature=s.temperature,
+        )
     )(params)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
     num_traced = sum(len(idx) for _, idx in s.trace_spec)
@@ -923,7 +1254,15 @@ def _sample(
     optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
     one = jax.tree.map(lambda x: x[0], carry.state.params)
     log_prior = _join_fn(s.log_prior, prior_args)
-    kernel = init(one, s.log_likelihood, log_prior, num_data, transform=optimizer).kernel
+    kernel = init(
+        one,
+        s.log_likelihood,
+        log_prior,
+        num_data,
+        transform=optimizer,
+        move=s.move,
+        temperature=s.temperature,
+    ).kernel
     carry = carry._replace(state=SamplerState(*carry.state, kernel))
 
     def shuffle(data_key, epoch):
@@ -1134,6 +1473,7 @@ def run(
     auto: dict | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
+    move: UnitSwaps | None = None,
 ) -> SamplingResult:
     """Runs SGLD chains and returns running posterior moments (no samples are stored).
 
@@ -1237,6 +1577,8 @@ def run(
         checkpoint_every: the least number of seconds between two saves of a run (>= 0; its
             last step is always saved). A save can come every ``progress_every`` steps, or
             without it every max(1,000, a hundredth of the run) steps.
+        move: None, or a :class:`UnitSwaps` (from :func:`unit_swaps`) made before every step of
+            every chain: exact exchanges of an MLP's hidden units, accepted by the prior.
 
     Returns:
         A :class:`SamplingResult`.
@@ -1294,6 +1636,13 @@ def run(
                 f"a folder (created if missing) for the run's checkpoints."
             )
     _check.number("checkpoint_every", checkpoint_every, lo=0.0)
+    if move is not None:
+        if not isinstance(move, UnitSwaps):
+            raise TypeError(
+                f"move must be None or a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), "
+                f"got {type(move).__name__}."
+            )
+        move._leaves(params if not params_per_chain else jax.tree.map(lambda x: x[0], params))
     for name, value in (("rhat_threshold", rhat_threshold), ("ess_threshold", ess_threshold)):
         _check.number(name, value, lo=0.0, lo_open=True)
 
@@ -1357,6 +1706,7 @@ def run(
         if checkpoint is None
         else (os.fspath(checkpoint), _resume.digest(data, predict_inputs)),
         checkpoint_every=float(checkpoint_every),
+        move=move,
     )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
     if not is_auto:

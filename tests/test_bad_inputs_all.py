@@ -85,6 +85,7 @@ PER_FUNCTION = {
     "sampling.step": {
         "state": bn.sampling.init(PARAMS, _log_likelihood, _log_prior, 8, transform=bn.sgld(1e-3))
     },
+    "sampling.init": {"num_data": 8, "transform": bn.sgld(1e-3)},
     "em.linear_em": {"y": X[:, 0]},
     "prune.iterative": {
         "score_fn": bn.prune.magnitude,

@@ -446,6 +446,8 @@ class SGLDConfig(_Section):
     (:func:`bayesnoise.sampling.run`), with ``batch_size: null`` (the whole training set);
     the chains start at a mode (EM's, or without EM the mode under λ = 1 found in
     ``em.map_steps`` Adam steps from the trained network). ``friction`` is its γ (null: 1).
+    ``unit_swaps: true`` adds an exact move before every step that exchanges hidden units of
+    the MLP, accepted by the prior (:func:`bayesnoise.sampling.unit_swaps`).
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
@@ -463,6 +465,9 @@ class SGLDConfig(_Section):
     batch_size: int | None = Field(64, ge=1)  # null: the whole training set
     max_steps: int = Field(20_000, ge=100)
     friction: _Float | None = Field(None, gt=0)  # baoab's γ; null: 1
+    # before every step, exact exchanges of hidden units accepted by the prior (an MLP's only;
+    # bn.sampling.unit_swaps)
+    unit_swaps: bool = False
     rhat_threshold: _Float = Field(1.1, gt=0)  # the convergence criteria of the diagnostics
     ess_threshold: _Float = Field(100.0, gt=0)
 
@@ -516,7 +521,8 @@ class SGLDConfig(_Section):
         return polynomial_schedule(self.polynomial.a, self.polynomial.b, self.polynomial.gamma)
 
     def run_settings(self) -> dict:
-        """Keyword arguments of :func:`bayesnoise.sampling.run` for this section."""
+        """Keyword arguments of :func:`bayesnoise.em.e_step` for this section (those of
+        :func:`bayesnoise.sampling.run`, and ``unit_swaps``)."""
         burnin, samples, thin = self._lengths()
         return {
             "learning_rate": self.learning_rate(),
@@ -529,6 +535,7 @@ class SGLDConfig(_Section):
             "rhat_threshold": self.rhat_threshold,
             "ess_threshold": self.ess_threshold,
             "auto": {"max_steps": self.max_steps} if self.auto else None,
+            **({"unit_swaps": True} if self.unit_swaps else {}),
         }
 
 

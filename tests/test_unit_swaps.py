@@ -1,0 +1,239 @@
+"""The exact move that exchanges an MLP's hidden units: the likelihood does not see it, the
+prior decides it, and a chain that makes it keeps its target.
+
+Checked against independent computations: the network's outputs before and after, the prior
+moments of rows with unequal scales after many moves, the gradient at the moved state by
+autodiff, and the always-zero inputs' prior under BAOAB with the move.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bayesnoise as bn
+from bayesnoise import moments, sampling
+
+MLP = bn.nn.MLP(features=(6, 5, 3))
+X = jax.random.normal(jax.random.key(0), (40, 4))
+Y = jax.random.randint(jax.random.key(1), (40,), 0, 3)
+
+
+def _params(seed=2):
+    return MLP.init(jax.random.key(seed), X)
+
+
+def _log_likelihood(p, x, y):
+    logits = MLP.apply(p, x)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
+
+
+def _hierarchy(params, scales_out=(0.2, 0.5, 1.0, 1.5, 2.0, 3.0)):
+    h = bn.gsm.hierarchy(params, 1.0)
+    scales = jax.tree.map(jnp.ones_like, h.scales)
+    scales["params"]["Dense_1"]["kernel"] = jnp.asarray(scales_out, jnp.float32)
+    return h.replace(scales=scales)
+
+
+def test_unit_swaps_finds_the_layers_and_the_kept_units():
+    params = _params()
+    move = sampling.unit_swaps(params)
+    assert move.layers == (
+        (("params/Dense_0/kernel", 1), ("params/Dense_0/bias", 0), ("params/Dense_1/kernel", 0)),
+        (("params/Dense_1/kernel", 1), ("params/Dense_1/bias", 0), ("params/Dense_2/kernel", 0)),
+    )
+    assert move.candidates == (tuple(range(6)), tuple(range(5)))
+    h = _hierarchy(params, (1e-4, 0.5, 1e-4, 1.5, 2.0, 3.0))
+    kept = sampling.unit_swaps(params, hierarchy=h)
+    assert kept.candidates == ((1, 3, 4, 5), tuple(range(5)))
+
+
+def test_a_swap_leaves_the_network_unchanged_and_permute_follows_it():
+    params = _params()
+    move = sampling.unit_swaps(params, max_pairs=3)
+    # a flat prior accepts every proposed pair
+    new, sources, accepted = move(jax.random.key(3), params, lambda p: jnp.zeros(()))
+    assert accepted.tolist() == [3, 2]
+    assert sorted(np.asarray(sources[0]).tolist()) == list(range(6))
+    assert np.any(np.asarray(sources[0]) != np.arange(6))
+    k0 = np.asarray(params["params"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        np.asarray(new["params"]["Dense_0"]["kernel"]), k0[:, np.asarray(sources[0])]
+    )
+    np.testing.assert_allclose(MLP.apply(new, X), MLP.apply(params, X), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(
+        np.asarray(new["params"]["Dense_1"]["kernel"]),
+        np.asarray(params["params"]["Dense_1"]["kernel"]),
+    )
+    # permute moves any tree shaped like the params as the move moved them
+    np.testing.assert_array_equal(
+        np.asarray(jax.tree.leaves(move.permute(params, sources))[0]),
+        np.asarray(jax.tree.leaves(new)[0]),
+    )
+
+
+def test_the_move_keeps_a_prior_whose_units_differ():
+    """Draws from a GSM prior whose hidden units have unequal outgoing scales stay draws from it
+    after the move: each row keeps its prior variance. Accepting every swap would mix the rows'
+    variances, which this test would see."""
+    params = _params()
+    h = _hierarchy(params)
+    log_prior = functools.partial(bn.gsm.full_log_prior, hierarchy=h)
+    var = bn.gsm.prior_variance(params, h)
+    move = sampling.unit_swaps(params, max_pairs=3)
+    n = 20_000
+    leaves, treedef = jax.tree.flatten(var)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    draws = jax.tree.unflatten(
+        treedef,
+        [jnp.sqrt(v) * jax.random.normal(k, (n,) + v.shape) for k, v in zip(keys, leaves)],
+    )
+
+    def many(key, p):
+        def body(p, k):
+            p, _, acc = move(k, p, log_prior)
+            return p, acc
+
+        return jax.lax.scan(body, p, jax.random.split(key, 5))
+
+    moved, acc = jax.jit(jax.vmap(many))(jax.random.split(jax.random.key(5), n), draws)
+    rate = float(np.asarray(acc)[:, :, 0].mean() / 3)
+    assert 0.05 < rate < 0.95  # swaps happen, and some are refused
+    rows = np.asarray(moved["params"]["Dense_1"]["kernel"])  # (n, 6, 5)
+    got = (rows**2).mean(axis=(0, 2))
+    want = np.asarray(var["params"]["Dense_1"]["kernel"])[:, 0]
+    # the mean of 5 n squares of N(0, v) has relative sd sqrt(2 / (5 n)) = 0.0045
+    np.testing.assert_allclose(got / want, 1.0, atol=0.03)
+    # every swap accepted would give each row the average variance
+    assert got[0] / want[0] < 1.1 and got[-1] / want[-1] > 0.9
+
+
+@pytest.mark.parametrize("transform", [bn.sgld, bn.baoab])
+def test_a_step_with_the_move_takes_the_gradient_at_the_moved_state(transform):
+    params = _params()
+    h = _hierarchy(params)
+    log_prior = functools.partial(bn.gsm.full_log_prior, hierarchy=h)
+    move = sampling.unit_swaps(params, max_pairs=3)
+    tx = transform(1e-3)
+    state = sampling.init(params, _log_likelihood, log_prior, len(X), transform=tx, move=move)
+    batch = (X, Y)
+    if transform is bn.baoab:
+        state, _ = sampling.step(jax.random.key(6), state, batch)
+    key = jax.random.key(7)
+    grads = jax.grad(state.kernel.potential)(state.params, batch)
+    moved, g = sampling._moved(key, state, grads)
+    want, _, _ = move(jax.random.fold_in(key, sampling._MOVE_SALT), state.params, log_prior)
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(state.params))
+    )
+    at_new = jax.grad(state.kernel.potential)(moved, batch)
+    if transform is bn.baoab:  # half of the closing kick at the old state, half at the new
+        at_new = jax.tree.map(lambda a, b: 0.5 * (a + b), grads, at_new)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(at_new)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+
+
+def test_baoab_with_the_move_keeps_the_prior_of_always_zero_inputs():
+    """Inputs that are zero in every example leave their first-layer rows at the prior, with
+    swaps between hidden units accepted by unequal outgoing scales."""
+    x = np.asarray(X).copy()
+    x[:, :2] = 0.0
+    data = (jnp.asarray(x), Y)
+    params = _params()
+    h = _hierarchy(params)
+    log_prior = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    result = sampling.run(
+        jax.random.key(8),
+        params,
+        _log_likelihood,
+        log_prior,
+        data,
+        transform=bn.baoab,
+        learning_rate=0.1,
+        num_burnin=500,
+        num_samples=1000,
+        thin=3,
+        num_chains=4,
+        move=sampling.unit_swaps(params, max_pairs=3),
+    )
+    var = np.asarray(moments.variance(result.moments)["params"]["Dense_0"]["kernel"])[:2]
+    mean = np.asarray(moments.mean(result.moments)["params"]["Dense_0"]["kernel"])[:2]
+    assert abs(var.mean() - 1.0) < 0.2
+    assert np.abs(mean).mean() < 0.3
+
+
+def test_bad_moves_are_clear_errors():
+    params = _params()
+    with pytest.raises(ValueError) as err:
+        sampling.UnitSwaps(((("params/Dense_0/kernel", 1),),), ((0, 0),))
+    assert "distinct unit indices" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        sampling.UnitSwaps((), ())
+    assert "non-empty tuple" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        sampling.UnitSwaps(((("params/Dense_0/kernel", 1),),), ((0, 1),), max_pairs=0)
+    assert "max_pairs must be an int >= 1, got 0" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        sampling.unit_swaps({"w": jnp.zeros(3)})
+    assert "at least two dense layers" in str(err.value)
+    bad = sampling.UnitSwaps(((("params/Dense_9/kernel", 1),),), ((0, 1),))
+    with pytest.raises(ValueError) as err:
+        sampling.run(
+            jax.random.key(0),
+            params,
+            _log_likelihood,
+            lambda p: jnp.zeros(()),
+            (X, Y),
+            learning_rate=1e-3,
+            num_samples=2,
+            move=bad,
+        )
+    assert "no leaf 'params/Dense_9/kernel'" in str(err.value)
+    with pytest.raises(TypeError) as err:
+        sampling.init(
+            params,
+            _log_likelihood,
+            lambda p: jnp.zeros(()),
+            40,
+            transform=bn.sgld(1e-3),
+            move="swap",
+        )
+    assert "move must be None or a bn.sampling.UnitSwaps" in str(err.value)
+
+
+def test_e_step_with_unit_swaps_runs_the_move_of_its_hierarchy():
+    params = _params()
+    h = _hierarchy(params, (1e-4, 0.5, 1e-4, 1.5, 2.0, 3.0))
+    # the rows EM switched off start at their prior's scale
+    kernel = params["params"]["Dense_1"]["kernel"]
+    params["params"]["Dense_1"]["kernel"] = kernel.at[jnp.array([0, 2])].multiply(1e-4)
+    log_prior = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    settings = dict(learning_rate=1e-9, num_samples=20, num_chains=2, batch_size=20)
+    key = jax.random.key(9)
+    got = bn.em.e_step(key, params, h, _log_likelihood, (X, Y), unit_swaps=True, **settings)
+    move = sampling.unit_swaps(params, hierarchy=h)
+    assert move.candidates[0] == (1, 3, 4, 5)
+    want = sampling.run(key, params, _log_likelihood, log_prior, (X, Y), move=move, **settings)
+    plain = bn.em.e_step(key, params, h, _log_likelihood, (X, Y), **settings)
+    mean = functools.partial(jax.tree.map, np.asarray)
+    for a, b in zip(
+        jax.tree.leaves(mean(moments.mean(got.moments))),
+        jax.tree.leaves(mean(moments.mean(want.moments))),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    moved = [
+        not np.allclose(a, c)
+        for a, c in zip(
+            jax.tree.leaves(mean(got.params["params"]["Dense_1"])),
+            jax.tree.leaves(mean(plain.params["params"]["Dense_1"])),
+        )
+    ]
+    assert any(moved)
+    with pytest.raises(TypeError) as err:
+        bn.em.e_step(key, params, h, _log_likelihood, (X, Y), unit_swaps="yes", **settings)
+    assert "unit_swaps must be True or False, got 'yes'" in str(err.value)
