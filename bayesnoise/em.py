@@ -579,6 +579,8 @@ def e_step(
     With ``unit_swaps=True`` (for an MLP's params), every step of every chain is preceded by
     the exact move :func:`bayesnoise.sampling.unit_swaps` builds for these params and this
     hierarchy: exchanges of hidden units whose outgoing rows EM kept, accepted by the prior.
+    The moments then average each hidden weight over the units that take its place (see
+    :class:`bayesnoise.sampling.UnitSwaps`).
 
     Returns:
         the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
@@ -587,8 +589,9 @@ def e_step(
 
     Raises:
         TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`,
-            ``extra_log_prior`` is not None or a callable, or ``unit_swaps`` is not a bool; and
-            as
+            ``extra_log_prior`` is not None or a callable, or ``unit_swaps`` is not a bool;
+        ValueError: ``unit_swaps=True`` with params that are not an MLP's, or with ``move=``
+            given too; and as
             :func:`bayesnoise.sampling.run` (a ``key`` that is not a PRNG key, bad settings).
     """
     from bayesnoise import sampling
@@ -599,9 +602,14 @@ def e_step(
         raise TypeError(f"unit_swaps must be True or False, got {unit_swaps!r}.")
     log_prior = _log_prior(hierarchy, extra_log_prior)
     if unit_swaps:
+        if sampling_kwargs.get("move") is not None:
+            raise ValueError(
+                "give either move= or unit_swaps=True, not both: unit_swaps=True builds the move "
+                "bn.sampling.unit_swaps(params, hierarchy=hierarchy)."
+            )
         one = params
         if sampling_kwargs.get("params_per_chain"):
-            one = jax.tree.map(lambda x: x[0], params)
+            one = jax.tree.map(lambda x: x[0] if jnp.ndim(x) else x, params)
         sampling_kwargs["move"] = sampling.unit_swaps(one, hierarchy=hierarchy)
     return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
 

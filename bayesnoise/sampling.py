@@ -178,8 +178,8 @@ def init(
         transform: an optax transform, e.g. ``bn.sgld(1e-5)`` or ``bn.psgld(...)``.
         move: None, or a :class:`UnitSwaps` (from :func:`unit_swaps`): an exact Metropolis move
             that exchanges hidden units, made before every step.
-        temperature: T >= 0 of the transform (the move accepts by exp(Δ log p / T)); only read
-            with a move.
+        temperature: T >= 0, the transform's own temperature (the move accepts by
+            exp(Δ log p / T)); only read with a move, which is exact only when the two agree.
 
     Returns:
         A :class:`SamplerState` for :func:`step`.
@@ -188,8 +188,9 @@ def init(
         ValueError: ``num_data`` is not an int >= 1, ``transform`` is not an optax transform,
             ``temperature`` is not finite and >= 0, or concrete ``params`` hold a NaN or
             infinite entry.
-        TypeError: ``log_likelihood`` or ``log_prior`` is not callable, or ``move`` is not None
-            or a :class:`UnitSwaps`.
+        TypeError: ``log_likelihood`` or ``log_prior`` is not callable, ``temperature`` is not
+            a real number (or, with a move, is traced), or ``move`` is not None or a
+            :class:`UnitSwaps`.
     """
     num_data = _check_positive_int("num_data", num_data, 1, "the number of examples N")
     _check_callables(log_likelihood, log_prior)
@@ -201,11 +202,14 @@ def init(
         )
     if _check.concrete(temperature):
         _check.number("temperature", temperature, lo=0.0)
-    if move is not None and not isinstance(move, UnitSwaps):
-        raise TypeError(
-            f"move must be None or a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), got "
-            f"{type(move).__name__}."
-        )
+    if move is not None:
+        _check_move(move)
+        if not _check.concrete(temperature):
+            raise TypeError(
+                "temperature must be a concrete number with a move (it is a static setting of "
+                "the chain's kernel), got a traced value."
+            )
+        temperature = float(temperature)
     kernel = Kernel(
         log_likelihood,
         log_prior,
@@ -239,6 +243,10 @@ def step(key: jax.Array, state: SamplerState, batch: tuple) -> tuple[SamplerStat
     A non-finite U or new state leaves the state unchanged and sets ``info.finite = False``:
     the chain freezes instead of spreading NaN. A NaN gradient always makes the new state NaN;
     an infinite one makes it infinite, unless a drift clip (``max_drift``) bounds the move.
+    With a ``move`` in the chain's kernel (:func:`init`), the move comes first, with a key
+    folded from ``key``; the step then takes the gradient at the moved state (with
+    :func:`bayesnoise.baoab`, half of it and half of the gradient before the move, which closes
+    the last step's pending half kick where that step ended).
 
     Args:
         key: a PRNG key for this step's noise.
@@ -317,7 +325,14 @@ class UnitSwaps:
     chain's target is kept exactly. Build it with :func:`unit_swaps`.
 
     The move jumps between configurations that gradient steps cross only slowly: on the digits
-    network under EM's scales, units that trade roles (README, "Exact moves").
+    network under EM's scales, units that trade roles (README, "Exchanging hidden units").
+    The chains' moments then describe the posterior with its exchanges: a hidden weight's mean
+    averages over the units that take its place, so the network at the posterior mean, and
+    pruning scores read from the chains' moments, lose their meaning, while the model average
+    and the function-space diagnostics keep theirs. Where the prior treats all units alike
+    (every outgoing scale equal) every exchange is accepted, and the weights' R-hat and ESS then
+    say how well the chains mix over the exchanges, not whether their networks mixed: read the
+    predictions' R-hat and ESS (``result.predictive_rhat``) beside them.
 
     Attributes:
         layers: per hidden layer, ``((leaf path, unit axis), ...)``: every leaf that holds the
@@ -347,6 +362,7 @@ class UnitSwaps:
                     and len(e) == 2
                     and isinstance(e[0], str)
                     and isinstance(e[1], int)
+                    and not isinstance(e[1], bool)
                     for e in layer
                 )
             ):
@@ -363,7 +379,7 @@ class UnitSwaps:
         for c in self.candidates:
             if (
                 not isinstance(c, tuple)
-                or not all(isinstance(i, int) and i >= 0 for i in c)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in c)
                 or len(set(c)) != len(c)
             ):
                 raise ValueError(
@@ -392,7 +408,8 @@ class UnitSwaps:
                 shape = jnp.shape(leaves[index[path]])
                 if not -len(shape) <= axis < len(shape):
                     raise ValueError(
-                        f"UnitSwaps: axis {axis} of {path!r} is out of range for its shape {shape}."
+                        f"UnitSwaps: axis {axis} of {path!r} is out of range for its shape {shape}; "
+                        f"allowed: {-len(shape)} to {len(shape) - 1}."
                     )
                 spots.append((index[path], axis % len(shape)))
             n = {jnp.shape(leaves[i])[a] for i, a in spots}
@@ -405,7 +422,8 @@ class UnitSwaps:
             (n,) = n
             if cand and max(cand) >= n:
                 raise ValueError(
-                    f"UnitSwaps: candidate unit {max(cand)} does not exist in a layer of {n} units."
+                    f"UnitSwaps: candidate unit {max(cand)} does not exist in a layer of {n} units; "
+                    f"allowed: 0 to {n - 1}."
                 )
             where.append(spots)
             sizes.append(n)
@@ -504,7 +522,8 @@ def unit_swaps(
 
     Raises:
         ValueError: the params hold fewer than two dense layers, or consecutive layers' sizes
-            do not chain; ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy` over them.
+            do not chain.
+        TypeError: ``hierarchy`` is not None or a :class:`bayesnoise.gsm.Hierarchy`.
     """
     import re
 
@@ -531,15 +550,18 @@ def unit_swaps(
     scales = None
     if hierarchy is not None:
         if not isinstance(hierarchy, gsm.Hierarchy):
-            raise ValueError(
+            raise TypeError(
                 f"hierarchy must be None or a bn.gsm.Hierarchy, got {type(hierarchy).__name__}."
             )
         pruned = em.pruned_rows(hierarchy.scales, min_scale)
+        # the rows of an outgoing kernel are its units where its scales index axis 0
+        row_axis = dict(hierarchy.axes)
         scales = {
             _tree.path_str(path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(
                 pruned, is_leaf=lambda x: x is None
             )[0]
+            if row_axis.get(_tree.path_str(path), 0) == 0
         }
     spec, candidates = [], []
     for a, b in zip(dense[:-1], dense[1:]):
@@ -563,6 +585,14 @@ def unit_swaps(
     return UnitSwaps(tuple(spec), tuple(candidates), max_pairs)
 
 
+def _check_move(move: Any) -> None:
+    if not isinstance(move, UnitSwaps):
+        raise TypeError(
+            f"move must be None or a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), got "
+            f"{move!r} of type {type(move).__name__}."
+        )
+
+
 def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[PyTree, PyTree]:
     """The state's move before a step: (the moved params, the gradient the transform takes).
 
@@ -580,8 +610,13 @@ def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[PyTree, 
     new = jax.tree.map(
         jnp.subtract, kernel.move.permute(likelihood_part, sources), grad_prior(params)
     )
-    if isinstance(state.opt_state, _BAOABState):
-        first = state.opt_state.count == 0  # no closing half kick is pending yet
+    inner = [
+        x
+        for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, _BAOABState))
+        if isinstance(x, _BAOABState)
+    ]  # bn.baoab's state, also inside optax.chain or optax.inject_hyperparams
+    if inner:
+        first = inner[0].count == 0  # no closing half kick is pending yet
         new = jax.tree.map(lambda a, b: jnp.where(first, b, 0.5 * (a + b)), grads, new)
     return params, new
 
@@ -1637,12 +1672,7 @@ def run(
             )
     _check.number("checkpoint_every", checkpoint_every, lo=0.0)
     if move is not None:
-        if not isinstance(move, UnitSwaps):
-            raise TypeError(
-                f"move must be None or a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), "
-                f"got {type(move).__name__}."
-            )
-        move._leaves(params if not params_per_chain else jax.tree.map(lambda x: x[0], params))
+        _check_move(move)
     for name, value in (("rhat_threshold", rhat_threshold), ("ess_threshold", ess_threshold)):
         _check.number(name, value, lo=0.0, lo_open=True)
 
@@ -1659,6 +1689,8 @@ def run(
     if not jax.tree.leaves(one_params):
         raise ValueError("params has no array leaves to sample.")
     _check_start(params)
+    if move is not None:
+        move._leaves(one_params)  # its leaves and axes exist in these params
 
     # Shapes of the user's functions, checked once before compiling the whole run.
     n_check = batch_size or (min(num_data, 128) if is_auto else num_data)

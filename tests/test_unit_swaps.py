@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import bayesnoise as bn
@@ -204,6 +205,13 @@ def test_bad_moves_are_clear_errors():
             move="swap",
         )
     assert "move must be None or a bn.sampling.UnitSwaps" in str(err.value)
+    assert "'swap'" in str(err.value)
+    with pytest.raises(TypeError) as err:
+        sampling.unit_swaps(params, hierarchy="h")
+    assert "hierarchy must be None or a bn.gsm.Hierarchy, got str" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        sampling.UnitSwaps(((("params/Dense_0/kernel", True),),), ((0, 1),))
+    assert "(leaf path, unit axis)" in str(err.value)
 
 
 def test_e_step_with_unit_swaps_runs_the_move_of_its_hierarchy():
@@ -237,3 +245,33 @@ def test_e_step_with_unit_swaps_runs_the_move_of_its_hierarchy():
     with pytest.raises(TypeError) as err:
         bn.em.e_step(key, params, h, _log_likelihood, (X, Y), unit_swaps="yes", **settings)
     assert "unit_swaps must be True or False, got 'yes'" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        bn.em.e_step(
+            key, params, h, _log_likelihood, (X, Y), unit_swaps=True, move=move, **settings
+        )
+    assert "either move= or unit_swaps=True" in str(err.value)
+
+
+def test_the_config_refuses_unit_swaps_with_pruning_from_the_chains_moments():
+    cfg = bn.config.load_config({"sgld": {"unit_swaps": True}})
+    assert cfg.sgld.run_settings()["unit_swaps"] is True
+    assert "unit_swaps" not in bn.config.load_config({}).sgld.run_settings()
+    with pytest.raises(bn.config.ConfigError) as err:
+        bn.config.load_config({"sgld": {"unit_swaps": True}, "prune": {"moments": "sgld"}})
+    assert "sgld.unit_swaps" in str(err.value) and "prune.moments: laplace" in str(err.value)
+
+
+def test_the_move_follows_bn_baoab_inside_a_chain_of_transforms():
+    params = _params()
+    h = _hierarchy(params)
+    log_prior = functools.partial(bn.gsm.full_log_prior, hierarchy=h)
+    move = sampling.unit_swaps(params, max_pairs=3)
+    tx = optax.chain(optax.identity(), bn.baoab(1e-3))
+    state = sampling.init(params, _log_likelihood, log_prior, len(X), transform=tx, move=move)
+    state, _ = sampling.step(jax.random.key(6), state, (X, Y))
+    grads = jax.grad(state.kernel.potential)(state.params, (X, Y))
+    moved, g = sampling._moved(jax.random.key(7), state, grads)
+    at_new = jax.grad(state.kernel.potential)(moved, (X, Y))
+    half = jax.tree.map(lambda a, b: 0.5 * (a + b), grads, at_new)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(half)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)

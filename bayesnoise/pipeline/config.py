@@ -447,7 +447,9 @@ class SGLDConfig(_Section):
     the chains start at a mode (EM's, or without EM the mode under λ = 1 found in
     ``em.map_steps`` Adam steps from the trained network). ``friction`` is its γ (null: 1).
     ``unit_swaps: true`` adds an exact move before every step that exchanges hidden units of
-    the MLP, accepted by the prior (:func:`bayesnoise.sampling.unit_swaps`).
+    the MLP, accepted by the prior (:func:`bayesnoise.sampling.unit_swaps`); the chains' moments
+    then average each hidden weight over the units exchanged into its place, so it needs
+    ``prune.moments: laplace``, and the network at the posterior mean loses its meaning.
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
@@ -670,6 +672,10 @@ class Config(_Section):
         if self.prune.soft_target.enabled and self.task != "classification":
             got = f"true, but soft targets need a classification data set and {data}"
             raise _bad("prune.soft_target.enabled", got, "false")
+        if self.sgld.unit_swaps and self.prune.moments == "sgld":
+            # exchanged units average each hidden weight's moments over the units in its place
+            got = "true with prune.moments: sgld (the chains' moments mix exchanged units)"
+            raise _bad("sgld.unit_swaps", got, "false, or true with prune.moments: laplace")
         return self
 
     @property
