@@ -1795,7 +1795,7 @@ def run(
             options=dict(auto or {}),
             **common,
         )
-    return _finish(result, settings, rhat_threshold, ess_threshold, is_auto)
+    return _finish(result, settings, rhat_threshold, ess_threshold, is_auto, move is not None)
 
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "n", "per_chain"))
@@ -2426,7 +2426,9 @@ def _first_step_finite(chain_key, params, chain, data, static, prior_args) -> bo
         return True
 
 
-def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshold, auto=False):
+def _finish(
+    result: SamplingResult, settings: dict, rhat_threshold, ess_threshold, auto=False, move=False
+):
     if auto:
         advice = (
             f"raise auto['max_steps'] (this run took {result.num_steps} steps per chain) or "
@@ -2475,6 +2477,19 @@ def _finish(result: SamplingResult, settings: dict, rhat_threshold, ess_threshol
             predictive_rhat_max=float(np.max(p_rhat[ok])) if ok.any() else float("nan"),
             predictive_ess_min=float(np.min(p_ess[ok])) if ok.any() else float("nan"),
         )
+        mixed = settings["predictive_rhat_max"] <= rhat_threshold
+        mixed = mixed and settings["predictive_ess_min"] >= ess_threshold
+        if move and converged and not mixed:
+            logger.warning(
+                "the traced weights converged with exchanges of units, but the predictions on "
+                "held-out inputs did not: max R-hat %.3g, min ESS %.3g (thresholds %.3g, %.3g). "
+                "Exchanges mix which unit holds which role, not the networks; %s.",
+                settings["predictive_rhat_max"],
+                settings["predictive_ess_min"],
+                rhat_threshold,
+                ess_threshold,
+                advice,
+            )
     return result._replace(
         rhat=rhat,
         ess=ess,

@@ -275,3 +275,36 @@ def test_the_move_follows_bn_baoab_inside_a_chain_of_transforms():
     half = jax.tree.map(lambda a, b: 0.5 * (a + b), grads, at_new)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(half)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+
+
+def test_a_warning_when_the_weights_converge_with_exchanges_and_the_predictions_do_not(caplog):
+    params = _params()
+    result = sampling.run(
+        jax.random.key(10),
+        params,
+        _log_likelihood,
+        lambda p: -0.5 * sum(jnp.sum(a**2) for a in jax.tree.leaves(p)),
+        (X, Y),
+        learning_rate=1e-4,
+        num_samples=200,
+        num_chains=4,
+        batch_size=20,
+        predict=lambda p, x: jax.nn.softmax(MLP.apply(p, x)),
+        predict_inputs=X[:8],
+        move=sampling.unit_swaps(params),
+    )
+    rng = np.random.default_rng(0)
+    # weights drawn independently (mixed); predictions whose chains sit at different values
+    mixed = rng.normal(size=np.shape(result.trace)).astype(np.float32)
+    stuck = np.asarray(result.predictive_trace) * 0 + np.arange(4)[:, None, None, None]
+    stuck = stuck + 0.01 * rng.normal(size=stuck.shape)
+    ready = result._replace(trace=jnp.asarray(mixed), predictive_trace=jnp.asarray(stuck))
+    with caplog.at_level("WARNING", logger="bayesnoise"):
+        out = sampling._finish(ready, {}, 1.1, 100.0, move=True)
+    assert out.converged
+    assert out.settings["predictive_rhat_max"] > 1.1
+    assert "predictions on held-out inputs did not" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bayesnoise"):
+        sampling._finish(ready, {}, 1.1, 100.0, move=False)
+    assert "did not" not in caplog.text
