@@ -68,16 +68,19 @@ def number(
         return
     if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         raise TypeError(f"{name} must be {allowed}, got {_show(value)}.")
-    try:
-        a = np.asarray(value)
-    except Exception:  # an object NumPy cannot read as an array
-        raise TypeError(f"{name} must be {allowed}, got {_show(value)}.") from None
-    kinds = "iu" if integer else "iuf"
-    if a.dtype.kind not in kinds or (not array and a.ndim != 0):
-        raise TypeError(f"{name} must be {allowed}, got {_show(value)}.")
-    if a.size == 0:
-        return
-    a = a.astype(np.float64)
+    if isinstance(value, int):  # of any size: NumPy holds one beyond int64 as an object
+        a = np.asarray(float(value))
+    else:
+        try:
+            a = np.asarray(value)
+        except Exception:  # an object NumPy cannot read as an array
+            raise TypeError(f"{name} must be {allowed}, got {_show(value)}.") from None
+        kinds = "iu" if integer else "iuf"
+        if a.dtype.kind not in kinds or (not array and a.ndim != 0):
+            raise TypeError(f"{name} must be {allowed}, got {_show(value)}.")
+        if a.size == 0:
+            return
+        a = a.astype(np.float64)
     bad = np.isnan(a) | (finite & np.isinf(a))
     if lo is not None:
         bad |= (operator.le if lo_open else operator.lt)(a, lo)

@@ -103,6 +103,7 @@ LEARNED = [
 ]
 
 
+@pytest.mark.slow  # a whole pipeline run (30 s): `make test-slow`
 def test_a_learned_noise_run_adds_the_log_alpha_rule_the_threshold_and_its_plots(tmp_path):
     import bayesnoise as bn
 
@@ -344,6 +345,7 @@ def test_the_sampling_stage_takes_its_friction_from_the_config():
     assert config.load_config(CONFIG, small + baoab).sgld.friction is None  # bn.baoab's 1
 
 
+@pytest.mark.slow  # a whole pipeline run (30 s): `make test-slow`
 def test_a_stopped_sampling_stage_goes_on_from_the_chains_checkpoints(tmp_path, monkeypatch):
     from small_run import CONFIG, SMALL
 
