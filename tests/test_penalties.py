@@ -26,7 +26,7 @@ def regression_data(key, n=40, d=5, k=None):
 @pytest.mark.parametrize("k", [None, 3])
 def test_linear_penalty_equals_monte_carlo(noise, k):
     x, w, y = regression_data(jax.random.key(0), k=k)
-    n_mc = 40_000
+    n_mc = 10_000  # the penalty is still 80-700 standard errors from the noise-free loss
 
     def noisy_loss(key):
         lam = noise.sample(key, x.shape)  # one λ per example and input unit
