@@ -7,6 +7,11 @@ from bayesnoise.pipeline import cli
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 SMALL = [
     "train.epochs=3",
+    # minibatch SGLD without exchanges of units (digits.yaml: full-batch BAOAB with them; the
+    # sampling stage's own tests in test_stages.py run that one)
+    "sgld.method=sgld",
+    "sgld.batch_size=128",
+    "sgld.unit_swaps=false",
     "sgld.burnin=20",
     "sgld.samples=10",
     "sgld.thin=1",

@@ -46,7 +46,11 @@ def test_shipped_config_contents():
     digits, mnist = load_config(DIGITS), load_config(DIGITS.parent / "mnist.yaml")
     assert digits.model.hidden_sizes == (128, 128) and digits.sgld.chains in (2, 3, 4)
     assert len(digits.prune.fraction_grid()) == 50 and digits.sgld.auto
-    assert digits.sgld.num_steps is None and digits.sgld.max_steps == 12_000
+    assert digits.sgld.num_steps is None and digits.sgld.max_steps == 80_000
+    # full-batch kinetic Langevin with exchanges of units, the pruning scores from Laplace
+    sampler = digits.sgld
+    assert (sampler.method, sampler.batch_size, sampler.unit_swaps) == ("baoab", None, True)
+    assert digits.prune.moments == "laplace" and sampler.run_settings()["unit_swaps"]
     assert mnist.model.hidden_sizes == (400, 400) and mnist.train.epochs == 20
     assert mnist.sgld.auto and mnist.sgld.run_settings()["learning_rate"] is None
     assert mnist.sgld.max_steps == 3000 and len(mnist.prune.fraction_grid()) == 100
@@ -255,7 +259,12 @@ def test_overriding_a_kind_drops_the_old_kinds_parameters():
     assert bconfig.build_noise(cfg)[""] == bnoise.Beta(2.0, 0.5)
     e = _error(DIGITS, ["noise.kind=beta", "noise.keep=0.3"])
     assert e.key == "noise.keep" and "beta takes a, b" in str(e)
-    cfg = load_config(DIGITS, ["sgld.step_size=null", "sgld.polynomial={a: 1.0e-4, gamma: 0.6}"])
+    polynomial = [
+        "sgld.method=sgld",
+        "sgld.step_size=null",
+        "sgld.polynomial={a: 1.0e-4, gamma: 0.6}",
+    ]
+    cfg = load_config(DIGITS, polynomial)
     assert cfg.sgld.polynomial.a == 1e-4 and cfg.sgld.polynomial.b == 1.0
     assert float(cfg.sgld.learning_rate()(0)) == pytest.approx(0.5e-4)
 

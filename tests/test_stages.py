@@ -311,10 +311,10 @@ def test_the_sampling_stage_runs_kinetic_langevin_with_method_baoab():
 
     from bayesnoise.pipeline import config, stages
 
+    # digits.yaml's own sampler (full-batch BAOAB, exchanges of units), shorter
     small = [s for s in SMALL if not s.startswith("sgld.")]
-    cfg = config.load_config(
-        CONFIG, small + ["sgld.method=baoab", "sgld.batch_size=null", "sgld.max_steps=400"]
-    )
+    cfg = config.load_config(CONFIG, small + ["sgld.max_steps=400"])
+    assert (cfg.sgld.method, cfg.sgld.batch_size, cfg.sgld.unit_swaps) == ("baoab", None, True)
     task = stages._Task(cfg)
     post = stages._sgld(task, task.init(jax.random.key(0)), jax.random.key(1), False, False)
     d = post["diagnostics"]
