@@ -500,6 +500,7 @@ def test_em_fit_rejects_bad_choices_with_clear_errors():
     assert all(np.all(np.asarray(s) >= 1e-4) for s in jax.tree.leaves(res.hierarchy.scales))
 
 
+@pytest.mark.slow  # 20-25 s of sampling: `make test-slow`
 def test_em_from_a_user_loop_with_the_sampler_step_finds_the_irrelevant_inputs():
     """The README's loop: the sampler's own step, its automatic step size and preconditioner
     (bn.sampling.auto_settings) under each iteration's prior, samples accumulated into the EM
