@@ -68,26 +68,33 @@ def number(
         return
     if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         raise TypeError(f"{name} must be {allowed}, got {_show(value)}.")
-    if isinstance(value, int):  # of any size: NumPy holds one beyond int64 as an object
-        a = np.asarray(float(value))
+    # a Python int of any size, compared exactly (NumPy holds one beyond int64 as an object,
+    # and float() fails beyond 1e308); anything else as an array of float64
+    if isinstance(value, int):
+        a, bad = value, False
     else:
-        try:
-            a = np.asarray(value)
-        except Exception:  # an object NumPy cannot read as an array
-            raise TypeError(f"{name} must be {allowed}, got {_show(value)}.") from None
-        kinds = "iu" if integer else "iuf"
-        if a.dtype.kind not in kinds or (not array and a.ndim != 0):
-            raise TypeError(f"{name} must be {allowed}, got {_show(value)}.")
-        if a.size == 0:
+        a = _real_array(name, value, allowed, array, integer)
+        if a is None:  # an empty array
             return
-        a = a.astype(np.float64)
-    bad = np.isnan(a) | (finite & np.isinf(a))
+        bad = np.isnan(a) | (finite & np.isinf(a))
     if lo is not None:
         bad |= (operator.le if lo_open else operator.lt)(a, lo)
     if hi is not None:
         bad |= (operator.ge if hi_open else operator.gt)(a, hi)
     if np.any(bad):
         raise ValueError(f"{name} must be {allowed}, got {_show(value)}.")
+
+
+def _real_array(name: str, value: Any, allowed: str, array: bool, integer: bool):
+    """``value`` as a float64 array (None when empty), or TypeError naming it."""
+    try:
+        a = np.asarray(value)
+    except Exception:  # an object NumPy cannot read as an array
+        raise TypeError(f"{name} must be {allowed}, got {_show(value)}.") from None
+    kinds = "iu" if integer else "iuf"
+    if a.dtype.kind not in kinds or (not array and a.ndim != 0):
+        raise TypeError(f"{name} must be {allowed}, got {_show(value)}.")
+    return None if a.size == 0 else a.astype(np.float64)
 
 
 def _allowed(lo, hi, lo_open, hi_open, finite, integer, array) -> str:
