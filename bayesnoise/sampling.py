@@ -1545,11 +1545,17 @@ def run(
     names one), h = ``step_fraction`` / sqrt(λ_max) with λ_max from :func:`max_curvature`
     (``step_fraction`` 0.5 by default; BAOAB is stable below 2), the whole data set as the batch
     unless ``batch_size`` is given, and of ``max_steps`` (20,000 by default) steps per chain a
-    tenth as burn-in and 1,000 kept states over the rest. After a divergence the curvature at
-    the other chains' states joins the estimate, the step fraction halves and the run starts
-    again (``max_retries``, 3 by default). ``settings`` then holds ``method="baoab"``, the step,
-    the step fraction, the friction, λ_max and the preconditioner. Its ``auto`` options are
-    ``max_steps``, ``step_fraction``, ``hessian_examples`` and ``max_retries``.
+    tenth as burn-in and 1,000 kept states over the rest. With a minibatch of n < N examples,
+    h is also at most the step at which the kick's gradient noise, of variance
+    B = (N² / n)(1 − n / N) diag GGN per weight, adds ``noise_fraction`` (0.25 by default) of
+    the momentum noise that the O step injects, at the weight of the largest M B / T (about
+    h = 2 ε γ n / N where the data dominate); ``settings["step_limit"]`` says which bound holds.
+    After a divergence the curvature at the other chains' states joins the estimate, the step
+    fraction halves (and the step with it) and the run starts again (``max_retries``, 3 by
+    default). ``settings`` then holds ``method="baoab"``, the step, the step fraction, the
+    friction, λ_max, the largest M B / T and the preconditioner. Its ``auto`` options are
+    ``max_steps``, ``step_fraction``, ``noise_fraction``, ``hessian_examples`` and
+    ``max_retries``.
 
     ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
     loop: calling again with the same function objects and settings reuses it, whatever the
@@ -1861,7 +1867,13 @@ _AUTO_OPTIONS = (
     "adapt_windows",
     "max_retries",
 )
-_BAOAB_OPTIONS = ("max_steps", "hessian_examples", "max_retries", "step_fraction")
+_BAOAB_OPTIONS = (
+    "max_steps",
+    "hessian_examples",
+    "max_retries",
+    "step_fraction",
+    "noise_fraction",
+)
 
 
 def _check_auto_options(auto: Any, baoab: bool = False) -> None:
@@ -2107,13 +2119,41 @@ def _is_baoab(transform) -> bool:
     return transform is _baoab
 
 
+def _baoab_noise_step(noise: float, friction: float, noise_fraction: float) -> float:
+    """The largest BAOAB step h at which a minibatch's gradient noise stays at most
+    ``noise_fraction`` ε of the momentum noise that the O step injects.
+
+    A kick of h with a gradient of variance B adds h² M B to the momentum's variance, c² h² M B
+    after the O step (c = exp(−γ h)), which injects T (1 − c²). With ``noise`` r the largest
+    M B / T over the weights, h is the smallest root of c² h² r = ε (1 − c²) (about 2 ε γ / r;
+    where the data dominate a weight, r is about (N / n)(1 − n / N) under the Laplace
+    preconditioner, so h is about 2 ε γ n / N). The ratio grows with h up to γ h = 0.797;
+    ``inf`` where it stays below ε up to there (no bound).
+    """
+    r, g, eps = float(noise), float(friction), float(noise_fraction)
+
+    def share(h):
+        c2 = math.exp(-2 * g * h)
+        return c2 * h * h * r / (1 - c2)
+
+    lo, hi = 0.0, 0.797 / g
+    if r <= 0 or share(hi) <= eps:
+        return math.inf
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if share(mid) <= eps else (lo, mid)
+    return lo
+
+
 def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     """Kinetic Langevin (:func:`bayesnoise.baoab`) with settings derived at the start.
 
     The preconditioner is the diagonal Laplace variance T / (N diag GGN + prior precision) at
     ``one_params`` (unless the transform is a partial that names one); h = ``step_fraction`` /
     sqrt(λ_max), λ_max from :func:`max_curvature` there (on ``hessian_examples`` examples, all
-    by default); the batch is the whole data set unless ``batch_size`` says otherwise; of
+    by default), or less where a minibatch's gradient noise would pass ``noise_fraction`` of
+    the injected noise (:func:`_baoab_noise_step`); the batch is the whole data set unless
+    ``batch_size`` says otherwise; of
     ``max_steps`` steps per chain a tenth is burn-in and the rest gives 1,000 kept states
     (fewer when the budget is short), thinned evenly. After a divergence, the diagonal GGN at
     the other chains' states joins the curvature (the elementwise maximum), the
@@ -2128,13 +2168,16 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     lengths = {k: kw.pop(k) for k in ("num_burnin", "num_samples", "thin")}
     params_per_chain = kw.pop("params_per_chain")
     max_steps = int(options.get("max_steps", 20_000))
-    fraction = float(options.get("step_fraction", 0.5))
+    fraction = fraction0 = float(options.get("step_fraction", 0.5))
+    noise_fraction = float(options.get("noise_fraction", 0.25))
     max_retries = int(options.get("max_retries", 3))
     examples = options.get("hessian_examples")
     base = jax.random.fold_in(chain_keys[0], 1_000_033)
 
     transform = kw.pop("transform")
     given = transform.keywords if isinstance(transform, functools.partial) else {}
+    friction = float(given.get("friction", 1.0))
+    minibatch = batch_size < num_data
     floor = _finite_start(
         params, params_per_chain, log_likelihood, log_prior, data, batch_size, temperature
     )
@@ -2175,11 +2218,22 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
                 f"check log_likelihood and log_prior at the start, or pass learning_rate= "
                 f"explicitly."
             )
-        return precond, lam
+        # a minibatch's gradient noise, B = (N² / n)(1 − n / N) diag GGN per weight: its
+        # largest M B / T bounds the step (_baoab_noise_step)
+        noise = 0.0
+        if minibatch:
+            factor = num_data**2 / batch_size * (1 - batch_size / num_data) / temperature
+            noise = max(
+                float(jnp.max(m * f)) * factor
+                for m, f in zip(jax.tree.leaves(precond), jax.tree.leaves(curvature))
+            )
+        return precond, lam, noise
 
     positions = [one_params]
-    curvature = None if "preconditioner" in given else _start_curvature(curvature_at(positions))
-    precond, lam = derive(positions, curvature)
+    curvature = None
+    if minibatch or "preconditioner" not in given:
+        curvature = _start_curvature(curvature_at(positions))
+    precond, lam, noise = derive(positions, curvature)
     burnin = lengths["num_burnin"]
     burnin = max(1, max_steps // 10) if burnin is None else burnin
     room = max(1, max_steps - burnin)
@@ -2188,7 +2242,9 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     thin = lengths["thin"]
     thin = max(1, room // samples) if thin is None else thin
     for retry in range(max_retries + 1):
-        step = fraction / math.sqrt(lam)
+        stable = fraction / math.sqrt(lam)
+        quiet = _baoab_noise_step(noise, friction, noise_fraction) * fraction / fraction0
+        step = min(stable, quiet)
         try:
             result = _run_fixed(
                 jax.vmap(lambda k, r=retry: jax.random.fold_in(k, 1 + 100 * r))(chain_keys),
@@ -2219,7 +2275,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
             positions += states
             if curvature is not None:
                 curvature = curvature_at(states, curvature)
-            precond, lam = derive(positions, curvature)
+            precond, lam, noise = derive(positions, curvature)
             fraction /= 2.0
             logger.info(
                 "bn.baoab diverged at step %d: starting again with the curvature where the "
@@ -2232,8 +2288,12 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
         "method": "baoab",
         "learning_rate": step,
         "step_fraction": fraction,
-        "friction": float(given.get("friction", 1.0)),
+        "friction": friction,
         "batch_size": batch_size,
+        # the step's binding limit: the stability bound fraction / sqrt(λ_max), or the
+        # minibatch noise (noise_fraction of the injected noise, at the largest M B / T)
+        "step_limit": "stability" if stable <= quiet else "noise",
+        "gradient_noise_max": noise,
         "num_burnin": burnin,
         "num_samples": samples,
         "thin": thin,

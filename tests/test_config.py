@@ -159,11 +159,6 @@ def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
         ),
         ({"sgld": {"method": "hmc"}}, "sgld.method", ["'hmc'", "sgld, psgld, baoab"]),
         (
-            {"sgld": {"method": "baoab", "batch_size": 128}},
-            "sgld.batch_size",
-            ["128 with method baoab", "null (the whole training set"],
-        ),
-        (
             {"sgld": {"friction": 0.5}},
             "sgld.friction",
             ["0.5 with method sgld", "null, or a number > 0 with method baoab"],

@@ -188,6 +188,27 @@ def test_baoab_with_automatic_settings_samples_the_exact_gaussian_posterior(temp
     assert_tempered_exact(res, temperature)
 
 
+@pytest.mark.parametrize("batch_size", [10, 50])
+def test_baoab_with_automatic_settings_bounds_the_step_by_the_minibatch_noise(batch_size):
+    # 20 and 4 minibatches per epoch: h is the step at which the kick's gradient noise is a
+    # quarter of the O step's injected noise, below the stability bound
+    _, cov = exact()
+    res = sampling.run(
+        jax.random.key(1), PARAMS, lin_ll, lin_lp, (X, Y), transform=bn.baoab,
+        batch_size=batch_size, auto={"max_steps": 40_000},
+    )  # fmt: skip
+    s = res.settings
+    assert (s["batch_size"], s["step_limit"]) == (batch_size, "noise")
+    # M B / T for a linear model: the Laplace variance times (N² / n)(1 − n / N) mean(x²)
+    var = 1.0 / np.diag(np.linalg.inv(cov))
+    r = np.max(var * N**2 / batch_size * (1 - batch_size / N) * np.mean(X.astype(float) ** 2, 0))
+    np.testing.assert_allclose(s["gradient_noise_max"], r, rtol=1e-3)
+    c2 = np.exp(-2 * s["learning_rate"])  # γ = 1
+    np.testing.assert_allclose(c2 * s["learning_rate"] ** 2 * r / (1 - c2), 0.25, rtol=1e-4)
+    assert s["learning_rate"] < 0.5 / np.sqrt(s["curvature_max"])
+    assert_tempered_exact(res, 1.0)
+
+
 def test_baoab_with_automatic_settings_keeps_a_given_preconditioner_and_friction():
     given = {"w": jnp.full((D,), 0.01)}
     transform = functools.partial(bn.baoab, preconditioner=given, friction=2.0)
@@ -204,9 +225,10 @@ def test_baoab_with_automatic_settings_keeps_a_given_preconditioner_and_friction
 def test_automatic_settings_reject_options_of_the_other_sampler():
     run = functools.partial(sampling.run, jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y))
     with pytest.raises(ValueError) as err:
-        run(transform=bn.baoab, auto={"noise_fraction": 0.1})
-    assert "['noise_fraction']" in str(err.value) and "bn.baoab" in str(err.value)
-    assert "allowed: max_steps, hessian_examples, max_retries, step_fraction" in str(err.value)
+        run(transform=bn.baoab, auto={"target_ess": 100})
+    assert "['target_ess']" in str(err.value) and "bn.baoab" in str(err.value)
+    allowed = "allowed: max_steps, hessian_examples, max_retries, step_fraction, noise_fraction"
+    assert allowed in str(err.value)
     with pytest.raises(ValueError) as err:
         run(auto={"step_fraction": 0.5})
     assert "['step_fraction']" in str(err.value) and "bn.sgld" in str(err.value)

@@ -443,7 +443,8 @@ class SGLDConfig(_Section):
     takes ``polynomial``. Without auto, ``burnin``, ``samples``, ``thin`` default to 1000, 500, 4.
     ``method: baoab`` samples by kinetic Langevin (:func:`bayesnoise.baoab`); with auto, the
     preconditioner is the diagonal Laplace variance at the start and h = 0.5 / sqrt(λ_max)
-    (:func:`bayesnoise.sampling.run`), with ``batch_size: null`` (the whole training set);
+    (:func:`bayesnoise.sampling.run`), best with ``batch_size: null`` (the whole training set;
+    with a minibatch h is also held where its gradient noise is a quarter of the injected);
     the chains start at a mode (EM's, or without EM the mode under λ = 1 found in
     ``em.map_steps`` Adam steps from the trained network). ``friction`` is its γ (null: 1).
     ``unit_swaps: true`` adds an exact move before every step that exchanges hidden units of
@@ -453,7 +454,8 @@ class SGLDConfig(_Section):
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
-    # step_size auto a Laplace preconditioner and h from the curvature (and batch_size null)
+    # step_size auto a Laplace preconditioner and h from the curvature (best with batch_size
+    # null: a minibatch's noise bounds h too)
     method: Literal["sgld", "psgld", "baoab"] = "sgld"
     step_size: Annotated[Literal["auto"] | float | None, pydantic.PlainValidator(_step_size)] = (
         Field("auto", description="auto, a number > 0, or null")
@@ -487,10 +489,6 @@ class SGLDConfig(_Section):
         if self.method == "baoab" and self.polynomial is not None:
             got = "baoab with a polynomial schedule"
             raise _bad("method", got, "baoab with step_size auto or a number, or sgld")
-        if self.method == "baoab" and self.auto and self.batch_size is not None:
-            got = f"{self.batch_size} with method baoab and step_size auto"
-            allowed = "null (the whole training set: BAOAB's automatic step assumes full gradients)"
-            raise _bad("batch_size", got, allowed)
         if self.friction is not None and self.method != "baoab":
             got = f"{self.friction} with method {self.method}"
             raise _bad("friction", got, "null, or a number > 0 with method baoab")
