@@ -864,7 +864,7 @@ def auto_settings(
       noise. For minibatches drawn independently at every step, :func:`bayesnoise.sgld`
       subtracts this estimate (``gradient_noise=B``), as stochastic gradient Fisher scoring
       does. :func:`run` draws them as one permutation per epoch, over which the minibatch
-      noise sums to zero at fixed weights: weights that relax over more steps than an epoch
+      noise sums to almost zero at fixed weights (exactly when n divides N): weights that relax over more steps than an epoch
       hardly feel it, and subtracting B would cool them (0.78-0.80 of the exact variance of a
       linear model at 20 batches per epoch). So :func:`run` subtracts B only when an epoch is
       one batch (N < 2n; ``settings["gradient_noise_subtracted"]``), and otherwise relies on
@@ -1549,7 +1549,8 @@ def run(
     h is also at most the step at which the kick's gradient noise, of variance
     B = (N² / n)(1 − n / N) diag GGN per weight, adds ``noise_fraction`` (0.25 by default) of
     the momentum noise that the O step injects, at the weight of the largest M B / T (about
-    h = 2 ε γ n / N where the data dominate); ``settings["step_limit"]`` says which bound holds.
+    h = 2 ε γ n / (N − n) where the data dominate); ``settings["step_limit"]`` says which bound
+    holds.
     After a divergence the curvature at the other chains' states joins the estimate, the step
     fraction halves (and the step with it) and the run starts again (``max_retries``, 3 by
     default). ``settings`` then holds ``method="baoab"``, the step, the step fraction, the
@@ -2006,10 +2007,12 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
 
     # The estimated minibatch noise B is subtracted only where every step draws a fresh batch
     # (N < 2n: one batch per epoch). Over an epoch's permutation the minibatch noise sums to
-    # zero at fixed weights, so weights that relax over more steps than an epoch hardly feel it,
-    # and subtracting an estimate made for independent batches would cool them.
-    def fresh_batches(settings):
-        return int(data[0].shape[0]) // settings.batch_size <= 1
+    # almost zero at fixed weights (exactly when n divides N; the last incomplete batch is
+    # skipped), so weights that relax over more steps than an epoch hardly feel it, and
+    # subtracting an estimate made for independent batches would cool them.
+    def fresh_batches(settings):  # a minibatch drawn afresh at every step: N // n == 1
+        n = settings.batch_size
+        return n < int(data[0].shape[0]) and int(data[0].shape[0]) // n == 1
 
     def attempt(settings, state, per_chain, salt, **run):
         noise = settings.gradient_noise
@@ -2123,22 +2126,28 @@ def _baoab_noise_step(noise: float, friction: float, noise_fraction: float) -> f
     """The largest BAOAB step h at which a minibatch's gradient noise stays at most
     ``noise_fraction`` ε of the momentum noise that the O step injects.
 
-    A kick of h with a gradient of variance B adds h² M B to the momentum's variance, c² h² M B
-    after the O step (c = exp(−γ h)), which injects T (1 − c²). With ``noise`` r the largest
-    M B / T over the weights, h is the smallest root of c² h² r = ε (1 − c²) (about 2 ε γ / r;
-    where the data dominate a weight, r is about (N / n)(1 − n / N) under the Laplace
-    preconditioner, so h is about 2 ε γ n / N). The ratio grows with h up to γ h = 0.797;
-    ``inf`` where it stays below ε up to there (no bound).
+    A kick of h with a gradient of variance B adds h² M B to the momentum's variance, which the
+    A steps move the weights with before the O step damps it; the O step injects
+    T (1 − exp(−2 γ h)). With ``noise`` r the largest M B / T over the weights, h is the root of
+    h² r = ε (1 − exp(−2 γ h)), whose left side over the right grows with h: about 2 ε γ / r
+    for small h. Where the data dominate a weight, r is about (N − n) / n under the Laplace
+    preconditioner, so h is about 2 ε γ n / (N − n). ``inf`` where r is 0 (no bound).
     """
     r, g, eps = float(noise), float(friction), float(noise_fraction)
+    if not (math.isfinite(r) and r >= 0):
+        raise ValueError(
+            f"the largest minibatch noise M B / T must be finite and >= 0, got {r}: check "
+            f"log_likelihood and the curvature at the start, or pass learning_rate= explicitly."
+        )
+    if r == 0:
+        return math.inf
 
     def share(h):
-        c2 = math.exp(-2 * g * h)
-        return c2 * h * h * r / (1 - c2)
+        return h * h * r / -math.expm1(-2 * g * h)
 
-    lo, hi = 0.0, 0.797 / g
-    if r <= 0 or share(hi) <= eps:
-        return math.inf
+    lo, hi = 0.0, 2 * eps * g / r
+    while share(hi) <= eps:
+        lo, hi = hi, 2 * hi
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if share(mid) <= eps else (lo, mid)
@@ -2231,7 +2240,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
 
     positions = [one_params]
     curvature = None
-    if minibatch or "preconditioner" not in given:
+    if minibatch or given.get("preconditioner") is None:
         curvature = _start_curvature(curvature_at(positions))
     precond, lam, noise = derive(positions, curvature)
     burnin = lengths["num_burnin"]
@@ -2284,6 +2293,15 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
                 lam,
                 fraction,
             )
+    if quiet < 0.5 * stable:
+        logger.warning(
+            "bn.baoab: the gradient noise of minibatches of %d examples holds the step at "
+            "h = %.3g, %.3g times below the stability bound; a larger batch_size (or the whole "
+            "data set) allows a larger step",
+            batch_size,
+            quiet,
+            stable / quiet,
+        )
     info = {
         "method": "baoab",
         "learning_rate": step,

@@ -71,6 +71,10 @@ def test_defaults_and_derived_fields():
     assert cfg.prune.num_fractions == 50
     assert cfg.prune.fraction_grid() == tuple(i / 50 for i in range(50))
     assert cfg.noise.keep == 0.5 and cfg.em.hyperprior.kind == "none"
+    # the batch: 64 examples, or with method baoab the whole training set unless one is given
+    assert cfg.sgld.batch_size == 64
+    assert load_config({"sgld": {"method": "baoab"}}).sgld.batch_size is None
+    assert load_config({"sgld": {"method": "baoab", "batch_size": 256}}).sgld.batch_size == 256
     named = load_config({"name": "trial-1", "data": {"name": "diabetes"}})
     assert named.out == "runs/trial-1" and named.metric == "rmse" and named.relative_tolerance
     explicit = load_config({"prune": {"fractions": [0, 0.5, 0.9]}, "eval": {"relative": True}})

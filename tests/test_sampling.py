@@ -188,25 +188,34 @@ def test_baoab_with_automatic_settings_samples_the_exact_gaussian_posterior(temp
     assert_tempered_exact(res, temperature)
 
 
-@pytest.mark.parametrize("batch_size", [10, 50])
-def test_baoab_with_automatic_settings_bounds_the_step_by_the_minibatch_noise(batch_size):
+@pytest.mark.parametrize(
+    "batch_size, friction, temperature", [(10, 1.0, 1.0), (50, 1.0, 1.0), (10, 5.0, 0.5)]
+)
+def test_baoab_with_automatic_settings_bounds_the_step_by_the_minibatch_noise(
+    batch_size, friction, temperature, caplog
+):
     # 20 and 4 minibatches per epoch: h is the step at which the kick's gradient noise is a
     # quarter of the O step's injected noise, below the stability bound
     _, cov = exact()
-    res = sampling.run(
-        jax.random.key(1), PARAMS, lin_ll, lin_lp, (X, Y), transform=bn.baoab,
-        batch_size=batch_size, auto={"max_steps": 40_000},
-    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bayesnoise"):
+        res = sampling.run(
+            jax.random.key(1), PARAMS, lin_ll, lin_lp, (X, Y),
+            transform=functools.partial(bn.baoab, friction=friction), temperature=temperature,
+            batch_size=batch_size, auto={"max_steps": 40_000},
+        )  # fmt: skip
     s = res.settings
     assert (s["batch_size"], s["step_limit"]) == (batch_size, "noise")
-    # M B / T for a linear model: the Laplace variance times (N² / n)(1 − n / N) mean(x²)
+    # M B / T for a linear model: the Laplace variance at T = 1 times (N² / n)(1 − n / N) mean(x²)
     var = 1.0 / np.diag(np.linalg.inv(cov))
     r = np.max(var * N**2 / batch_size * (1 - batch_size / N) * np.mean(X.astype(float) ** 2, 0))
     np.testing.assert_allclose(s["gradient_noise_max"], r, rtol=1e-3)
-    c2 = np.exp(-2 * s["learning_rate"])  # γ = 1
-    np.testing.assert_allclose(c2 * s["learning_rate"] ** 2 * r / (1 - c2), 0.25, rtol=1e-4)
-    assert s["learning_rate"] < 0.5 / np.sqrt(s["curvature_max"])
-    assert_tempered_exact(res, 1.0)
+    h = s["learning_rate"]
+    np.testing.assert_allclose(h * h * r / -np.expm1(-2 * friction * h), 0.25, rtol=1e-4)
+    stable = 0.5 / np.sqrt(s["curvature_max"])
+    assert h < stable
+    held = [m for m in caplog.messages if "holds the step" in m]
+    assert len(held) == int(h < 0.5 * stable) and all(str(batch_size) in m for m in held)
+    assert_tempered_exact(res, temperature)
 
 
 def test_baoab_with_automatic_settings_keeps_a_given_preconditioner_and_friction():
@@ -220,6 +229,19 @@ def test_baoab_with_automatic_settings_keeps_a_given_preconditioner_and_friction
     assert s["preconditioner"] is given and s["friction"] == 2.0
     lam = sampling.max_curvature(jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y), given)
     np.testing.assert_allclose(s["learning_rate"], 0.25 / np.sqrt(lam), rtol=0.03)
+
+
+@pytest.mark.parametrize("batch_size", [None, 50])
+def test_baoab_with_automatic_settings_reads_preconditioner_none_as_not_given(batch_size):
+    transform = functools.partial(bn.baoab, preconditioner=None)
+    res = sampling.run(
+        jax.random.key(6), PARAMS, lin_ll, lin_lp, (X, Y), transform=transform,
+        batch_size=batch_size, num_chains=2, auto={"max_steps": 200},
+    )  # fmt: skip
+    laplace_var = 1.0 / np.diag(np.linalg.inv(exact()[1]))
+    np.testing.assert_allclose(
+        np.asarray(res.settings["preconditioner"]["w"]), laplace_var, rtol=1e-4
+    )
 
 
 def test_automatic_settings_reject_options_of_the_other_sampler():
@@ -349,24 +371,45 @@ def test_auto_settings_sample_the_exact_posterior(batch_size):
     se = np.sqrt(np.diag(cov) / np.min(res.ess))
     assert np.all(np.abs(got_mean - mean) < 5 * se + 0.02)
     # the Euler step d = η M / variance keeps a unit-curvature Gaussian's variance at
-    # 1 / (1 − d/2) of the exact one; the pooled ratio has a standard error of about 2%
+    # 1 / (1 − d/2) of the exact one; the pooled ratio has a standard error of about 2%, and
+    # the noise that does not cancel within an epoch heats it by about 3% at 20 batches per
+    # epoch (over 26 keys: mean 1.042, sd 0.016)
     d = s["learning_rate"] * np.asarray(s["preconditioner"]["w"]) / np.diag(cov)
     ratio = np.mean(got_var / np.diag(cov) * (1 - d / 2))
-    assert abs(ratio - 1) < 0.06, (ratio, got_var / np.diag(cov))
+    assert 0.93 < ratio < 1.10, (ratio, got_var / np.diag(cov))
 
 
-def test_auto_settings_subtract_the_minibatch_noise_where_every_step_draws_a_fresh_batch():
-    # N = 200 < 2n: one batch per epoch, so consecutive batches are independent draws
+@pytest.mark.parametrize("batch_size, subtracted", [(10, False), (50, False), (128, True)])
+def test_auto_settings_subtract_the_minibatch_noise_only_where_every_step_draws_a_fresh_batch(
+    batch_size, subtracted, monkeypatch
+):
+    # N = 200 < 2n at n = 128: one batch per epoch, so consecutive batches are independent draws
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["gnoise"])
+        return run_fixed(*args, **kwargs)
+
+    run_fixed = sampling._run_fixed
+    monkeypatch.setattr(sampling, "_run_fixed", spy)
     res = sampling.run(
-        jax.random.key(2), PARAMS, lin_ll, lin_lp, (X, Y), batch_size=128,
-        auto={"target_ess": 1600, "max_steps": 40_000},
+        jax.random.key(2), PARAMS, lin_ll, lin_lp, (X, Y), batch_size=batch_size,
+        auto={"max_steps": 2000},
     )  # fmt: skip
-    s = res.settings
-    assert s["gradient_noise_subtracted"] is True
-    d = s["learning_rate"] * np.asarray(s["preconditioner"]["w"]) / np.diag(exact()[1])
-    got_var = np.asarray(bn.moments.variance(res.moments)["w"])
-    ratio = np.mean(got_var / np.diag(exact()[1]) * (1 - d / 2))
-    assert abs(ratio - 1) < 0.06, ratio
+    assert res.settings["gradient_noise_subtracted"] is subtracted
+    auto = sampling.auto_settings(
+        jax.random.key(0), PARAMS, lin_ll, lin_lp, (X, Y), batch_size=batch_size
+    )
+    # B = (N² / n)(1 − n / N) mean(x²) per weight for a linear model; zeros where not subtracted
+    want = N**2 / batch_size * (1 - batch_size / N) * np.mean(X.astype(float) ** 2, 0)
+    np.testing.assert_allclose(np.asarray(auto.gradient_noise["w"]), want, rtol=1e-4)
+    assert seen and all(g is not None for g in seen)
+    for g in seen:
+        got = np.asarray(g["w"])
+        if subtracted:
+            np.testing.assert_allclose(got, want, rtol=1e-4)
+        else:
+            assert np.all(got == 0)
 
 
 def _dead_input_problem(seed):

@@ -466,7 +466,8 @@ class SGLDConfig(_Section):
     samples: int | None = Field(None, ge=1)  # per chain
     thin: int | None = Field(None, ge=1)
     chains: int = Field(4, ge=1)
-    batch_size: int | None = Field(64, ge=1)  # null: the whole training set
+    # null: the whole training set, the default with method baoab (64 otherwise)
+    batch_size: int | None = Field(64, ge=1)
     max_steps: int = Field(20_000, ge=100)
     friction: _Float | None = Field(None, gt=0)  # baoab's γ; null: 1
     # before every step, exact exchanges of hidden units accepted by the prior (an MLP's only;
@@ -474,6 +475,14 @@ class SGLDConfig(_Section):
     unit_swaps: bool = False
     rhat_threshold: _Float = Field(1.1, gt=0)  # the convergence criteria of the diagnostics
     ess_threshold: _Float = Field(100.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baoab_full_batch(cls, data: Any) -> Any:
+        # BAOAB's step assumes the full gradient unless a minibatch is asked for
+        if isinstance(data, dict) and data.get("method") == "baoab" and "batch_size" not in data:
+            return {**data, "batch_size": None}
+        return data
 
     @model_validator(mode="after")
     def _one_step_rule(self):
