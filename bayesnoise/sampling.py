@@ -75,6 +75,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bayesnoise import _check, _loop, _resume, _tree
+from bayesnoise import gsm as _gsm
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
 from bayesnoise.sgld import BAOABState as _BAOABState
@@ -323,7 +324,10 @@ class UnitSwaps:
     min(1, exp((log p(θ') − log p(θ)) / T)), which the prior alone decides. Each call proposes
     up to ``max_pairs`` disjoint random pairs per layer among that layer's ``candidates`` and
     decides each pair in turn: a Metropolis–Hastings move with a symmetric proposal, so the
-    chain's target is kept exactly. Build it with :func:`unit_swaps`.
+    chain's target is kept exactly. Build it with :func:`unit_swaps`. With the GSM prior passed
+    as ``jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)`` (as
+    :func:`bayesnoise.em.e_step` does) the prior ratio of a pair is read from the two exchanged
+    slices of each leaf alone; any other prior is evaluated whole at every proposed pair.
 
     The move jumps between configurations that gradient steps cross only slowly: on the digits
     network under EM's scales, units that trade roles (README, "Exchanging hidden units").
@@ -441,7 +445,8 @@ class UnitSwaps:
         layer)``. Unit i of a layer after the move is unit ``sources[layer][i]`` before it."""
         leaves, treedef, where, sizes = self._leaves(params)
         leaves = list(leaves)
-        lp = log_prior(params)
+        variances = _factorised_variances(log_prior, params)
+        lp = log_prior(params) if variances is None else jnp.zeros(())
         sources, accepted = [], []
         for li, (spots, n, cand) in enumerate(zip(where, sizes, self.candidates)):
             src = jnp.arange(n)
@@ -454,18 +459,24 @@ class UnitSwaps:
             order = jnp.asarray(cand)[jax.random.permutation(k_pairs, len(cand))[: 2 * m]]
             log_u = jnp.log(jax.random.uniform(k_accept, (m,)))
             mine = [i for i, _ in spots]
+            axes = [a for _, a in spots]
+            var = None if variances is None else [variances[i] for i in mine]
 
-            def pair(i, carry, spots=spots, order=order, log_u=log_u, mine=mine):
+            def pair(i, carry, order=order, log_u=log_u, mine=mine, axes=axes, var=var):
                 values, lp, src, count = carry
                 j, k = order[2 * i], order[2 * i + 1]
-                swapped = [_exchange(v, a, j, k) for v, (_, a) in zip(values, spots)]
-                trial = list(leaves)
-                for i_leaf, v in zip(mine, swapped):
-                    trial[i_leaf] = v
-                lp_new = log_prior(jax.tree.unflatten(treedef, trial))
+                if var is None:  # any prior: evaluate it at the exchanged params
+                    trial = list(leaves)
+                    for i_leaf, v, a in zip(mine, values, axes):
+                        trial[i_leaf] = _exchange(v, a, j, k, True)
+                    lp_new = log_prior(jax.tree.unflatten(treedef, trial))
+                else:  # a factorised Gaussian prior: only the exchanged slices change
+                    lp_new = lp + sum(
+                        _exchange_log_ratio(v, s2, a, j, k) for v, s2, a in zip(values, var, axes)
+                    )
                 ok = jnp.isfinite(lp_new) & (log_u[i] * temperature < lp_new - lp)
-                values = [jnp.where(ok, s, v) for s, v in zip(swapped, values)]
-                src = jnp.where(ok, _exchange(src, 0, j, k), src)
+                values = [_exchange(v, a, j, k, ok) for v, a in zip(values, axes)]
+                src = _exchange(src, 0, j, k, ok)
                 return values, jnp.where(ok, lp_new, lp), src, count + ok.astype(jnp.int32)
 
             # the leaves the pairs change travel through the loop; the others stay closed over
@@ -489,11 +500,47 @@ class UnitSwaps:
         return jax.tree.unflatten(treedef, leaves)
 
 
-def _exchange(x: jax.Array, axis: int, j: jax.Array, k: jax.Array) -> jax.Array:
-    """``x`` with its slices j and k along ``axis`` exchanged."""
-    x = jnp.moveaxis(x, axis, 0)
-    x = x.at[j].set(x[k]).at[k].set(x[j])
-    return jnp.moveaxis(x, 0, axis)
+def _slice(axis: int, i: Any) -> tuple:
+    return (slice(None),) * axis + (i,)
+
+
+def _exchange(x: jax.Array, axis: int, j: jax.Array, k: jax.Array, ok: Any) -> jax.Array:
+    """``x`` with its slices j and k along ``axis`` exchanged where ``ok`` (only those two
+    slices are written)."""
+    xj, xk = x[_slice(axis, j)], x[_slice(axis, k)]
+    return (
+        x.at[_slice(axis, j)]
+        .set(jnp.where(ok, xk, xj))
+        .at[_slice(axis, k)]
+        .set(jnp.where(ok, xj, xk))
+    )
+
+
+def _exchange_log_ratio(x, variance, axis, j, k) -> jax.Array:
+    """log N(x'; 0, variance) − log N(x; 0, variance) for x' = ``x`` with its slices j and k
+    along ``axis`` exchanged: only those slices enter (the normalisers cancel)."""
+    xj, xk = x[_slice(axis, j)], x[_slice(axis, k)]
+    vj, vk = variance[_slice(axis, j)], variance[_slice(axis, k)]
+    xj2, xk2 = jnp.square(xj), jnp.square(xk)
+    return -0.5 * jnp.sum(xk2 / vj + xj2 / vk - xj2 / vj - xk2 / vk)
+
+
+def _factorised_variances(log_prior: Any, params: PyTree) -> list | None:
+    """The prior variance of every leaf of ``params`` where ``log_prior`` is the GSM's
+    factorised Gaussian prior, ``jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)``
+    (as :func:`bayesnoise.em.e_step` builds it); None for any other prior."""
+    if not (
+        isinstance(log_prior, jax.tree_util.Partial)
+        and log_prior.func is _gsm.full_log_prior
+        and not log_prior.args
+        and set(log_prior.keywords) == {"hierarchy"}
+    ):
+        return None
+    variance = _gsm.prior_variance(params, log_prior.keywords["hierarchy"])
+    return [
+        jnp.broadcast_to(v, jnp.shape(x))
+        for v, x in zip(jax.tree.leaves(variance), jax.tree.leaves(params))
+    ]
 
 
 def unit_swaps(

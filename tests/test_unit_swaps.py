@@ -75,13 +75,15 @@ def test_a_swap_leaves_the_network_unchanged_and_permute_follows_it():
     )
 
 
-def test_the_move_keeps_a_prior_whose_units_differ():
+@pytest.mark.parametrize("partial", [functools.partial, jax.tree_util.Partial])
+def test_the_move_keeps_a_prior_whose_units_differ(partial):
     """Draws from a GSM prior whose hidden units have unequal outgoing scales stay draws from it
     after the move: each row keeps its prior variance. Accepting every swap would mix the rows'
-    variances, which this test would see."""
+    variances, which this test would see. (A ``jax.tree_util.Partial`` of the GSM prior takes
+    the move's factorised path, any other prior the general one.)"""
     params = _params()
     h = _hierarchy(params)
-    log_prior = functools.partial(bn.gsm.full_log_prior, hierarchy=h)
+    log_prior = partial(bn.gsm.full_log_prior, hierarchy=h)
     var = bn.gsm.prior_variance(params, h)
     move = sampling.unit_swaps(params, max_pairs=3)
     n = 10_000
@@ -109,6 +111,40 @@ def test_the_move_keeps_a_prior_whose_units_differ():
     np.testing.assert_allclose(got / want, 1.0, atol=0.03)
     # every swap accepted would give each row the average variance
     assert got[0] / want[0] < 1.1 and got[-1] / want[-1] > 0.9
+
+
+def test_the_factorised_path_decides_as_the_whole_prior_does():
+    # the GSM prior as a jax.tree_util.Partial: the move reads only the exchanged slices; as a
+    # plain function: it evaluates the whole prior at every proposed pair. Same key, same moves.
+    params = _params()
+    h = _hierarchy(params, (0.3, 0.5, 1.0, 1.2, 2.0, 0.8))
+    var = bn.gsm.prior_variance(params, h)
+    leaves, treedef = jax.tree.flatten(var)
+    keys = jax.random.split(jax.random.key(8), len(leaves))
+    move = sampling.unit_swaps(params, max_pairs=3)
+    fast = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    assert sampling._factorised_variances(fast, params) is not None
+
+    def whole(p):
+        return bn.gsm.full_log_prior(p, h)
+
+    assert sampling._factorised_variances(whole, params) is None
+    accepted = 0
+    for t in range(20):
+        draw = jax.tree.unflatten(
+            treedef,
+            [jnp.sqrt(v) * jax.random.normal(jax.random.fold_in(k, t), v.shape)
+             for k, v in zip(keys, leaves)],
+        )  # fmt: skip
+        a, src_a, acc_a = move(jax.random.key(t), draw, fast)
+        b, src_b, acc_b = move(jax.random.key(t), draw, whole)
+        assert acc_a.tolist() == acc_b.tolist()
+        for x, y in zip(src_a, src_b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        accepted += int(np.sum(acc_a))
+    assert 0 < accepted < 20 * 5  # some exchanges accepted, some refused
 
 
 @pytest.mark.parametrize("transform", [bn.sgld, bn.baoab])
