@@ -872,6 +872,13 @@ def _proper_precision(params: PyTree, log_prior: Callable, curvature: PyTree) ->
     return prec
 
 
+def _minibatch_noise(curvature: PyTree, num_data: int, batch_size: int) -> PyTree:
+    """B per weight, the variance of the minibatch estimate of ∇U over n of N examples drawn
+    without replacement: (N² / n)(1 − n / N) times the per-example diag GGN."""
+    factor = num_data**2 / batch_size * (1.0 - batch_size / num_data)
+    return jax.tree.map(lambda f: factor * f, curvature)
+
+
 def auto_settings(
     key: jax.Array,
     params: PyTree,
@@ -911,9 +918,9 @@ def auto_settings(
       noise. For minibatches drawn independently at every step, :func:`bayesnoise.sgld`
       subtracts this estimate (``gradient_noise=B``), as stochastic gradient Fisher scoring
       does. :func:`run` draws them as one permutation per epoch, over which the minibatch
-      noise sums to almost zero at fixed weights (exactly when n divides N): weights that relax over more steps than an epoch
-      hardly feel it, and subtracting B would cool them (0.78-0.80 of the exact variance of a
-      linear model at 20 batches per epoch). So :func:`run` subtracts B only when an epoch is
+      noise sums to almost zero at fixed weights (exactly when n divides N): weights that
+      relax over more steps than an epoch hardly feel it, and subtracting B would cool them
+      (0.78-0.80 of the exact variance of a linear model at 20 batches per epoch). So :func:`run` subtracts B only when an epoch is
       one batch (N < 2n; ``settings["gradient_noise_subtracted"]``), and otherwise relies on
       the bound ε alone.
 
@@ -1038,7 +1045,7 @@ def auto_settings(
     d = jax.tree.map(lambda dk, f: jnp.where(f > 0, dk * step_scale, dk), d, curvature)
     eta = float(max_step)
     precond = jax.tree.map(lambda mk, dk: mk * dk / eta, precond, d)
-    noise = jax.tree.map(lambda f: (num_data**2 / n) * frac * f, curvature)
+    noise = _minibatch_noise(curvature, num_data, n)
     slowest = min(float(jnp.min(dk)) for dk in jax.tree.leaves(d))
     tau = 1.0 / max(slowest, 1e-12)
     rho_max = max(float(jnp.max(r)) for r in jax.tree.leaves(rho))
@@ -1136,8 +1143,9 @@ _SAVE_CHUNK = 1000
 def _build_transform(transform, learning_rate, temperature, precond, gnoise):
     if precond is None:
         return transform(learning_rate, temperature=temperature)
-    if gnoise is None:  # bn.baoab's automatic settings: a preconditioner only
+    if _is_baoab(transform):  # bn.baoab's automatic settings: a preconditioner only
         return transform(learning_rate, temperature=temperature, preconditioner=precond)
+    # bn.sgld's: the gradient noise to subtract (None: none) and the drift clip
     return transform(
         learning_rate,
         temperature=temperature,
@@ -2057,14 +2065,13 @@ def _run_auto(chain_keys, params, one_params, data, *, options, **kw):
     # almost zero at fixed weights (exactly when n divides N; the last incomplete batch is
     # skipped), so weights that relax over more steps than an epoch hardly feel it, and
     # subtracting an estimate made for independent batches would cool them.
+    num_data = int(data[0].shape[0])
+
     def fresh_batches(settings):  # a minibatch drawn afresh at every step: N // n == 1
-        n = settings.batch_size
-        return n < int(data[0].shape[0]) and int(data[0].shape[0]) // n == 1
+        return settings.batch_size < num_data and num_data // settings.batch_size == 1
 
     def attempt(settings, state, per_chain, salt, **run):
-        noise = settings.gradient_noise
-        if not fresh_batches(settings):
-            noise = jax.tree.map(jnp.zeros_like, noise)
+        noise = settings.gradient_noise if fresh_batches(settings) else None
         return _run_fixed(
             jax.vmap(lambda k: jax.random.fold_in(k, salt))(chain_keys),
             state,
@@ -2278,10 +2285,10 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
         # largest M B / T bounds the step (_baoab_noise_step)
         noise = 0.0
         if minibatch:
-            factor = num_data**2 / batch_size * (1 - batch_size / num_data) / temperature
+            b = _minibatch_noise(curvature, num_data, batch_size)
             noise = max(
-                float(jnp.max(m * f)) * factor
-                for m, f in zip(jax.tree.leaves(precond), jax.tree.leaves(curvature))
+                float(jnp.max(m * bk)) / temperature
+                for m, bk in zip(jax.tree.leaves(precond), jax.tree.leaves(b))
             )
         return precond, lam, noise
 

@@ -284,8 +284,8 @@ def sgld(
     as in stochastic gradient Fisher scoring (Ahn et al., 2012): the injected variance is
     max(2 η_t T M − η_t² M² B, 0), so the total stays 2 η_t T M where B is right. This assumes
     a minibatch drawn afresh at every step; under one permutation per epoch the noise of an
-    epoch's batches sums to almost zero at fixed weights, and the subtraction cools the weights that
-    relax over more steps than an epoch.
+    epoch's batches sums to almost zero at fixed weights, and the subtraction cools the
+    weights that relax over more steps than an epoch.
 
     With ``max_drift`` K, each weight's drift η_t M g is clipped to ±K sqrt(2 η_t T M), K
     standard deviations of its injected noise (a tamed Euler step, Hutzenthaler, Jentzen &
