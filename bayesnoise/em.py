@@ -560,6 +560,7 @@ def e_step(
     *,
     extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
     unit_swaps: bool = False,
+    class_shifts: bool = False,
     **sampling_kwargs,
 ):
     """SGLD under the current scales: posterior moments of v with prior N(0, σ0² λ²).
@@ -582,6 +583,11 @@ def e_step(
     The moments then average each hidden weight over the units that take its place (see
     :class:`bayesnoise.sampling.UnitSwaps`).
 
+    With ``class_shifts=True`` (for a classifier whose last dense layer gives a softmax's
+    logits), every step is also preceded by an exact draw of each of that layer's rows (and its
+    bias) along the class axis, the directions the softmax ignores and only the prior holds
+    (:func:`bayesnoise.sampling.class_shifts`); the moments stay the posterior's.
+
     Returns:
         the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
         through ``bn.moments.second_moment``; ``converged``, ``rhat`` and ``ess`` say whether
@@ -589,28 +595,34 @@ def e_step(
 
     Raises:
         TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`,
-            ``extra_log_prior`` is not None or a callable, or ``unit_swaps`` is not a bool;
-        ValueError: ``unit_swaps=True`` with params that are not an MLP's, or with ``move=``
-            given too; and as
+            ``extra_log_prior`` is not None or a callable, or ``unit_swaps`` or
+            ``class_shifts`` is not a bool;
+        ValueError: ``unit_swaps=True`` with params that are not an MLP's, ``class_shifts=True``
+            with ``extra_log_prior`` or a log-likelihood that reads the last layer other than
+            through a softmax, either with ``move=`` given too; and as
             :func:`bayesnoise.sampling.run` (a ``key`` that is not a PRNG key, bad settings).
     """
     from bayesnoise import sampling
 
     _check_hierarchy(hierarchy)
     _check_callable("extra_log_prior", extra_log_prior, "a callable v -> scalar", optional=True)
-    if not isinstance(unit_swaps, bool):
-        raise TypeError(f"unit_swaps must be True or False, got {unit_swaps!r}.")
+    for name, flag in (("unit_swaps", unit_swaps), ("class_shifts", class_shifts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}.")
     log_prior = _log_prior(hierarchy, extra_log_prior)
-    if unit_swaps:
+    if unit_swaps or class_shifts:
         if sampling_kwargs.get("move") is not None:
             raise ValueError(
-                "give either move= or unit_swaps=True, not both: unit_swaps=True builds the move "
-                "bn.sampling.unit_swaps(params, hierarchy=hierarchy)."
+                "give either move= or unit_swaps=True / class_shifts=True, not both: they build "
+                "the move bn.sampling.unit_swaps(params, hierarchy=hierarchy) and "
+                "bn.sampling.class_shifts(params)."
             )
         one = params
         if sampling_kwargs.get("params_per_chain"):
             one = jax.tree.map(lambda x: x[0] if jnp.ndim(x) else x, params)
-        sampling_kwargs["move"] = sampling.unit_swaps(one, hierarchy=hierarchy)
+        moves = (sampling.unit_swaps(one, hierarchy=hierarchy),) if unit_swaps else ()
+        moves += (sampling.class_shifts(one),) if class_shifts else ()
+        sampling_kwargs["move"] = moves
     return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
 
 

@@ -88,6 +88,7 @@ __all__ = [
     "SamplerState",
     "StepInfo",
     "UnitSwaps",
+    "ClassShifts",
     "AutoSettings",
     "SamplingResult",
     "DivergenceError",
@@ -99,6 +100,7 @@ __all__ = [
     "make_mesh",
     "run",
     "unit_swaps",
+    "class_shifts",
 ]
 
 logger = logging.getLogger("bayesnoise")
@@ -117,7 +119,8 @@ class Kernel:
         num_data: N, the number of examples the minibatch log-likelihood is scaled to.
         transform: the optax transform that turns ∇U into the update (e.g. ``bn.sgld(η)``);
             it is given each step's key as the extra argument ``key=``.
-        move: None, or an exact move made before every step (a :class:`UnitSwaps`).
+        move: None, or a tuple of exact moves made in turn before every step
+            (:class:`UnitSwaps`, :class:`ClassShifts`).
         temperature: T of the tempered posterior exp(−U / T) the move keeps (that of the
             transform).
     """
@@ -167,7 +170,7 @@ def init(
     num_data: int,
     *,
     transform: optax.GradientTransformation,
-    move: UnitSwaps | None = None,
+    move: UnitSwaps | ClassShifts | tuple | None = None,
     temperature: float = 1.0,
 ) -> SamplerState:
     """A chain's state at ``params``.
@@ -178,8 +181,10 @@ def init(
         log_prior: ``log_prior(params)`` -> scalar log prior density.
         num_data: N, the size of the whole data set (the minibatch sum is scaled by N / n).
         transform: an optax transform, e.g. ``bn.sgld(1e-5)`` or ``bn.psgld(...)``.
-        move: None, or a :class:`UnitSwaps` (from :func:`unit_swaps`): an exact Metropolis move
-            that exchanges hidden units, made before every step.
+        move: None, a :class:`UnitSwaps` (from :func:`unit_swaps`): an exact Metropolis move
+            that exchanges hidden units, a :class:`ClassShifts` (from :func:`class_shifts`):
+            an exact draw along the directions a softmax ignores, or a tuple of them, made in
+            turn before every step.
         temperature: T >= 0, the transform's own temperature (the move accepts by
             exp(Δ log p / T)); only read with a move, which is exact only when the two agree.
 
@@ -188,11 +193,12 @@ def init(
 
     Raises:
         ValueError: ``num_data`` is not an int >= 1, ``transform`` is not an optax transform,
-            ``temperature`` is not finite and >= 0, or concrete ``params`` hold a NaN or
-            infinite entry.
+            ``temperature`` is not finite and >= 0, concrete ``params`` hold a NaN or
+            infinite entry, a move's leaves are not in ``params``, or a
+            :class:`ClassShifts` meets a prior other than the GSM's.
         TypeError: ``log_likelihood`` or ``log_prior`` is not callable, ``temperature`` is not
-            a real number (or, with a move, is traced), or ``move`` is not None or a
-            :class:`UnitSwaps`.
+            a real number (or, with a move, is traced), or ``move`` is not None, a move or a
+            tuple of moves.
     """
     num_data = _check_positive_int("num_data", num_data, 1, "the number of examples N")
     _check_callables(log_likelihood, log_prior)
@@ -206,6 +212,8 @@ def init(
         _check.number("temperature", temperature, lo=0.0)
     if move is not None:
         _check_move(move)
+        move = _move_list(move)
+        _check_moves_fit(move, params, log_prior)
         if not _check.concrete(temperature):
             raise TypeError(
                 "temperature must be a concrete number with a move (it is a static setting of "
@@ -573,27 +581,14 @@ def unit_swaps(
             do not chain.
         TypeError: ``hierarchy`` is not None or a :class:`bayesnoise.gsm.Hierarchy`.
     """
-    import re
-
     from bayesnoise import em, gsm
 
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    layers: dict[str, dict[str, tuple]] = {}
-    for path, leaf in flat:
-        name = _tree.path_str(path)
-        parent, _, last = name.rpartition("/")
-        if last in ("kernel", "bias"):
-            layers.setdefault(parent, {})[last] = (name, jnp.shape(leaf))
-
-    def order(parent):
-        m = re.search(r"^(.*?)_?(\d+)$", parent)
-        return (m.group(1), int(m.group(2))) if m else (parent, -1)
-
-    dense = [p for p in sorted(layers, key=order) if len(layers[p].get("kernel", ("", ()))[1]) == 2]
+    dense = _dense_layers(params)
     if len(dense) < 2:
         raise ValueError(
             f"unit_swaps needs an MLP's params: at least two dense layers (a 2-D 'kernel' leaf "
-            f"under numbered parents such as Dense_0, Dense_1); found the dense layers {dense}."
+            f"under numbered parents such as Dense_0, Dense_1); found the dense layers "
+            f"{[layer['kernel'][0] for layer in dense]}."
         )
     scales = None
     if hierarchy is not None:
@@ -613,16 +608,16 @@ def unit_swaps(
         }
     spec, candidates = [], []
     for a, b in zip(dense[:-1], dense[1:]):
-        k_in, shape_in = layers[a]["kernel"]
-        k_out, shape_out = layers[b]["kernel"]
+        k_in, shape_in = a["kernel"]
+        k_out, shape_out = b["kernel"]
         if shape_in[1] != shape_out[0]:
             raise ValueError(
                 f"unit_swaps: {k_in} has {shape_in[1]} outputs but {k_out} has {shape_out[0]} "
                 f"inputs; the dense layers do not form a chain."
             )
         layer = [(k_in, 1)]
-        if "bias" in layers[a]:
-            layer.append((layers[a]["bias"][0], 0))
+        if "bias" in a:
+            layer.append((a["bias"][0], 0))
         layer.append((k_out, 0))
         units = range(shape_in[1])
         if scales is not None and scales.get(k_out) is not None:
@@ -633,11 +628,231 @@ def unit_swaps(
     return UnitSwaps(tuple(spec), tuple(candidates), max_pairs)
 
 
+# ---------------------------------------------------------- an exact move: softmax class shifts
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassShifts:
+    """An exact Gibbs move along the directions a softmax ignores.
+
+    Adding the same number to every class's logit leaves a softmax unchanged. So adding c to
+    every entry of one row of the last layer's kernel (one input's weights into all K classes),
+    or to every entry of its bias, leaves a categorical likelihood unchanged for every c: along
+    such a line only the prior acts. Under a factorised Gaussian prior with variances v_k on
+    the line's K entries x_k, the tempered posterior along it, exp(log p(x + c) / T), is
+    Gaussian in c with precision P = Σ v_k⁻¹ and mean −Σ (x_k / v_k) / P. The move draws c from
+    it for every such line at once: a Gibbs step along a fixed direction, so the chain's target
+    is kept exactly, and the line's component, which a gradient step under a preconditioner
+    fitted to the data's curvature crosses only slowly (it is held by the prior alone), is
+    drawn afresh at every step. Unlike :class:`UnitSwaps` it leaves the weights' meaning
+    alone: the chains' moments stay the posterior's, the posterior mean included.
+
+    The move needs the GSM prior as ``jax.tree_util.Partial(bn.gsm.full_log_prior,
+    hierarchy=h)`` (as :func:`bayesnoise.em.e_step` passes it), and a likelihood that reads
+    the layer's outputs only through a softmax: :func:`run` checks that the log-likelihood
+    stays put under a shift of each leaf and raises otherwise. Build it with
+    :func:`class_shifts`.
+
+    Attributes:
+        leaves: ``((leaf path, class axis), ...)``: the leaves whose entries along the class
+            axis can shift together, e.g. ``(("params/Dense_2/kernel", 1),
+            ("params/Dense_2/bias", 0))``; every slice across that axis is its own line.
+    """
+
+    leaves: tuple[tuple[str, int], ...]
+
+    def __post_init__(self):
+        if (
+            not isinstance(self.leaves, tuple)
+            or not self.leaves
+            or not all(
+                isinstance(e, tuple)
+                and len(e) == 2
+                and isinstance(e[0], str)
+                and isinstance(e[1], int)
+                and not isinstance(e[1], bool)
+                for e in self.leaves
+            )
+        ):
+            raise ValueError(
+                f"leaves must be a non-empty tuple of (leaf path, class axis) pairs, such as "
+                f"(('params/Dense_2/kernel', 1), ('params/Dense_2/bias', 0)); got "
+                f"{self.leaves!r}."
+            )
+
+    def _spots(self, tree: PyTree):
+        """(leaves, treedef, [(leaf index, axis)])."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        index = {_tree.path_str(path): i for i, (path, _) in enumerate(flat)}
+        leaves = [x for _, x in flat]
+        spots = []
+        for path, axis in self.leaves:
+            if path not in index:
+                raise ValueError(
+                    f"ClassShifts: no leaf {path!r} in the params; their leaves are "
+                    f"{sorted(index)}."
+                )
+            shape = jnp.shape(leaves[index[path]])
+            if not -len(shape) <= axis < len(shape) or shape[axis] < 2:
+                raise ValueError(
+                    f"ClassShifts: axis {axis} of {path!r} (shape {shape}) must be an axis of "
+                    f"at least 2 classes; allowed: {-len(shape)} to {len(shape) - 1}."
+                )
+            spots.append((index[path], axis % len(shape)))
+        return leaves, treedef, spots
+
+    def shifted(self, params: PyTree, amount: float | jax.Array) -> PyTree:
+        """``params`` with ``amount`` added to every entry of the move's leaves (a direction the
+        likelihood must ignore)."""
+        leaves, treedef, spots = self._spots(params)
+        leaves = list(leaves)
+        for i, _ in spots:
+            leaves[i] = leaves[i] + amount
+        return jax.tree.unflatten(treedef, leaves)
+
+    def __call__(
+        self,
+        key: jax.Array,
+        params: PyTree,
+        log_prior: Callable[[PyTree], jax.Array],
+        temperature: float = 1.0,
+    ) -> tuple[PyTree, tuple, jax.Array]:
+        """One move: ``(new params, (), lines drawn)``; nothing is permuted."""
+        variances = _factorised_variances(log_prior, params)
+        if variances is None:
+            raise ValueError(
+                f"ClassShifts draws from the prior along each line and needs the GSM prior as "
+                f"jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h); got {log_prior!r}."
+            )
+        leaves, treedef, spots = self._spots(params)
+        leaves = list(leaves)
+        drawn = 0
+        for n, (i, axis) in enumerate(spots):
+            x, v = leaves[i], variances[i]
+            precision = jnp.sum(1.0 / v, axis=axis, keepdims=True)
+            mean = -jnp.sum(x / v, axis=axis, keepdims=True) / precision
+            z = jax.random.normal(jax.random.fold_in(key, n), mean.shape, x.dtype)
+            leaves[i] = x + (mean + jnp.sqrt(temperature / precision) * z).astype(x.dtype)
+            drawn += mean.size
+        return jax.tree.unflatten(treedef, leaves), (), jnp.asarray(drawn, jnp.int32)
+
+    def permute(self, tree: PyTree, sources: tuple) -> PyTree:
+        """``tree`` unchanged: a shift moves no unit (the likelihood's gradient is the same
+        along the whole line)."""
+        return tree
+
+
+def class_shifts(params: PyTree) -> ClassShifts:
+    """The :class:`ClassShifts` move for a classifier whose last dense layer (the highest
+    numbered parent with a 2-D ``kernel``, such as Flax's ``Dense_2`` or an NNX list's
+    ``layers/2``) gives the logits of a softmax: every row of its kernel and its bias shift
+    along the class axis.
+
+    Example:
+        >>> import jax.numpy as jnp, bayesnoise as bn
+        >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+        ...                      "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}}
+        >>> bn.sampling.class_shifts(params).leaves
+        (('params/Dense_1/kernel', 1), ('params/Dense_1/bias', 0))
+
+    Raises:
+        ValueError: the params hold no dense layer, or its output has fewer than 2 classes.
+    """
+    layers = _dense_layers(params)
+    if not layers:
+        raise ValueError(
+            "class_shifts needs a dense output layer: a 2-D 'kernel' leaf under a numbered "
+            "parent such as Dense_2; found none."
+        )
+    last = layers[-1]
+    leaves = [(last["kernel"][0], 1)]
+    if "bias" in last:
+        leaves.append((last["bias"][0], 0))
+    move = ClassShifts(tuple(leaves))
+    move._spots(params)
+    return move
+
+
+def _dense_layers(params: PyTree) -> list[dict[str, tuple]]:
+    """The dense layers of an MLP's params in order: per layer ``{"kernel": (path, shape),
+    "bias": (path, shape)}`` (bias where it has one), parents ordered by their trailing number."""
+    import re
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    layers: dict[str, dict[str, tuple]] = {}
+    for path, leaf in flat:
+        name = _tree.path_str(path)
+        parent, _, last = name.rpartition("/")
+        if last in ("kernel", "bias"):
+            layers.setdefault(parent, {})[last] = (name, jnp.shape(leaf))
+
+    def order(parent):
+        m = re.search(r"^(.*?)_?(\d+)$", parent)
+        return (m.group(1), int(m.group(2))) if m else (parent, -1)
+
+    return [
+        layers[p]
+        for p in sorted(layers, key=order)
+        if len(layers[p].get("kernel", ("", ()))[1]) == 2
+    ]
+
+
+_MOVES = (UnitSwaps, ClassShifts)
+
+
+def _move_list(move: Any) -> tuple:
+    """``move`` as a tuple of moves (None: none)."""
+    if move is None:
+        return ()
+    return tuple(move) if isinstance(move, (tuple, list)) else (move,)
+
+
 def _check_move(move: Any) -> None:
-    if not isinstance(move, UnitSwaps):
+    moves = _move_list(move)
+    if not moves or not all(isinstance(m, _MOVES) for m in moves):
         raise TypeError(
-            f"move must be None or a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), got "
+            f"move must be None, a bn.sampling.UnitSwaps (from bn.sampling.unit_swaps), a "
+            f"bn.sampling.ClassShifts (from bn.sampling.class_shifts) or a tuple of them, got "
             f"{move!r} of type {type(move).__name__}."
+        )
+
+
+def _check_moves_fit(moves: tuple, params: PyTree, log_prior: Any) -> None:
+    """Raises a ValueError where a move's leaves or axes are not in ``params``, or where a
+    :class:`ClassShifts` meets a prior other than the GSM's."""
+    for m in moves:
+        if isinstance(m, UnitSwaps):
+            m._leaves(params)
+        else:
+            m._spots(params)
+            if _factorised_variances(log_prior, params) is None:
+                raise ValueError(
+                    f"a ClassShifts move draws each line's shift from the prior and needs the "
+                    f"GSM prior as jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h) "
+                    f"(as bn.em.e_step passes it); got log_prior={log_prior!r}."
+                )
+
+
+# a shift of the logits' leaves may change a softmax log-likelihood by no more than this (per
+# example, relative to 1 + its size): float32 rounding, not a likelihood that reads the shift
+_SHIFT_TOLERANCE = 1e-3
+
+
+def _check_shift_invariance(move: ClassShifts, params, log_likelihood, data) -> None:
+    """Raises a ValueError where shifting ``move``'s leaves changes the log-likelihood of the
+    first (at most 64) examples: the likelihood does not read those leaves through a softmax."""
+    batch = tuple(jnp.asarray(a[:64]) for a in data)
+    before = np.asarray(log_likelihood(params, *batch), np.float64)
+    after = np.asarray(log_likelihood(move.shifted(params, 0.5), *batch), np.float64)
+    change = np.abs(after - before) / (1.0 + np.abs(before))
+    if not np.all(np.isfinite(change)) or np.max(change) > _SHIFT_TOLERANCE:
+        raise ValueError(
+            f"ClassShifts needs a log-likelihood that reads {[p for p, _ in move.leaves]} only "
+            f"through a softmax over their class axis, but adding 0.5 to them changed the "
+            f"log-likelihood of the first {len(before)} examples by up to "
+            f"{np.nanmax(np.abs(after - before)):.3g} (allowed: rounding, "
+            f"{_SHIFT_TOLERANCE:g} relative). Use it only with a categorical likelihood on "
+            f"the layer's logits."
         )
 
 
@@ -651,13 +866,14 @@ def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[PyTree, 
     """
     kernel = state.kernel
     grad_prior = jax.grad(kernel.log_prior)
-    params, sources, _ = kernel.move(
-        jax.random.fold_in(key, _MOVE_SALT), state.params, kernel.log_prior, kernel.temperature
-    )
     likelihood_part = jax.tree.map(jnp.add, grads, grad_prior(state.params))
-    new = jax.tree.map(
-        jnp.subtract, kernel.move.permute(likelihood_part, sources), grad_prior(params)
-    )
+    params, move_key = state.params, jax.random.fold_in(key, _MOVE_SALT)
+    for i, move in enumerate(_move_list(kernel.move)):
+        # the first move keeps the key it had alone
+        k = move_key if i == 0 else jax.random.fold_in(move_key, i)
+        params, sources, _ = move(k, params, kernel.log_prior, kernel.temperature)
+        likelihood_part = move.permute(likelihood_part, sources)
+    new = jax.tree.map(jnp.subtract, likelihood_part, grad_prior(params))
     inner = [
         x
         for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, _BAOABState))
@@ -1563,7 +1779,7 @@ def run(
     auto: dict | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
-    move: UnitSwaps | None = None,
+    move: UnitSwaps | ClassShifts | tuple | None = None,
 ) -> SamplingResult:
     """Runs SGLD chains and returns running posterior moments (no samples are stored).
 
@@ -1674,8 +1890,11 @@ def run(
         checkpoint_every: the least number of seconds between two saves of a run (>= 0; its
             last step is always saved). A save can come every ``progress_every`` steps, or
             without it every max(1,000, a hundredth of the run) steps.
-        move: None, or a :class:`UnitSwaps` (from :func:`unit_swaps`) made before every step of
-            every chain: exact exchanges of an MLP's hidden units, accepted by the prior.
+        move: None, a :class:`UnitSwaps` (from :func:`unit_swaps`): exact exchanges of an
+            MLP's hidden units, accepted by the prior; a :class:`ClassShifts` (from
+            :func:`class_shifts`): exact draws along the directions a softmax ignores (the
+            log-likelihood is checked to ignore them on the first 64 examples); or a tuple of
+            them, made in turn before every step of every chain.
 
     Returns:
         A :class:`SamplingResult`.
@@ -1752,7 +1971,8 @@ def run(
         raise ValueError("params has no array leaves to sample.")
     _check_start(params)
     if move is not None:
-        move._leaves(one_params)  # its leaves and axes exist in these params
+        move = _move_list(move)
+        _check_moves_fit(move, one_params, log_prior)
 
     # Shapes of the user's functions, checked once before compiling the whole run.
     n_check = batch_size or (min(num_data, 128) if is_auto else num_data)
@@ -1784,6 +2004,9 @@ def run(
                 f"have shape (M,) + {tuple(want)}; got shape {tuple(predict_inputs.shape)}."
             )
         jax.eval_shape(predict, one_params, predict_inputs)
+    for m in move or ():
+        if isinstance(m, ClassShifts):
+            _check_shift_invariance(m, one_params, log_likelihood, data)
 
     common = dict(
         log_likelihood=log_likelihood,
@@ -1857,7 +2080,8 @@ def run(
             options=dict(auto or {}),
             **common,
         )
-    return _finish(result, settings, rhat_threshold, ess_threshold, is_auto, move is not None)
+    swaps = any(isinstance(m, UnitSwaps) for m in move or ())
+    return _finish(result, settings, rhat_threshold, ess_threshold, is_auto, swaps)
 
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "n", "per_chain"))

@@ -240,7 +240,7 @@ def test_bad_moves_are_clear_errors():
             transform=bn.sgld(1e-3),
             move="swap",
         )
-    assert "move must be None or a bn.sampling.UnitSwaps" in str(err.value)
+    assert "move must be None, a bn.sampling.UnitSwaps" in str(err.value)
     assert "'swap'" in str(err.value)
     with pytest.raises(TypeError) as err:
         sampling.unit_swaps(params, hierarchy="h")

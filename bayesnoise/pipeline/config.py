@@ -451,6 +451,10 @@ class SGLDConfig(_Section):
     the MLP, accepted by the prior (:func:`bayesnoise.sampling.unit_swaps`); the chains' moments
     then average each hidden weight over the units exchanged into its place, so it needs
     ``prune.moments: laplace``, and the network at the posterior mean loses its meaning.
+    ``class_shifts: true`` (classification only) adds before every step an exact draw of each
+    output row's and the output bias's mean over the classes, which the softmax ignores and
+    only the prior holds (:func:`bayesnoise.sampling.class_shifts`); the moments stay the
+    posterior's.
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
@@ -473,6 +477,9 @@ class SGLDConfig(_Section):
     # before every step, exact exchanges of hidden units accepted by the prior (an MLP's only;
     # bn.sampling.unit_swaps)
     unit_swaps: bool = False
+    # before every step, an exact draw of the output layer's means over the classes, which the
+    # softmax ignores (classification only; bn.sampling.class_shifts)
+    class_shifts: bool = False
     rhat_threshold: _Float = Field(1.1, gt=0)  # the convergence criteria of the diagnostics
     ess_threshold: _Float = Field(100.0, gt=0)
 
@@ -531,7 +538,7 @@ class SGLDConfig(_Section):
 
     def run_settings(self) -> dict:
         """Keyword arguments of :func:`bayesnoise.em.e_step` for this section (those of
-        :func:`bayesnoise.sampling.run`, and ``unit_swaps``)."""
+        :func:`bayesnoise.sampling.run`, ``unit_swaps`` and ``class_shifts``)."""
         burnin, samples, thin = self._lengths()
         return {
             "learning_rate": self.learning_rate(),
@@ -545,6 +552,7 @@ class SGLDConfig(_Section):
             "ess_threshold": self.ess_threshold,
             "auto": {"max_steps": self.max_steps} if self.auto else None,
             **({"unit_swaps": True} if self.unit_swaps else {}),
+            **({"class_shifts": True} if self.class_shifts else {}),
         }
 
 
@@ -683,6 +691,9 @@ class Config(_Section):
             # exchanged units average each hidden weight's moments over the units in its place
             got = "true with prune.moments: sgld (the chains' moments mix exchanged units)"
             raise _bad("sgld.unit_swaps", got, "false, or true with prune.moments: laplace")
+        if self.sgld.class_shifts and self.task != "classification":
+            got = f"true, but the move needs a softmax's logits and {data}"
+            raise _bad("sgld.class_shifts", got, "false")
         return self
 
     @property
