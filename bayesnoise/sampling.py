@@ -321,6 +321,37 @@ def _accept(ok: jax.Array, proposed: SamplerState, state: SamplerState) -> Sampl
 _MOVE_SALT = 0x6D6F7665
 
 
+def _path_axis_pairs(x: Any) -> bool:
+    """Whether ``x`` is a non-empty tuple of (leaf path, axis) pairs: (str, int)."""
+    return (
+        isinstance(x, tuple)
+        and bool(x)
+        and all(
+            isinstance(e, tuple)
+            and len(e) == 2
+            and isinstance(e[0], str)
+            and isinstance(e[1], int)
+            and not isinstance(e[1], bool)
+            for e in x
+        )
+    )
+
+
+def _leaf_index(tree: PyTree) -> tuple[list, Any, dict[str, int]]:
+    """(leaves, treedef, {leaf path: index of the leaf})."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [x for _, x in flat], treedef, {_tree.path_str(p): i for i, (p, _) in enumerate(flat)}
+
+
+def _leaf_at(index: dict[str, int], path: str, who: str) -> int:
+    """The index of the leaf at ``path``; a ValueError naming the leaves there are if none."""
+    if path not in index:
+        raise ValueError(
+            f"{who}: no leaf {path!r} in the params; their leaves are {sorted(index)}."
+        )
+    return index[path]
+
+
 @dataclasses.dataclass(frozen=True)
 class UnitSwaps:
     """An exact Metropolis move that exchanges hidden units of a network.
@@ -367,18 +398,7 @@ class UnitSwaps:
                 f"hidden layer, got {self.layers!r}."
             )
         for layer in self.layers:
-            if (
-                not isinstance(layer, tuple)
-                or not layer
-                or not all(
-                    isinstance(e, tuple)
-                    and len(e) == 2
-                    and isinstance(e[0], str)
-                    and isinstance(e[1], int)
-                    and not isinstance(e[1], bool)
-                    for e in layer
-                )
-            ):
+            if not _path_axis_pairs(layer):
                 raise ValueError(
                     f"every layer must be a non-empty tuple of (leaf path, unit axis) pairs, "
                     f"such as (('params/Dense_0/kernel', 1), ('params/Dense_1/kernel', 0)); "
@@ -406,19 +426,12 @@ class UnitSwaps:
 
     def _leaves(self, tree: PyTree):
         """(leaves, treedef, per layer [(leaf index, axis)], per layer number of units)."""
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        index = {_tree.path_str(path): i for i, (path, _) in enumerate(flat)}
-        leaves = [x for _, x in flat]
+        leaves, treedef, index = _leaf_index(tree)
         where, sizes = [], []
         for layer, cand in zip(self.layers, self.candidates):
             spots = []
             for path, axis in layer:
-                if path not in index:
-                    raise ValueError(
-                        f"UnitSwaps: no leaf {path!r} in the params; their leaves are "
-                        f"{sorted(index)}."
-                    )
-                shape = jnp.shape(leaves[index[path]])
+                shape = jnp.shape(leaves[_leaf_at(index, path, "UnitSwaps")])
                 if not -len(shape) <= axis < len(shape):
                     raise ValueError(
                         f"UnitSwaps: axis {axis} of {path!r} is out of range for its shape {shape}; "
@@ -662,18 +675,7 @@ class ClassShifts:
     leaves: tuple[tuple[str, int], ...]
 
     def __post_init__(self):
-        if (
-            not isinstance(self.leaves, tuple)
-            or not self.leaves
-            or not all(
-                isinstance(e, tuple)
-                and len(e) == 2
-                and isinstance(e[0], str)
-                and isinstance(e[1], int)
-                and not isinstance(e[1], bool)
-                for e in self.leaves
-            )
-        ):
+        if not _path_axis_pairs(self.leaves):
             raise ValueError(
                 f"leaves must be a non-empty tuple of (leaf path, class axis) pairs, such as "
                 f"(('params/Dense_2/kernel', 1), ('params/Dense_2/bias', 0)); got "
@@ -682,17 +684,10 @@ class ClassShifts:
 
     def _spots(self, tree: PyTree):
         """(leaves, treedef, [(leaf index, axis)])."""
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        index = {_tree.path_str(path): i for i, (path, _) in enumerate(flat)}
-        leaves = [x for _, x in flat]
+        leaves, treedef, index = _leaf_index(tree)
         spots = []
         for path, axis in self.leaves:
-            if path not in index:
-                raise ValueError(
-                    f"ClassShifts: no leaf {path!r} in the params; their leaves are "
-                    f"{sorted(index)}."
-                )
-            shape = jnp.shape(leaves[index[path]])
+            shape = jnp.shape(leaves[_leaf_at(index, path, "ClassShifts")])
             if not -len(shape) <= axis < len(shape) or shape[axis] < 2:
                 raise ValueError(
                     f"ClassShifts: axis {axis} of {path!r} (shape {shape}) must be an axis of "
