@@ -561,6 +561,7 @@ def e_step(
     extra_log_prior: Callable[[PyTree], jax.Array] | None = None,
     unit_swaps: bool = False,
     class_shifts: bool = False,
+    centring: Any = False,
     **sampling_kwargs,
 ):
     """SGLD under the current scales: posterior moments of v with prior N(0, σ0² λ²).
@@ -588,6 +589,13 @@ def e_step(
     bias) along the class axis, the directions the softmax ignores and only the prior holds
     (:func:`bayesnoise.sampling.class_shifts`); the moments stay the posterior's.
 
+    With ``centring=True`` (for an MLP's params; ``"output"`` for its last layer only, or a
+    :class:`bayesnoise.sampling.Centring` of one's own) the chains sample every dense layer's bias
+    sheared against its unit's weights by the inputs' curvature-weighted mean
+    (:func:`bayesnoise.sampling.centring`, taken at the starting params), so that a diagonal
+    preconditioner no longer crosses the direction in which a bias and its weights compensate
+    each other. The moments are those of the weights as they are.
+
     Returns:
         the :class:`bayesnoise.sampling.SamplingResult`; its ``moments`` feed :func:`m_step`
         through ``bn.moments.second_moment``; ``converged``, ``rhat`` and ``ess`` say whether
@@ -595,11 +603,12 @@ def e_step(
 
     Raises:
         TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`,
-            ``extra_log_prior`` is not None or a callable, or ``unit_swaps`` or
-            ``class_shifts`` is not a bool;
+            ``extra_log_prior`` is not None or a callable, or ``unit_swaps``,
+            ``class_shifts`` or ``centring`` is not a bool;
         ValueError: ``unit_swaps=True`` with params that are not an MLP's, ``class_shifts=True``
             with ``extra_log_prior`` or a log-likelihood that reads the last layer other than
-            through a softmax, either with ``move=`` given too; and as
+            through a softmax, either with ``move=`` given too, ``centring=True`` for params
+            without a dense layer with a bias; and as
             :func:`bayesnoise.sampling.run` (a ``key`` that is not a PRNG key, bad settings).
     """
     from bayesnoise import sampling
@@ -609,6 +618,11 @@ def e_step(
     for name, flag in (("unit_swaps", unit_swaps), ("class_shifts", class_shifts)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    if not (isinstance(centring, (bool, sampling.Centring)) or centring == "output"):
+        raise TypeError(
+            f"centring must be True (every dense layer), 'output' (the last one), False or a "
+            f"bn.sampling.Centring, got {centring!r}."
+        )
     log_prior = _log_prior(hierarchy, extra_log_prior)
     if unit_swaps or class_shifts:
         if sampling_kwargs.get("move") is not None:
@@ -623,6 +637,16 @@ def e_step(
         moves = (sampling.unit_swaps(one, hierarchy=hierarchy),) if unit_swaps else ()
         moves += (sampling.class_shifts(one),) if class_shifts else ()
         sampling_kwargs["move"] = moves
+    if isinstance(centring, sampling.Centring):
+        sampling_kwargs["centring"] = centring
+    elif centring:
+        one = params
+        if sampling_kwargs.get("params_per_chain"):
+            one = jax.tree.map(lambda x: x[0] if jnp.ndim(x) else x, params)
+        layers = (-1,) if centring == "output" else None
+        sampling_kwargs["centring"] = sampling.centring(
+            one, log_likelihood, log_prior, data, layers=layers
+        )
     return sampling.run(key, params, log_likelihood, log_prior, data, **sampling_kwargs)
 
 

@@ -101,6 +101,8 @@ __all__ = [
     "run",
     "unit_swaps",
     "class_shifts",
+    "Centring",
+    "centring",
 ]
 
 logger = logging.getLogger("bayesnoise")
@@ -792,7 +794,247 @@ def _dense_layers(params: PyTree) -> list[dict[str, tuple]]:
     ]
 
 
-_MOVES = (UnitSwaps, ClassShifts)
+# ---------------------------------------------------- a reparametrisation: centred biases
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Centring:
+    """A shear of the parameters that decouples each dense layer's bias from its unit's weights.
+
+    The chains sample θ' instead of θ, where θ' equals θ except in the biases:
+    b'_k = b_k + Σ_d c_dk W_dk for every listed layer (kernel W of shape (inputs, units)),
+    so that θ = A θ' with A a shear of determinant 1: the target exp(log p(A θ') / T) is the
+    posterior in the new coordinates, with no Jacobian, and every state is mapped back before
+    it enters the moments, the traced weights and the predictive. Only the sampler's path
+    changes, not what it samples.
+
+    Why: a unit whose inputs a_d are mostly positive (a ReLU layer's, or pixels) sees its bias
+    and its weights through a_d W_dk + b_k, so the data pin down that sum and leave the bias
+    free to move against the weights along the inputs' mean. A diagonal preconditioner steps
+    along such a direction only slowly. With c_dk the inputs' mean weighted by the curvature
+    (what :func:`centring` computes), the new bias b' is that sum's value at the mean input,
+    which the data see directly, and the Laplace precision has no bias–weight term left
+    within a unit.
+
+    Build it with :func:`centring`; pass it to :func:`run` (``centring=``) or
+    :func:`bayesnoise.em.e_step` (``centring=True``).
+
+    Attributes:
+        leaves: ``((kernel path, bias path), ...)``, e.g.
+            ``(("params/Dense_2/kernel", "params/Dense_2/bias"),)``.
+        centres: one array per pair, shaped like its kernel: c_dk.
+    """
+
+    leaves: tuple[tuple[str, str], ...]
+    centres: tuple[jax.Array, ...]
+
+    def __post_init__(self):
+        if not (
+            isinstance(self.leaves, tuple)
+            and self.leaves
+            and all(
+                isinstance(e, tuple) and len(e) == 2 and all(isinstance(s, str) for s in e)
+                for e in self.leaves
+            )
+        ):
+            raise ValueError(
+                f"leaves must be a non-empty tuple of (kernel path, bias path) pairs, such as "
+                f"(('params/Dense_2/kernel', 'params/Dense_2/bias'),); got {self.leaves!r}."
+            )
+        if not isinstance(self.centres, tuple) or len(self.centres) != len(self.leaves):
+            raise ValueError(
+                f"centres must be a tuple of {len(self.leaves)} arrays, one per (kernel, bias) "
+                f"pair; got {type(self.centres).__name__} of length "
+                f"{len(self.centres) if hasattr(self.centres, '__len__') else '?'}."
+            )
+
+    def _check_fits(self, params: PyTree) -> None:
+        """Raises a ValueError where a pair's leaves are not in ``params`` or do not fit."""
+        leaves, _, index = _leaf_index(params)
+        for (kp, bp), c in zip(self.leaves, self.centres):
+            w = leaves[_leaf_at(index, kp, "Centring")]
+            b = leaves[_leaf_at(index, bp, "Centring")]
+            if (
+                jnp.ndim(w) != 2
+                or jnp.shape(b) != jnp.shape(w)[-1:]
+                or jnp.shape(c) != jnp.shape(w)
+            ):
+                raise ValueError(
+                    f"Centring: {kp!r} must be a kernel of shape (inputs, units) with a bias "
+                    f"{bp!r} of shape (units,) and centres of the kernel's shape; got kernel "
+                    f"{jnp.shape(w)}, bias {jnp.shape(b)}, centres {jnp.shape(c)}."
+                )
+            if not bool(jnp.all(jnp.isfinite(c))):
+                raise ValueError(f"Centring: the centres of {kp!r} must be finite.")
+
+    def _shear(self, tree: PyTree, sign: float) -> PyTree:
+        leaves, treedef, index = _leaf_index(tree)
+        leaves = list(leaves)
+        for (kp, bp), c in zip(self.leaves, self.centres):
+            w, i = leaves[index[kp]], index[bp]
+            # a leading chain axis, where there is one, broadcasts against c
+            shift = jnp.sum(jnp.asarray(c, w.dtype) * w, axis=-2)
+            leaves[i] = leaves[i] + (sign * shift).astype(leaves[i].dtype)
+        return jax.tree.unflatten(treedef, leaves)
+
+    def to_params(self, position: PyTree) -> PyTree:
+        """θ = A θ' (b = b' − Σ_d c_dk W_dk), also for leaves with a leading chain axis."""
+        return self._shear(position, -1.0)
+
+    def to_position(self, params: PyTree) -> PyTree:
+        """θ' = A⁻¹ θ (b' = b + Σ_d c_dk W_dk)."""
+        return self._shear(params, 1.0)
+
+    def pull_precision(self, precision: PyTree) -> PyTree:
+        """The diagonal of Aᵀ D A, for D = diag(``precision``) in θ's coordinates: what a
+        factorised prior's precision becomes in θ' (W_dk: D_W + c_dk² D_b; b': D_b)."""
+        leaves, treedef, index = _leaf_index(precision)
+        leaves = list(leaves)
+        for (kp, bp), c in zip(self.leaves, self.centres):
+            i = index[kp]
+            leaves[i] = leaves[i] + jnp.square(c) * leaves[index[bp]][..., None, :]
+        return jax.tree.unflatten(treedef, leaves)
+
+
+jax.tree_util.register_dataclass(Centring, data_fields=["centres"], meta_fields=["leaves"])
+
+
+def _centred_log_prior(centring: Centring, log_prior: Callable, position: PyTree) -> jax.Array:
+    """log p(A θ'): the prior in the sheared coordinates (det A = 1)."""
+    return log_prior(centring.to_params(position))
+
+
+def _centred_parts(log_prior: Any) -> tuple[Centring, Any] | None:
+    """(centring, the prior in θ) where ``log_prior`` is :func:`_centred_log_prior`'s Partial."""
+    if isinstance(log_prior, jax.tree_util.Partial) and log_prior.func is _centred_log_prior:
+        return log_prior.args[0], log_prior.args[1]
+    return None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CentredLikelihood:
+    """``log_likelihood(A θ', *batch)``: the likelihood in a :class:`Centring`'s θ'."""
+
+    log_likelihood: Callable[..., jax.Array]
+    centring: Centring
+
+    def __call__(self, position: PyTree, *batch) -> jax.Array:
+        return self.log_likelihood(self.centring.to_params(position), *batch)
+
+
+def _transpose(linear: Callable[[PyTree], PyTree], tree: PyTree) -> PyTree:
+    """Lᵀ v for a linear map L of pytrees (a vector-Jacobian product at 0)."""
+    return jax.vjp(linear, jax.tree.map(jnp.zeros_like, tree))[1](tree)[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Sheared:
+    """A move of θ made on a chain that samples θ' = A⁻¹ θ: θ' -> θ, the move, θ -> θ'. A
+    linear bijection with a constant Jacobian keeps an exact move exact."""
+
+    move: Any
+    centring: Centring
+
+    def __call__(self, key, position, log_prior, temperature=1.0):
+        parts = _centred_parts(log_prior)
+        inner = parts[1] if parts is not None else log_prior
+        params, sources, count = self.move(
+            key, self.centring.to_params(position), inner, temperature
+        )
+        return self.centring.to_position(params), sources, count
+
+    def permute(self, tree: PyTree, sources: tuple) -> PyTree:
+        """The likelihood's gradient in θ' (Aᵀ g) after the move: A⁻ᵀ, the move's own
+        permutation of g, then Aᵀ."""
+        g = _transpose(self.centring.to_position, tree)
+        return _transpose(self.centring.to_params, self.move.permute(g, sources))
+
+
+def centring(
+    params: PyTree,
+    log_likelihood: Callable[..., jax.Array],
+    log_prior: Callable[[PyTree], jax.Array],
+    data: Sequence[Any],
+    *,
+    layers: Sequence[int] | None = None,
+    key: jax.Array | None = None,
+) -> Centring:
+    """The :class:`Centring` of every dense layer of an MLP's ``params`` (each numbered parent
+    with a 2-D ``kernel`` and a ``bias``), its centres from the Laplace precision at ``params``.
+
+    For unit k of a layer, c_dk = N G[W_dk, b_k] / (N G[b_k, b_k] + p_b), with G the
+    per-example Gauss–Newton matrix (:func:`bayesnoise.laplace.diag_ggn`'s) and p_b the bias's
+    prior precision. For a softmax output layer this is the mean of input d weighted by each
+    example's p_k (1 − p_k). Under this shear the Laplace precision has no term between a bias
+    and its unit's weights. The cross terms come from two diagonal GGNs with the same key:
+    the second in coordinates where W_dk moves b_k with it, whose diagonal is
+    G[W, W] + 2 G[W, b] + G[b, b].
+
+    Args:
+        params: the point (e.g. the mode) where the curvature is taken.
+        log_likelihood, data: as in :func:`run`.
+        log_prior: the prior in θ, independent across weights (for the GSM,
+            ``jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)``).
+        layers: which of those dense layers, by their place (0 the first, -1 the last);
+            None for all of them.
+        key: for the GGN's probe on large problems (:func:`bayesnoise.laplace.diag_ggn`).
+
+    Raises:
+        ValueError: the params hold no dense layer with a bias, ``layers`` names one they do
+            not have, or the curvature is not finite.
+    """
+    from bayesnoise import laplace
+
+    pairs = tuple(
+        (layer["kernel"][0], layer["bias"][0])
+        for layer in _dense_layers(params)
+        if "bias" in layer and layer["bias"][1] == layer["kernel"][1][-1:]
+    )
+    if not pairs:
+        raise ValueError(
+            "centring needs dense layers with a bias: 2-D 'kernel' leaves with a 'bias' under "
+            "numbered parents such as Dense_0; found none."
+        )
+    if layers is not None:
+        n = len(pairs)
+        if (
+            isinstance(layers, (str, bytes))
+            or not isinstance(layers, Sequence)
+            or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            or not all(-n <= i < n for i in layers)
+        ):
+            raise ValueError(
+                f"layers must be None or a non-empty sequence of places among the {n} dense "
+                f"layers with a bias ({[kp for kp, _ in pairs]}): ints from {-n} to {n - 1}; "
+                f"got {layers!r}."
+            )
+        pairs = tuple(pairs[i] for i in sorted({i % n for i in layers}))
+    leaves, _, index = _leaf_index(params)
+    kernels = [leaves[index[kp]] for kp, _ in pairs]
+    moving = Centring(pairs, tuple(-jnp.ones_like(w) for w in kernels))  # b = b'' + Σ_d W_dk
+    if key is None:
+        key = jax.random.key(0)
+    g = laplace.diag_ggn(params, log_likelihood, data, key=key)
+    g2 = laplace.diag_ggn(
+        moving.to_position(params),
+        lambda p, *batch: log_likelihood(moving.to_params(p), *batch),
+        data,
+        key=key,
+    )
+    prec = prior_precision(params, log_prior)
+    num_data = _tree.data_tuple(data)[1]
+    gl, g2l, pl = (_leaf_index(t)[0] for t in (g, g2, prec))
+    centres = []
+    for kp, bp in pairs:
+        i, j = index[kp], index[bp]
+        cross = 0.5 * (g2l[i] - gl[i] - gl[j][None, :])
+        c = num_data * cross / (num_data * gl[j][None, :] + pl[j][None, :])
+        centres.append(c.astype(leaves[i].dtype))
+    return Centring(pairs, tuple(centres))
+
+
+_MOVES = (UnitSwaps, ClassShifts, _Sheared)
 
 
 def _move_list(move: Any) -> tuple:
@@ -816,6 +1058,8 @@ def _check_moves_fit(moves: tuple, params: PyTree, log_prior: Any) -> None:
     """Raises a ValueError where a move's leaves or axes are not in ``params``, or where a
     :class:`ClassShifts` meets a prior other than the GSM's."""
     for m in moves:
+        if isinstance(m, _Sheared):  # checked in θ's coordinates before it was wrapped
+            continue
         if isinstance(m, UnitSwaps):
             m._leaves(params)
         else:
@@ -908,6 +1152,10 @@ def prior_precision(params: PyTree, log_prior: Callable[[PyTree], jax.Array]) ->
         raise TypeError(
             f"log_prior must be a callable log_prior(params) -> scalar, got {log_prior!r}."
         )
+    parts = _centred_parts(log_prior)
+    if parts is not None:  # the prior of a Centring's θ': the diagonal of Aᵀ D A
+        shear, inner = parts
+        return shear.pull_precision(prior_precision(shear.to_params(params), inner))
     ones = jax.tree.map(jnp.ones_like, params)
     _, hv = jax.jvp(jax.grad(log_prior), (params,), (ones,))
     return jax.tree.map(jnp.negative, hv)
@@ -1420,6 +1668,7 @@ class _Static:
     mesh: Any
     predict: Any
     move: Any = None
+    view: Any = None  # a Centring's to_params: the kept states in θ's coordinates
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -1584,6 +1833,8 @@ def _sample(
         s = (t - num_burnin) // thin
 
         def one(m, p, lp, ok, buf_lp, buf_tr, pred, pred_tr):
+            if static.view is not None:
+                p = static.view(p)
             m_new = _moments.update(m, p)
             m = jax.tree.map(lambda a, b: jnp.where(ok, a, b), m_new, m)
             buf_lp = buf_lp.at[s].set(jnp.where(ok, lp, jnp.nan).astype(jnp.float32))
@@ -1775,6 +2026,7 @@ def run(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
     move: UnitSwaps | ClassShifts | tuple | None = None,
+    centring: Centring | None = None,
 ) -> SamplingResult:
     """Runs SGLD chains and returns running posterior moments (no samples are stored).
 
@@ -1890,6 +2142,10 @@ def run(
             :func:`class_shifts`): exact draws along the directions a softmax ignores (the
             log-likelihood is checked to ignore them on the first 64 examples); or a tuple of
             them, made in turn before every step of every chain.
+        centring: None, or a :class:`Centring` (from :func:`centring`): the chains sample
+            its sheared coordinates θ' (automatic settings, preconditioner and step included),
+            while the moments, traced weights, predictive and ``result.params`` are in θ's
+            (``result.opt_state`` stays in θ'). Moves act on θ.
 
     Returns:
         A :class:`SamplingResult`.
@@ -2002,6 +2258,20 @@ def run(
     for m in move or ():
         if isinstance(m, ClassShifts):
             _check_shift_invariance(m, one_params, log_likelihood, data)
+    swaps = any(isinstance(m, UnitSwaps) for m in move or ())
+    if centring is not None:
+        if not isinstance(centring, Centring):
+            raise TypeError(
+                f"centring must be None or a bn.sampling.Centring (from bn.sampling.centring), "
+                f"got {centring!r} of type {type(centring).__name__}."
+            )
+        centring._check_fits(one_params)
+        # the chains move in θ' = A⁻¹ θ; the functions they call read θ = A θ'
+        params, one_params = centring.to_position(params), centring.to_position(one_params)
+        log_likelihood = _CentredLikelihood(log_likelihood, centring)
+        log_prior = jax.tree_util.Partial(_centred_log_prior, centring, log_prior)
+        if move is not None:
+            move = tuple(_Sheared(m, centring) for m in move)
 
     common = dict(
         log_likelihood=log_likelihood,
@@ -2019,63 +2289,71 @@ def run(
         else (os.fspath(checkpoint), _resume.digest(data, predict_inputs)),
         checkpoint_every=float(checkpoint_every),
         move=move,
+        view=None if centring is None else centring.to_params,
     )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
-    if not is_auto:
-        floor, _ = _runaway_floor(
-            params,
-            params_per_chain,
-            log_likelihood,
-            log_prior,
-            data,
-            batch_size or num_data,
-            temperature,
-        )
-        result = _run_fixed(
-            chain_keys,
-            params,
-            data,
-            floor=floor,
-            learning_rate=learning_rate,
-            batch_size=batch_size or num_data,
-            num_burnin=0 if num_burnin is None else num_burnin,
-            num_samples=1000 if num_samples is None else num_samples,
-            thin=1 if thin is None else thin,
-            params_per_chain=bool(params_per_chain),
-            trace_spec=trace_spec,
-            trace_names=trace_names,
-            precond=None,
-            gnoise=None,
-            **common,
-        )
-        settings = {"learning_rate": "schedule" if callable(learning_rate) else learning_rate}
-    else:
-        if _is_baoab(transform):
-            driver = _run_baoab_auto
-        elif transform is not _sgld:
-            raise ValueError(
-                f"automatic settings drive bn.sgld or bn.baoab with a preconditioner; pass "
-                f"learning_rate= explicitly for the transform "
-                f"{getattr(transform, '__name__', transform)!r}."
+    try:
+        if not is_auto:
+            floor, _ = _runaway_floor(
+                params,
+                params_per_chain,
+                log_likelihood,
+                log_prior,
+                data,
+                batch_size or num_data,
+                temperature,
             )
+            result = _run_fixed(
+                chain_keys,
+                params,
+                data,
+                floor=floor,
+                learning_rate=learning_rate,
+                batch_size=batch_size or num_data,
+                num_burnin=0 if num_burnin is None else num_burnin,
+                num_samples=1000 if num_samples is None else num_samples,
+                thin=1 if thin is None else thin,
+                params_per_chain=bool(params_per_chain),
+                trace_spec=trace_spec,
+                trace_names=trace_names,
+                precond=None,
+                gnoise=None,
+                **common,
+            )
+            settings = {"learning_rate": "schedule" if callable(learning_rate) else learning_rate}
         else:
-            driver = _run_auto
-        result, settings = driver(
-            chain_keys,
-            params,
-            one_params,
-            data,
-            batch_size=batch_size,
-            num_burnin=num_burnin,
-            num_samples=num_samples,
-            thin=thin,
-            params_per_chain=bool(params_per_chain),
-            trace_spec=trace_spec,
-            trace_names=trace_names,
-            options=dict(auto or {}),
-            **common,
-        )
-    swaps = any(isinstance(m, UnitSwaps) for m in move or ())
+            if _is_baoab(transform):
+                driver = _run_baoab_auto
+            elif transform is not _sgld:
+                raise ValueError(
+                    f"automatic settings drive bn.sgld or bn.baoab with a preconditioner; pass "
+                    f"learning_rate= explicitly for the transform "
+                    f"{getattr(transform, '__name__', transform)!r}."
+                )
+            else:
+                driver = _run_auto
+            result, settings = driver(
+                chain_keys,
+                params,
+                one_params,
+                data,
+                batch_size=batch_size,
+                num_burnin=num_burnin,
+                num_samples=num_samples,
+                thin=thin,
+                params_per_chain=bool(params_per_chain),
+                trace_spec=trace_spec,
+                trace_names=trace_names,
+                options=dict(auto or {}),
+                **common,
+            )
+    except DivergenceError as err:  # the chains' last states in θ's coordinates
+        if centring is not None and err.result is not None:
+            err.result = err.result._replace(params=centring.to_params(err.result.params))
+        raise
+    if centring is not None:
+        result = result._replace(params=centring.to_params(result.params))
+        settings = dict(settings, centring=[kp for kp, _ in centring.leaves])
     return _finish(result, settings, rhat_threshold, ess_threshold, is_auto, swaps)
 
 

@@ -454,7 +454,11 @@ class SGLDConfig(_Section):
     ``class_shifts: true`` (classification only) adds before every step an exact draw of each
     output row's and the output bias's mean over the classes, which the softmax ignores and
     only the prior holds (:func:`bayesnoise.sampling.class_shifts`); the moments stay the
-    posterior's.
+    posterior's. ``centring: true`` samples every dense layer's bias sheared against its unit's
+    weights by the inputs' curvature-weighted mean (:func:`bayesnoise.sampling.centring`;
+    ``output``: the last layer's only), so that the diagonal preconditioner no longer crosses
+    the direction in which a bias and its weights compensate each other; the moments stay
+    those of the weights as they are.
     """
 
     # psgld: RMSprop-preconditioned, a numeric step; baoab: kinetic Langevin (bn.baoab), with
@@ -480,6 +484,12 @@ class SGLDConfig(_Section):
     # before every step, an exact draw of the output layer's means over the classes, which the
     # softmax ignores (classification only; bn.sampling.class_shifts)
     class_shifts: bool = False
+    # sample each dense layer's bias sheared against its unit's weights (bn.sampling.centring);
+    # output: the last layer's only
+    centring: Annotated[
+        bool | Literal["output"],
+        pydantic.PlainValidator(lambda v: v if isinstance(v, bool) or v == "output" else _fail()),
+    ] = Field(False, description="true, false or output")
     rhat_threshold: _Float = Field(1.1, gt=0)  # the convergence criteria of the diagnostics
     ess_threshold: _Float = Field(100.0, gt=0)
 
@@ -538,7 +548,7 @@ class SGLDConfig(_Section):
 
     def run_settings(self) -> dict:
         """Keyword arguments of :func:`bayesnoise.em.e_step` for this section (those of
-        :func:`bayesnoise.sampling.run`, ``unit_swaps`` and ``class_shifts``)."""
+        :func:`bayesnoise.sampling.run`, ``unit_swaps``, ``class_shifts`` and ``centring``)."""
         burnin, samples, thin = self._lengths()
         return {
             "learning_rate": self.learning_rate(),
@@ -553,6 +563,7 @@ class SGLDConfig(_Section):
             "auto": {"max_steps": self.max_steps} if self.auto else None,
             **({"unit_swaps": True} if self.unit_swaps else {}),
             **({"class_shifts": True} if self.class_shifts else {}),
+            **({"centring": self.centring} if self.centring else {}),
         }
 
 
