@@ -603,8 +603,9 @@ def e_step(
 
     Raises:
         TypeError: ``hierarchy`` is not a :class:`bayesnoise.gsm.Hierarchy`,
-            ``extra_log_prior`` is not None or a callable, or ``unit_swaps``,
-            ``class_shifts`` or ``centring`` is not a bool;
+            ``extra_log_prior`` is not None or a callable, ``unit_swaps`` or
+            ``class_shifts`` is not a bool, or ``centring`` is not True, False, ``"output"``
+            or a :class:`bayesnoise.sampling.Centring`;
         ValueError: ``unit_swaps=True`` with params that are not an MLP's, ``class_shifts=True``
             with ``extra_log_prior`` or a log-likelihood that reads the last layer other than
             through a softmax, either with ``move=`` given too, ``centring=True`` for params
@@ -624,6 +625,9 @@ def e_step(
             f"bn.sampling.Centring, got {centring!r}."
         )
     log_prior = _log_prior(hierarchy, extra_log_prior)
+    one = params  # one chain's params, where the moves and the shear are built
+    if sampling_kwargs.get("params_per_chain"):
+        one = jax.tree.map(lambda x: x[0] if jnp.ndim(x) else x, params)
     if unit_swaps or class_shifts:
         if sampling_kwargs.get("move") is not None:
             raise ValueError(
@@ -631,18 +635,12 @@ def e_step(
                 "the move bn.sampling.unit_swaps(params, hierarchy=hierarchy) and "
                 "bn.sampling.class_shifts(params)."
             )
-        one = params
-        if sampling_kwargs.get("params_per_chain"):
-            one = jax.tree.map(lambda x: x[0] if jnp.ndim(x) else x, params)
         moves = (sampling.unit_swaps(one, hierarchy=hierarchy),) if unit_swaps else ()
         moves += (sampling.class_shifts(one),) if class_shifts else ()
         sampling_kwargs["move"] = moves
     if isinstance(centring, sampling.Centring):
         sampling_kwargs["centring"] = centring
     elif centring:
-        one = params
-        if sampling_kwargs.get("params_per_chain"):
-            one = jax.tree.map(lambda x: x[0] if jnp.ndim(x) else x, params)
         layers = (-1,) if centring == "output" else None
         sampling_kwargs["centring"] = sampling.centring(
             one, log_likelihood, log_prior, data, layers=layers

@@ -817,7 +817,9 @@ class Centring:
     within a unit.
 
     Build it with :func:`centring`; pass it to :func:`run` (``centring=``) or
-    :func:`bayesnoise.em.e_step` (``centring=True``).
+    :func:`bayesnoise.em.e_step` (``centring=True``). In a loop of one's own, start
+    :func:`init` at ``to_position(params)`` with the log-likelihood and log prior composed
+    with ``to_params``, and map every state back with ``to_params``.
 
     Attributes:
         leaves: ``((kernel path, bias path), ...)``, e.g.
