@@ -331,6 +331,7 @@ def test_the_sampling_stage_runs_kinetic_langevin_with_method_baoab():
     assert "preconditioner" not in d
 
 
+@pytest.mark.slow  # a sampling stage (9 s): `make test-slow`
 def test_the_sampling_stage_takes_its_friction_from_the_config():
     from small_run import CONFIG, SMALL
 

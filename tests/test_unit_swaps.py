@@ -304,6 +304,7 @@ def test_the_move_follows_bn_baoab_inside_a_chain_of_transforms():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow  # a sampling run (9 s): `make test-slow`
 def test_a_warning_when_the_weights_converge_with_exchanges_and_the_predictions_do_not(caplog):
     params = _params()
     result = sampling.run(
