@@ -234,3 +234,32 @@ def data_tuple(data: Any) -> tuple[tuple[Any, ...], int]:
     if sizes[0] == 0:
         raise ValueError(f"data must hold at least one example; got shapes {shapes}.")
     return arrays, int(sizes[0])
+
+
+def split_fn(fn: Any, partial: bool = True) -> tuple[Any, list]:
+    """(static part, data part) of a function that enters compiled code.
+
+    A ``jax.tree_util.Partial`` (where ``partial``), or an object whose class sets
+    ``arrays_are_data`` (a pytree whose leaves are all arrays), or a tuple of such objects,
+    splits into its structure and its leaves: the leaves then cross the ``jit`` boundary as
+    data, so one compilation serves every value of them (EM's changing prior scales, a shear's
+    centres). Any other callable is static whole and returned with no leaves."""
+    if (
+        (partial and isinstance(fn, jax.tree_util.Partial))
+        or getattr(type(fn), "arrays_are_data", False)
+        or (
+            isinstance(fn, tuple)
+            and fn
+            and all(getattr(type(f), "arrays_are_data", False) for f in fn)
+        )
+    ):
+        leaves, treedef = jax.tree.flatten(fn)
+        return treedef, leaves
+    return fn, []
+
+
+def join_fn(static: Any, leaves: list) -> Any:
+    """The function :func:`split_fn` split."""
+    if isinstance(static, jax.tree_util.PyTreeDef):
+        return jax.tree.unflatten(static, leaves)
+    return static

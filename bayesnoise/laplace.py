@@ -393,8 +393,13 @@ def _chunked(arrays: tuple, chunk_size: int) -> tuple[tuple, jax.Array]:
 @functools.partial(
     jax.jit, static_argnames=("log_likelihood", "kind", "method", "chunk_size", "num_classes")
 )
-def _curvature_sum(params, data, key, *, log_likelihood, kind, method, chunk_size, num_classes):
-    """Σ_i over all examples of the per-example diagonal, and a diagnostic sum (see callers)."""
+def _curvature_sum(
+    params, data, key, ll_args, *, log_likelihood, kind, method, chunk_size, num_classes
+):
+    """Σ_i over all examples of the per-example diagonal, and a diagnostic sum (see callers).
+    ``log_likelihood`` is static, or the structure of one whose arrays are ``ll_args``
+    (:func:`bayesnoise._tree.split_fn`)."""
+    log_likelihood = _tree.join_fn(log_likelihood, ll_args)
     chunks, mask = _chunked(data, chunk_size)
     keys = None if key is None else jax.random.split(key, mask.shape[0])
     if kind == "categorical":
@@ -458,11 +463,13 @@ def _curvature(params, log_likelihood, data, kind, key, num_classes, chunk_size,
         else:
             chunk_size = min(_PROBE_CHUNK, -(-n // _PROBE_CHUNKS))
     chunk_size = int(max(1, min(chunk_size, n)))
+    ll_static, ll_args = _tree.split_fn(log_likelihood, partial=False)
     total, diagnostic = _curvature_sum(
         params,
         arrays,
         key if method == "probe" else None,
-        log_likelihood=log_likelihood,
+        ll_args,
+        log_likelihood=ll_static,
         kind=kind,
         method=method,
         chunk_size=chunk_size,

@@ -829,6 +829,7 @@ class Centring:
 
     leaves: tuple[tuple[str, str], ...]
     centres: tuple[jax.Array, ...]
+    arrays_are_data = True  # compiled code takes the centres as data (_tree.split_fn)
 
     def __post_init__(self):
         if not (
@@ -919,9 +920,15 @@ class _CentredLikelihood:
 
     log_likelihood: Callable[..., jax.Array]
     centring: Centring
+    arrays_are_data = True
 
     def __call__(self, position: PyTree, *batch) -> jax.Array:
         return self.log_likelihood(self.centring.to_params(position), *batch)
+
+
+jax.tree_util.register_dataclass(
+    _CentredLikelihood, data_fields=["centring"], meta_fields=["log_likelihood"]
+)
 
 
 def _transpose(linear: Callable[[PyTree], PyTree], tree: PyTree) -> PyTree:
@@ -936,6 +943,7 @@ class _Sheared:
 
     move: Any
     centring: Centring
+    arrays_are_data = True
 
     def __call__(self, key, position, log_prior, temperature=1.0):
         parts = _centred_parts(log_prior)
@@ -950,6 +958,9 @@ class _Sheared:
         permutation of g, then Aᵀ."""
         g = _transpose(self.centring.to_position, tree)
         return _transpose(self.centring.to_params, self.move.permute(g, sources))
+
+
+jax.tree_util.register_dataclass(_Sheared, data_fields=["centring"], meta_fields=["move"])
 
 
 def centring(
@@ -1019,10 +1030,7 @@ def centring(
         key = jax.random.key(0)
     g = laplace.diag_ggn(params, log_likelihood, data, key=key)
     g2 = laplace.diag_ggn(
-        moving.to_position(params),
-        lambda p, *batch: log_likelihood(moving.to_params(p), *batch),
-        data,
-        key=key,
+        moving.to_position(params), _CentredLikelihood(log_likelihood, moving), data, key=key
     )
     prec = prior_precision(params, log_prior)
     num_data = _tree.data_tuple(data)[1]
@@ -1169,9 +1177,21 @@ def _norm(tree: PyTree) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "num_iters"))
 def _power_iterate(
-    key, params, sqrt_m, sub, scale, inv_t, prior_args, *, log_likelihood, log_prior, num_iters
+    key,
+    params,
+    sqrt_m,
+    sub,
+    scale,
+    inv_t,
+    ll_args,
+    prior_args,
+    *,
+    log_likelihood,
+    log_prior,
+    num_iters,
 ):
     """Power iteration for λ_max of M^½ ∇²U M^½, U = −(log p(θ) + scale Σ_sub log p(y|x, θ)) / T."""
+    log_likelihood = _join_fn(log_likelihood, ll_args)
     log_prior = _join_fn(log_prior, prior_args)
 
     def potential(p):
@@ -1202,6 +1222,7 @@ def _power_max(
 ) -> float:
     """The largest |eigenvalue| of M^½ ∇²U M^½ over ``positions`` (one compiled iteration for
     the same functions and shapes)."""
+    log_likelihood, ll_args = _split_fn(log_likelihood)
     log_prior, prior_args = _split_fn(log_prior)
     return max(
         abs(
@@ -1213,6 +1234,7 @@ def _power_max(
                     sub,
                     jnp.float32(scale),
                     jnp.float32(inv_t),
+                    ll_args,
                     prior_args,
                     log_likelihood=log_likelihood,
                     log_prior=log_prior,
@@ -1659,8 +1681,9 @@ class _Arrays(NamedTuple):
 class _Static:
     """The settings the compiled loop is specialised to (hashable: a jit static argument)."""
 
-    log_likelihood: Callable[..., jax.Array]
-    log_prior: Any  # the callable, or a Partial's structure (its arguments are data)
+    # the callables, or the structures of those whose arrays are data (_split_fn)
+    log_likelihood: Any
+    log_prior: Any
     transform: Any
     learning_rate: Any
     temperature: float
@@ -1670,7 +1693,7 @@ class _Static:
     mesh: Any
     predict: Any
     move: Any = None
-    view: Any = None  # a Centring's to_params: the kept states in θ's coordinates
+    view: Any = None  # a Centring: its to_params maps kept states to θ's coordinates
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -1683,23 +1706,17 @@ def _head(buffer: jax.Array, n: int) -> jax.Array:
     return buffer if buffer.shape[1] == n else _first_rows(buffer, n=n)
 
 
-def _split_fn(fn: Any) -> tuple[Any, list]:
-    """(static part, data part) of a function that enters compiled code: a
-    ``jax.tree_util.Partial`` splits into its structure (the function, how its arguments nest)
-    and its array arguments, which then cross the ``jit`` boundary as data, so one compilation
-    serves every value of them (EM's changing prior scales, another seed's); any other
-    callable is static whole."""
-    if isinstance(fn, jax.tree_util.Partial):
-        leaves, treedef = jax.tree.flatten(fn)
-        return treedef, leaves
-    return fn, []
+# (static part, data part) of a function that enters compiled code, and back: a Partial's or a
+# shear's arrays cross the jit boundary as data, so one compilation serves every value of them
+_split_fn = _tree.split_fn
+_join_fn = _tree.join_fn
+_FNS = ("log_likelihood", "log_prior", "move", "view")  # _Static's fields split so
 
 
-def _join_fn(static: Any, leaves: list) -> Any:
-    """The function :func:`_split_fn` split."""
-    if isinstance(static, jax.tree_util.PyTreeDef):
-        return jax.tree.unflatten(static, leaves)
-    return static
+def _functions(s: _Static, fn_args: tuple) -> tuple:
+    """(log_likelihood, log_prior, move, view) of the compiled loop: ``s``'s static parts joined
+    with their arrays ``fn_args``, one list per name in ``_FNS``."""
+    return tuple(_join_fn(getattr(s, name), a) for name, a in zip(_FNS, fn_args))
 
 
 def _capacity(num_samples: int) -> int:
@@ -1722,17 +1739,17 @@ def _axes(mesh):
     return chain_axis, data_axis, constrain
 
 
-def _init_from(s: _Static, precond, gnoise, prior_args, num_data: int):
+def _init_from(s: _Static, precond, gnoise, fn_args, num_data: int):
     """``init`` of one chain with the compiled loop's settings: params -> SamplerState."""
     optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
-    log_prior = _join_fn(s.log_prior, prior_args)
+    log_likelihood, log_prior, move, _ = _functions(s, fn_args)
     return functools.partial(
         init,
-        log_likelihood=s.log_likelihood,
+        log_likelihood=log_likelihood,
         log_prior=log_prior,
         num_data=num_data,
         transform=optimizer,
-        move=s.move,
+        move=move,
         temperature=s.temperature,
     )
 
@@ -1744,7 +1761,7 @@ def _init_carry(
     precond,
     gnoise,
     predict_inputs,
-    prior_args,
+    fn_args,
     *,
     static,
     num_data,
@@ -1758,7 +1775,7 @@ def _init_carry(
     chain_axis, _, constrain = _axes(mesh)
     if not params_per_chain:
         params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), params)
-    states = jax.vmap(_init_from(s, precond, gnoise, prior_args, num_data))(params)
+    states = jax.vmap(_init_from(s, precond, gnoise, fn_args, num_data))(params)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(chain_keys)
     num_traced = sum(len(idx) for _, idx in s.trace_spec)
     if predict is not None:
@@ -1798,13 +1815,14 @@ def _sample(
     gnoise,
     predict_inputs,
     floor,
-    prior_args,
+    fn_args,
     *,
     static,
 ):
     """Steps start .. start + length of every chain, in one loop, up to the first divergence of
     any chain. The numbers of steps are data: one compilation serves every length, burn-in and
-    thinning (and, with a ``Partial`` log prior, every value of its arguments)."""
+    thinning (and every value of the arrays in ``fn_args``: a ``Partial`` log prior's, a
+    shear's centres)."""
     s = static
     batch_size, capacity = s.batch_size, s.capacity
     trace_spec, mesh, predict = s.trace_spec, s.mesh, s.predict
@@ -1814,7 +1832,8 @@ def _sample(
     chain_axis, data_axis, constrain = _axes(mesh)
     # the chains' states cross the jit boundary as arrays; the kernel is rebuilt here
     one = jax.tree.map(lambda x: x[0], carry.state.params)
-    kernel = _init_from(s, precond, gnoise, prior_args, num_data)(one).kernel
+    kernel = _init_from(s, precond, gnoise, fn_args, num_data)(one).kernel
+    view = _functions(s, fn_args)[3]
     carry = carry._replace(state=SamplerState(*carry.state, kernel))
 
     def shuffle(data_key, epoch):
@@ -1835,8 +1854,8 @@ def _sample(
         s = (t - num_burnin) // thin
 
         def one(m, p, lp, ok, buf_lp, buf_tr, pred, pred_tr):
-            if static.view is not None:
-                p = static.view(p)
+            if view is not None:
+                p = view.to_params(p)
             m_new = _moments.update(m, p)
             m = jax.tree.map(lambda a, b: jnp.where(ok, a, b), m_new, m)
             buf_lp = buf_lp.at[s].set(jnp.where(ok, lp, jnp.nan).astype(jnp.float32))
@@ -2291,7 +2310,7 @@ def run(
         else (os.fspath(checkpoint), _resume.digest(data, predict_inputs)),
         checkpoint_every=float(checkpoint_every),
         move=move,
-        view=None if centring is None else centring.to_params,
+        view=centring,
     )
     trace_spec, trace_names = _trace_spec(one_params, num_traced)
     try:
@@ -2360,12 +2379,15 @@ def run(
 
 
 @functools.partial(jax.jit, static_argnames=("log_likelihood", "log_prior", "n", "per_chain"))
-def _start_log_posterior(params, data, prior_args, *, log_likelihood, log_prior, n, per_chain):
+def _start_log_posterior(
+    params, data, ll_args, prior_args, *, log_likelihood, log_prior, n, per_chain
+):
     """(−U at ``params`` on the first n examples scaled to the whole data set, the standard
     deviation of the per-example log-likelihoods there), each of shape (C,) (C = 1 unless
     ``per_chain``, where params has a leading chain axis)."""
     num_data = data[0].shape[0]
     head = tuple(a[:n] for a in data)
+    log_likelihood = _join_fn(log_likelihood, ll_args)
     log_prior = _join_fn(log_prior, prior_args)
 
     def one(p):
@@ -2390,11 +2412,13 @@ def _runaway_floor(
     one = jax.tree.map(lambda a: a[0], params) if per_chain else params
     num_params = sum(int(np.size(a)) for a in jax.tree.leaves(one))
     n_floor = min(num_data, 1024)
+    log_likelihood, ll_args = _split_fn(log_likelihood)
     log_prior, prior_args = _split_fn(log_prior)
     lp, sd = jax.device_get(
         _start_log_posterior(
             params,
             data,
+            ll_args,
             prior_args,
             log_likelihood=log_likelihood,
             log_prior=log_prior,
@@ -2899,15 +2923,21 @@ def _run_fixed(
     n_chains = chain_keys.shape[0]
     mesh = _mesh(devices, n_chains, settings["batch_size"])
     num_burnin, num_samples, thin = (settings.pop(k) for k in ("num_burnin", "num_samples", "thin"))
-    given_prior = settings["log_prior"]  # with a Partial's arguments, for the checkpoint's key
-    log_prior, prior_args = _split_fn(settings.pop("log_prior"))
-    static = _Static(mesh=mesh, log_prior=log_prior, capacity=_capacity(num_samples), **settings)
+    given = {name: settings[name] for name in _FNS}  # with their arrays, for the checkpoint's key
+    split = {name: _split_fn(settings.pop(name)) for name in _FNS}
+    fn_args = tuple(split[name][1] for name in _FNS)
+    static = _Static(
+        mesh=mesh,
+        capacity=_capacity(num_samples),
+        **{name: split[name][0] for name in _FNS},
+        **settings,
+    )
     total = num_burnin + num_samples * thin
     saver = None
     if checkpoint is not None:
         folder, data_digest = checkpoint
         key = _resume.digest(
-            dataclasses.replace(static, log_prior=given_prior),
+            dataclasses.replace(static, **given),
             (chain_keys, params, params_per_chain, data_digest, precond, gnoise),
             (float(floor), num_burnin, num_samples, thin),
         )
@@ -2929,7 +2959,7 @@ def _run_fixed(
         precond,
         gnoise,
         predict_inputs,
-        prior_args,
+        fn_args,
         static=static,
         num_data=int(jax.tree.leaves(data)[0].shape[0]),
         params_per_chain=params_per_chain,
@@ -2950,7 +2980,7 @@ def _run_fixed(
             gnoise,
             predict_inputs,
             floor_on_device,
-            prior_args,
+            fn_args,
             static=static,
         )
 
@@ -3023,7 +3053,7 @@ def _run_fixed(
             chain if params_per_chain else None,
             data,
             static,
-            prior_args,
+            fn_args,
         ):
             advice = (
                 "The log posterior or its gradient is already NaN or inf at the starting params, "
@@ -3045,7 +3075,7 @@ def _run_fixed(
     return result
 
 
-def _first_step_finite(chain_key, params, chain, data, static, prior_args) -> bool:
+def _first_step_finite(chain_key, params, chain, data, static, fn_args) -> bool:
     """Whether U and ∇U at a chain's starting params are finite on its first minibatch (the
     one its step 0 took); read once, after a divergence at step 0."""
     try:
@@ -3060,8 +3090,8 @@ def _first_step_finite(chain_key, params, chain, data, static, prior_args) -> bo
         else:
             batch = tuple(data)
         start = params if chain is None else jax.tree.map(lambda x: x[chain], params)
-        log_prior = _join_fn(static.log_prior, prior_args)
-        kernel = Kernel(static.log_likelihood, log_prior, num_data, None)
+        log_likelihood, log_prior, _, _ = _functions(static, fn_args)
+        kernel = Kernel(log_likelihood, log_prior, num_data, None)
         u, grads = jax.value_and_grad(kernel.potential)(start, batch)
         return bool(jax.device_get(jnp.isfinite(u) & _check.all_finite(grads)))
     except Exception:  # the diagnosis must never hide the divergence itself

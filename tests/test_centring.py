@@ -182,6 +182,20 @@ def test_e_step_with_centring_and_both_moves_reports_the_weights_in_their_own_co
     # the class draw acts at every step: the output bias's mean over the K = 3 classes alone
     # has variance σ0² / K = 1/3 in the posterior
     assert float(np.mean(np.asarray(variance["params"]["Dense_1"]["bias"]))) > 0.2
+    # the next E-step shears at other params: other centres, the same compiled code (the
+    # centres enter it as data, as the prior's scales do)
+    from bayesnoise import laplace
+
+    compiled = (sampling._sample, sampling._init_carry, laplace._curvature_sum)
+    sizes = [f._cache_size() for f in compiled]
+    moved = jax.tree.map(lambda w: 1.1 * w, PARAMS)
+    again = bn.em.e_step(
+        jax.random.key(8), moved, h.replace(scales=jax.tree.map(lambda s: 0.9 * s, h.scales)),
+        _log_likelihood, (X, Y), learning_rate=1e-4, num_samples=100, num_chains=4,
+        unit_swaps=True, class_shifts=True, centring=True,
+    )  # fmt: skip
+    assert [f._cache_size() for f in compiled] == sizes
+    assert not np.allclose(_flat(again.params), _flat(res.params))
 
 
 def test_e_step_builds_the_output_layers_shear_at_the_start(monkeypatch):
