@@ -57,7 +57,7 @@ def run_chunked(
     ``start``, for a run that goes on from a checkpoint) goes in as a device scalar, so calls of
     the compiled chunk transfer nothing implicitly. With ``progress``, a tqdm bar advances after
     each chunk has finished on the device. ``after_chunk(carry, steps_done, is_last)``, if
-    given, is called after every chunk (to save the carry).
+    given, is called after every chunk has finished on the device (to save the carry).
 
     Returns:
         the final carry and the list of every chunk's output.
@@ -73,10 +73,14 @@ def run_chunked(
             carry, out = run_chunk(carry, jax.device_put(np.int32(start)), length)
             outs.append(out)
             start += length
+            if after_chunk is not None or bar is not None:
+                # Wait for the chunk on the device. Without this the host would queue every
+                # chunk at once (dispatch is asynchronous), and a save gated on the time since
+                # the last one would find nothing finished until the whole run was.
+                jax.block_until_ready(carry)
             if after_chunk is not None:
                 after_chunk(carry, start, i == len(lengths) - 1)
             if bar is not None:
-                jax.block_until_ready(carry)
                 bar.update(length)
     finally:
         if bar is not None:

@@ -31,6 +31,25 @@ def test_chunked_run_equals_one_scan_and_advances_the_bar(capsys):
     assert "50/50" in capsys.readouterr().err
 
 
+def test_a_save_after_a_chunk_sees_it_finished_without_a_bar():
+    """Dispatch is asynchronous: without waiting, the host queues every chunk before the first
+    has run, and a save gated on the time since the last one finds nothing finished until the
+    whole run is (a long run that is stopped would then lose everything)."""
+
+    @jax.jit
+    def run(carry, start, length):
+        # about 0.1 s of work on one CPU core per chunk
+        return jax.lax.fori_loop(0, 40, lambda i, c: jnp.tanh(c @ c.T) * 0.5, carry), None
+
+    ready = []
+    x = jax.random.normal(jax.random.key(0), (600, 600))
+    _loop.run_chunked(
+        run, x, [1, 1, 1], progress=False, desc="test", unit="step",
+        after_chunk=lambda c, done, last: ready.append((done, c.is_ready())),
+    )  # fmt: skip
+    assert ready == [(1, True), (2, True), (3, True)]
+
+
 def test_shuffled_batches_are_a_permutation_without_the_remainder():
     idx = np.asarray(_loop.shuffled_batches(jax.random.key(0), 103, 10))
     assert idx.shape == (10, 10) and len(set(idx.ravel())) == 100 and idx.max() < 103
