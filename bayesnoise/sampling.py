@@ -1222,7 +1222,7 @@ def _power_max(
 ) -> float:
     """The largest |eigenvalue| of M^½ ∇²U M^½ over ``positions`` (one compiled iteration for
     the same functions and shapes)."""
-    log_likelihood, ll_args = _split_fn(log_likelihood)
+    log_likelihood, ll_args = _split_fn(log_likelihood, partial=False)
     log_prior, prior_args = _split_fn(log_prior)
     return max(
         abs(
@@ -1706,8 +1706,9 @@ def _head(buffer: jax.Array, n: int) -> jax.Array:
     return buffer if buffer.shape[1] == n else _first_rows(buffer, n=n)
 
 
-# (static part, data part) of a function that enters compiled code, and back: a Partial's or a
-# shear's arrays cross the jit boundary as data, so one compilation serves every value of them
+# (static part, data part) of a function that enters compiled code, and back: a Partial log
+# prior's or a shear's arrays cross the jit boundary as data, so one compilation serves every
+# value of them
 _split_fn = _tree.split_fn
 _join_fn = _tree.join_fn
 _FNS = ("log_likelihood", "log_prior", "move", "view")  # _Static's fields split so
@@ -2412,7 +2413,7 @@ def _runaway_floor(
     one = jax.tree.map(lambda a: a[0], params) if per_chain else params
     num_params = sum(int(np.size(a)) for a in jax.tree.leaves(one))
     n_floor = min(num_data, 1024)
-    log_likelihood, ll_args = _split_fn(log_likelihood)
+    log_likelihood, ll_args = _split_fn(log_likelihood, partial=False)
     log_prior, prior_args = _split_fn(log_prior)
     lp, sd = jax.device_get(
         _start_log_posterior(
@@ -2924,7 +2925,9 @@ def _run_fixed(
     mesh = _mesh(devices, n_chains, settings["batch_size"])
     num_burnin, num_samples, thin = (settings.pop(k) for k in ("num_burnin", "num_samples", "thin"))
     given = {name: settings[name] for name in _FNS}  # with their arrays, for the checkpoint's key
-    split = {name: _split_fn(settings.pop(name)) for name in _FNS}
+    # a Partial log prior's arrays are data; a user's other callables stay static whole (their
+    # arguments may be objects jit cannot take as data, such as a Flax module)
+    split = {name: _split_fn(settings.pop(name), name == "log_prior") for name in _FNS}
     fn_args = tuple(split[name][1] for name in _FNS)
     static = _Static(
         mesh=mesh,

@@ -262,3 +262,20 @@ def test_the_config_passes_centring_to_the_e_step():
     for bad in ("maybe", 1, None):
         with pytest.raises(bn.config.ConfigError, match="allowed: true, false or output"):
             bn.config.load_config({"sgld": {"centring": bad}})
+
+
+def _module_log_likelihood(model, p, x, y):
+    return jnp.take_along_axis(jax.nn.log_softmax(model.apply(p, x)), y[:, None], 1)[:, 0]
+
+
+def test_a_partial_log_likelihood_holding_a_module_stays_static_with_and_without_the_shear():
+    """Only the prior's Partial and the shear's own wrappers pass their arrays as data: a
+    Partial log-likelihood may hold a Flax module, which jit cannot take as data."""
+    ll = jax.tree_util.Partial(_module_log_likelihood, MLP)
+    c = sampling.centring(PARAMS, ll, _prior(PARAMS), (X, Y), layers=[-1])
+    for shear in (None, c):
+        r = sampling.run(
+            jax.random.key(9), PARAMS, ll, _prior(PARAMS), (X, Y), num_chains=2,
+            transform=bn.baoab, centring=shear, auto={"max_steps": 40}, num_samples=4,
+        )  # fmt: skip
+        assert np.all(np.isfinite(_flat(bn.moments.mean(r.moments))))
