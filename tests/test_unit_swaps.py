@@ -338,3 +338,120 @@ def test_a_warning_when_the_weights_converge_with_exchanges_and_the_predictions_
     with caplog.at_level("WARNING", logger="bayesnoise"):
         sampling._finish(ready, {}, 1.1, 100.0, move=False)
     assert "did not" not in caplog.text
+
+
+def _exchanged(tree, move, layer, j, k):
+    """``tree`` with units j and k of ``layer`` exchanged in every leaf that holds them."""
+    leaves, treedef, index = sampling._leaf_index(tree)
+    leaves = list(leaves)
+    for path, axis in move.layers[layer]:
+        i = index[path]
+        x = np.asarray(leaves[i]).copy()
+        a, b = np.take(x, j, axis=axis).copy(), np.take(x, k, axis=axis).copy()
+        sl = [slice(None)] * x.ndim
+        sl[axis] = j
+        x[tuple(sl)] = b
+        sl[axis] = k
+        x[tuple(sl)] = a
+        leaves[i] = jnp.asarray(x)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def test_the_preconditioner_the_exchanges_leave_unchanged():
+    """Each candidate unit's slices become their elementwise minimum over the layer's
+    candidates (numpy), the other units keep theirs, and an exchange leaves the tree as it is;
+    the preconditioned Hessian's largest eigenvalue (dense, on the tiny network) is then the
+    same at an exchanged state and at most that under each unit's own multipliers."""
+    params = _params()
+    h = _hierarchy(params, (1e-4, 0.5, 1e-4, 1.5, 2.0, 3.0))
+    move = sampling.unit_swaps(params, hierarchy=h)
+    keys = iter(jax.random.split(jax.random.key(5), 16))
+    own = jax.tree.map(lambda a: jnp.exp(jax.random.normal(next(keys), a.shape)), params)
+    got = move.invariant(own)
+    # numpy, layer after layer (a leaf between two layers holds the units of both)
+    leaves, _, index = sampling._leaf_index(own)
+    want = [np.asarray(a).copy() for a in leaves]
+    for layer, cand in zip(move.layers, move.candidates):
+        for path, axis in layer:
+            x = np.moveaxis(want[index[path]], axis, 0).copy()
+            x[list(cand)] = x[list(cand)].min(axis=0)
+            want[index[path]] = np.moveaxis(x, 0, axis)
+    for a, b, c in zip(jax.tree.leaves(got), want, leaves):
+        np.testing.assert_array_equal(np.asarray(a), b)
+        assert np.all(np.asarray(a) <= np.asarray(c))
+    for layer, cand in enumerate(move.candidates):
+        j, k = cand[0], cand[-1]
+        swapped = _exchanged(got, move, layer, j, k)
+        for a, b in zip(jax.tree.leaves(swapped), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    log_prior = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    @jax.jit
+    def top(v, m):
+        def u(v):
+            q = unravel(v)
+            return -(jnp.sum(_log_likelihood(q, X, Y)) + log_prior(q))
+
+        s = jnp.sqrt(m)
+        return jnp.linalg.eigvalsh(s[:, None] * jax.hessian(u)(v) * s[None, :])[-1]
+
+    def largest(p, m):
+        ravel = lambda t: jax.flatten_util.ravel_pytree(t)[0]
+        return float(top(ravel(p), ravel(m)))
+
+    base_inv, base_own = largest(params, got), largest(params, own)
+    assert base_inv <= base_own * (1 + 1e-5)
+    for layer, cand in enumerate(move.candidates):
+        moved = _exchanged(params, move, layer, cand[0], cand[1])
+        np.testing.assert_allclose(largest(moved, got), base_inv, rtol=1e-4)
+
+
+@pytest.mark.slow  # four sampling runs with automatic settings: `make test-slow`
+def test_the_automatic_settings_take_the_invariant_preconditioner_when_asked():
+    """With ``auto["swap_invariant"]`` BAOAB's automatic preconditioner with the move is the one
+    without it made invariant (the same curvature at the start), and SGLD's is left unchanged
+    by the exchanges; by default the move leaves the preconditioner as it is."""
+    params = _params()
+    h = _hierarchy(params, (1e-4, 0.5, 1e-4, 1.5, 2.0, 3.0))
+    log_prior = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    move = sampling.unit_swaps(params, hierarchy=h)
+    key, data = jax.random.key(11), (X, Y)
+    common = dict(num_chains=2, num_traced=4)
+    plain, asked = {"max_steps": 40}, {"max_steps": 40, "swap_invariant": True}
+    leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]
+
+    def baoab(**kw):
+        return sampling.run(
+            key, params, _log_likelihood, log_prior, data, transform=bn.baoab, **common, **kw
+        ).settings["preconditioner"]
+
+    own = baoab(auto=plain)
+    for a, c in zip(leaves(baoab(auto=plain, move=move)), leaves(own)):
+        np.testing.assert_allclose(a, c, rtol=1e-5)
+    got = baoab(auto=asked, move=move)
+    for a, b, c in zip(leaves(got), leaves(move.invariant(own)), leaves(own)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        assert np.all(a <= c * (1 + 1e-6))
+    assert any(not np.allclose(a, c) for a, c in zip(leaves(got), leaves(own)))
+    sgld = sampling.run(
+        key, params, _log_likelihood, log_prior, data, move=move, auto=asked, **common
+    )
+    m = sgld.settings["preconditioner"]
+    for a, b in zip(leaves(m), leaves(move.invariant(m))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_swap_invariant_must_be_a_bool():
+    params = _params()
+    with pytest.raises(TypeError) as err:
+        sampling.run(
+            jax.random.key(0),
+            params,
+            _log_likelihood,
+            lambda p: jnp.zeros(()),
+            (X, Y),
+            auto={"swap_invariant": "yes"},
+        )
+    assert "auto['swap_invariant'] must be True or False, got 'yes'" in str(err.value)
