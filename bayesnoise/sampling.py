@@ -2123,8 +2123,9 @@ def run(
     ``num_samples`` and ``thin`` given explicitly override the derived values; ``auto`` passes
     options to :func:`auto_settings` (``noise_fraction``, ``max_step``, ``target_ess``,
     ``max_steps``) and ``swap_invariant``: with a :class:`UnitSwaps` move, True passes the
-    preconditioner through :meth:`UnitSwaps.invariant` (False by default). With an explicit ``learning_rate`` nothing is derived: ``num_burnin``
-    defaults to 0, ``num_samples`` to 1000, ``thin`` to 1 and ``num_chains`` to 1.
+    preconditioner through :meth:`UnitSwaps.invariant` (False by default). With an explicit
+    ``learning_rate`` nothing is derived: ``num_burnin`` defaults to 0, ``num_samples`` to
+    1000, ``thin`` to 1 and ``num_chains`` to 1.
 
     With ``transform=bn.baoab`` (or a ``functools.partial`` of it) and no ``learning_rate``,
     kinetic Langevin gets its own automatic settings: the diagonal Laplace variance

@@ -218,19 +218,16 @@ def test_bad_moves_are_clear_errors():
     with pytest.raises(ValueError) as err:
         sampling.unit_swaps({"w": jnp.zeros(3)})
     assert "at least two dense layers" in str(err.value)
+    run = functools.partial(
+        sampling.run, jax.random.key(0), params, _log_likelihood, lambda p: jnp.zeros(()), (X, Y)
+    )
     bad = sampling.UnitSwaps(((("params/Dense_9/kernel", 1),),), ((0, 1),))
     with pytest.raises(ValueError) as err:
-        sampling.run(
-            jax.random.key(0),
-            params,
-            _log_likelihood,
-            lambda p: jnp.zeros(()),
-            (X, Y),
-            learning_rate=1e-3,
-            num_samples=2,
-            move=bad,
-        )
+        run(learning_rate=1e-3, num_samples=2, move=bad)
     assert "no leaf 'params/Dense_9/kernel'" in str(err.value)
+    with pytest.raises(TypeError) as err:
+        run(auto={"swap_invariant": "yes"})
+    assert "auto['swap_invariant'] must be True or False, got 'yes'" in str(err.value)
     with pytest.raises(TypeError) as err:
         sampling.init(
             params,
@@ -441,17 +438,3 @@ def test_the_automatic_settings_take_the_invariant_preconditioner_when_asked():
     m = sgld.settings["preconditioner"]
     for a, b in zip(leaves(m), leaves(move.invariant(m))):
         np.testing.assert_array_equal(a, b)
-
-
-def test_swap_invariant_must_be_a_bool():
-    params = _params()
-    with pytest.raises(TypeError) as err:
-        sampling.run(
-            jax.random.key(0),
-            params,
-            _log_likelihood,
-            lambda p: jnp.zeros(()),
-            (X, Y),
-            auto={"swap_invariant": "yes"},
-        )
-    assert "auto['swap_invariant'] must be True or False, got 'yes'" in str(err.value)
