@@ -79,6 +79,7 @@ from bayesnoise import gsm as _gsm
 from bayesnoise import moments as _moments
 from bayesnoise._tree import PyTree
 from bayesnoise.sgld import BAOABState as _BAOABState
+from bayesnoise.sgld import _check_preconditioner
 from bayesnoise.sgld import baoab as _baoab
 from bayesnoise.sgld import sgld as _sgld
 from bayesnoise.sgld import step_size as _step_size
@@ -150,13 +151,21 @@ class SamplerState:
     opt_state: PyTree  # the transform's state
     count: jax.Array  # shape (), int32: steps taken
     kernel: Kernel  # static settings
+    # bn.baoab's multipliers M, carried by the chain (moved with the units by an exchange);
+    # None: the transform's own
+    preconditioner: PyTree = None
+    # the prior precision P by position, where M = T / (c + P) splits into a unit's own
+    # curvature c, which an exchange moves, and P, which stays (None: M moves whole)
+    prior_precision: PyTree = None
 
     def replace(self, **kwargs) -> SamplerState:
         return dataclasses.replace(self, **kwargs)
 
 
 jax.tree_util.register_dataclass(
-    SamplerState, data_fields=["params", "opt_state", "count"], meta_fields=["kernel"]
+    SamplerState,
+    data_fields=["params", "opt_state", "count", "preconditioner", "prior_precision"],
+    meta_fields=["kernel"],
 )
 
 
@@ -174,6 +183,8 @@ def init(
     transform: optax.GradientTransformation,
     move: UnitSwaps | ClassShifts | tuple | None = None,
     temperature: float = 1.0,
+    preconditioner: PyTree | None = None,
+    prior_precision: PyTree | None = None,
 ) -> SamplerState:
     """A chain's state at ``params``.
 
@@ -189,6 +200,19 @@ def init(
             turn before every step.
         temperature: T >= 0, the transform's own temperature (the move accepts by
             exp(Δ log p / T)); only read with a move, which is exact only when the two agree.
+        preconditioner: None, or multipliers M > 0 shaped like ``params`` that the chain
+            carries for a :func:`bayesnoise.baoab` transform: every step hands them to it
+            (``update(..., preconditioner=M)``), and a :class:`UnitSwaps` exchange moves them,
+            and the momentum, with the units, so each unit keeps the step sized for its own
+            curvature wherever it goes. Exact: BAOAB's momentum is N(0, T) whatever M is, so
+            the exchange of (θ, p, M) together keeps the target, and the move accepts by the
+            prior's ratio as before.
+        prior_precision: None, or with ``preconditioner`` and a move, the prior precision P
+            of every weight in its place (> 0, shaped like ``params``), for multipliers of the
+            form M = T / (c + P): an exchange then moves each weight's own curvature
+            c = T / M − P with its unit and leaves P in place, so a unit that lands where the
+            prior is tighter gets a shorter step there (the automatic settings' form; a whole
+            M carried into such a place can exceed the step's stability bound).
 
     Returns:
         A :class:`SamplerState` for :func:`step`.
@@ -230,7 +254,41 @@ def init(
         move,
         temperature if move is not None else 1.0,
     )
-    return SamplerState(params, kernel.transform.init(params), jnp.zeros((), jnp.int32), kernel)
+    opt_state = kernel.transform.init(params)
+    if preconditioner is not None:
+        _check_carried(preconditioner, params, opt_state)
+    if prior_precision is not None:
+        if preconditioner is None or move is None:
+            raise ValueError(
+                "prior_precision= splits a carried preconditioner between the units and their "
+                "places: it needs preconditioner= and a move."
+            )
+        _check_preconditioner(prior_precision, params, "prior_precision")
+    return SamplerState(
+        params,
+        opt_state,
+        jnp.zeros((), jnp.int32),
+        kernel,
+        preconditioner=preconditioner,
+        prior_precision=prior_precision,
+    )
+
+
+def _baoab_states(opt_state: PyTree) -> list:
+    """bn.baoab's states inside ``opt_state`` (also inside optax.chain or inject_hyperparams)."""
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _BAOABState))
+    return [x for x in leaves if isinstance(x, _BAOABState)]
+
+
+def _check_carried(preconditioner: PyTree, params: PyTree, opt_state: PyTree) -> None:
+    """The multipliers a chain carries fit ``params`` and a bn.baoab transform takes them."""
+    _check_preconditioner(preconditioner, params)
+    if not _baoab_states(opt_state):
+        raise ValueError(
+            "preconditioner= in the chain's state needs a bn.baoab transform, which takes it "
+            "at every update; pass the multipliers to the transform itself "
+            "(e.g. bn.sgld(..., preconditioner=M)) for any other."
+        )
 
 
 def _check_start(params: PyTree, name: str = "params") -> None:
@@ -300,15 +358,18 @@ def _propose(key: jax.Array, state: SamplerState, batch: tuple):
     nothing rejected yet: the compiled loop adds its own tests and selects once."""
     kernel = state.kernel
     u, grads = jax.value_and_grad(kernel.potential)(state.params, batch)
-    params = state.params
+    moved = state
     if kernel.move is not None:
-        params, grads = _moved(key, state, grads)
-    updates, new_opt = kernel.transform.update(grads, state.opt_state, params, key=key)
-    new_params = optax.apply_updates(params, updates)
+        moved, grads = _moved(key, state, grads)
+    extra = {} if moved.preconditioner is None else {"preconditioner": moved.preconditioner}
+    updates, new_opt = kernel.transform.update(
+        grads, moved.opt_state, moved.params, key=key, **extra
+    )
+    new_params = optax.apply_updates(moved.params, updates)
     # a non-finite gradient reaches the new state (θ − η·NaN, or a clipped drift of NaN), so
     # one reduction over the new state covers both
     ok = jnp.isfinite(u) & _check.all_finite(new_params)
-    proposed = state.replace(params=new_params, opt_state=new_opt, count=state.count + 1)
+    proposed = moved.replace(params=new_params, opt_state=new_opt, count=state.count + 1)
     return proposed, u, ok
 
 
@@ -381,7 +442,9 @@ class UnitSwaps:
     predictions' R-hat and ESS (``result.predictive_rhat``) beside them. With
     ``auto={"swap_invariant": True}`` the automatic settings of :func:`run` pass their
     preconditioner through :meth:`invariant`, so that a step sized for the state before an
-    exchange stays stable after it.
+    exchange stays stable after it. With ``auto={"carry_preconditioner": True}`` (bn.baoab)
+    every chain carries its preconditioner instead, and an exchanged unit takes its own
+    multipliers and momentum to its new place (:func:`init`'s ``preconditioner=``).
 
     Attributes:
         layers: per hidden layer, ``((leaf path, unit axis), ...)``: every leaf that holds the
@@ -1151,33 +1214,67 @@ def _swap_invariant(tree: PyTree, move: Any) -> PyTree:
     return tree
 
 
-def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[PyTree, PyTree]:
-    """The state's move before a step: (the moved params, the gradient the transform takes).
+def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[SamplerState, PyTree]:
+    """The state's move before a step: (the moved state, the gradient the transform takes).
 
     ∇U = −∇log p(θ) − (N / n) ∇Σ log p(y | x, θ): the likelihood's part follows the units,
     the prior's is taken at the new state. :func:`bayesnoise.baoab` merges the closing half
     kick of the last step (at the old state) with the opening one of this step (at the new
     state), so it takes half of each gradient, which places the move between two whole steps.
+    Where the chain carries its multipliers (``state.preconditioner``), they, the momentum and
+    the closing half kick (s ⊙ g at the old state) go with the units.
     """
     kernel = state.kernel
     grad_prior = jax.grad(kernel.log_prior)
     likelihood_part = jax.tree.map(jnp.add, grads, grad_prior(state.params))
     params, move_key = state.params, jax.random.fold_in(key, _MOVE_SALT)
+    carried = state.preconditioner is not None
+    precond, old, fixed = state.preconditioner, grads, state.prior_precision
+    temperature = kernel.temperature
+    momenta = [x.momentum for x in _baoab_states(state.opt_state)]
     for i, move in enumerate(_move_list(kernel.move)):
         # the first move keeps the key it had alone
         k = move_key if i == 0 else jax.random.fold_in(move_key, i)
         params, sources, _ = move(k, params, kernel.log_prior, kernel.temperature)
         likelihood_part = move.permute(likelihood_part, sources)
+        if carried:
+            old = _carry(move, old, sources)
+            momenta = [_carry(move, p, sources) for p in momenta]
+            if fixed is None:
+                precond = _carry(move, precond, sources)
+            else:  # the unit's own curvature c = T / M − P moves; P stays in its place
+                own = jax.tree.map(lambda m, q: temperature / m - q, precond, fixed)
+                moved = _carry(move, own, sources)
+                precond = jax.tree.map(
+                    lambda m, c, c2, q: jnp.where(
+                        c2 == c, m, temperature / (jnp.maximum(c2, 0.0) + q)
+                    ),
+                    precond,
+                    own,
+                    moved,
+                    fixed,
+                )
     new = jax.tree.map(jnp.subtract, likelihood_part, grad_prior(params))
-    inner = [
-        x
-        for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, _BAOABState))
-        if isinstance(x, _BAOABState)
-    ]  # bn.baoab's state, also inside optax.chain or optax.inject_hyperparams
-    if inner:
-        first = inner[0].count == 0  # no closing half kick is pending yet
-        new = jax.tree.map(lambda a, b: jnp.where(first, b, 0.5 * (a + b)), grads, new)
-    return params, new
+    opt_state = state.opt_state
+    if momenta:  # bn.baoab's state, also inside optax.chain or optax.inject_hyperparams
+        first = _baoab_states(opt_state)[0].count == 0  # no closing half kick is pending yet
+        new = jax.tree.map(lambda a, b: jnp.where(first, b, 0.5 * (a + b)), old, new)
+        if carried:
+            it = iter(momenta)
+            opt_state = jax.tree.map(
+                lambda x: x._replace(momentum=next(it)) if isinstance(x, _BAOABState) else x,
+                opt_state,
+                is_leaf=lambda x: isinstance(x, _BAOABState),
+            )
+    return state.replace(params=params, opt_state=opt_state, preconditioner=precond), new
+
+
+def _carry(move: Any, tree: PyTree, sources: tuple) -> PyTree:
+    """``tree``, a quantity each weight carries (its multiplier, its momentum), with its
+    entries moved where the move moved the weights: the plain permutation of the units, also
+    in a shear's coordinates, where it keeps a weight's own entry with it."""
+    inner = move.move if isinstance(move, _Sheared) else move
+    return inner.permute(tree, sources)
 
 
 # ------------------------------------------------------------------- settings that converge
@@ -1721,6 +1818,8 @@ class _Arrays(NamedTuple):
     params: PyTree
     opt_state: PyTree
     count: jax.Array
+    preconditioner: PyTree = None  # the carried multipliers (None: the transform's own)
+    prior_precision: PyTree = None  # their prior part, which stays in place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1740,6 +1839,9 @@ class _Static:
     predict: Any
     move: Any = None
     view: Any = None  # a Centring: its to_params maps kept states to θ's coordinates
+    # every chain carries the preconditioner (init's preconditioner=), which then comes as
+    # (M, P or None), P the prior precision that stays in place (init's prior_precision=)
+    carry: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -1788,6 +1890,8 @@ def _axes(mesh):
 
 def _init_from(s: _Static, precond, gnoise, fn_args, num_data: int):
     """``init`` of one chain with the compiled loop's settings: params -> SamplerState."""
+    # a carried preconditioner comes as (M, prior precision P or None)
+    precond, fixed = precond if s.carry else (precond, None)
     optimizer = _build_transform(s.transform, s.learning_rate, s.temperature, precond, gnoise)
     log_likelihood, log_prior, move, _ = _functions(s, fn_args)
     return functools.partial(
@@ -1798,6 +1902,8 @@ def _init_from(s: _Static, precond, gnoise, fn_args, num_data: int):
         transform=optimizer,
         move=move,
         temperature=s.temperature,
+        preconditioner=precond if s.carry else None,
+        prior_precision=fixed,
     )
 
 
@@ -1836,7 +1942,13 @@ def _init_carry(
         pred_sum = pred_trace = ()
     steps_per_epoch = 1 if full_batch else num_data // batch_size
     carry = _Carry(
-        state=_Arrays(states.params, states.opt_state, states.count),
+        state=_Arrays(
+            states.params,
+            states.opt_state,
+            states.count,
+            states.preconditioner,
+            states.prior_precision,
+        ),
         moments=jax.vmap(_moments.init)(params),
         step_key=keys[:, 0],
         data_key=keys[:, 1],
@@ -1881,7 +1993,8 @@ def _sample(
     one = jax.tree.map(lambda x: x[0], carry.state.params)
     kernel = _init_from(s, precond, gnoise, fn_args, num_data)(one).kernel
     view = _functions(s, fn_args)[3]
-    carry = carry._replace(state=SamplerState(*carry.state, kernel))
+    p, o, n, m, q = carry.state
+    carry = carry._replace(state=SamplerState(p, o, n, kernel, preconditioner=m, prior_precision=q))
 
     def shuffle(data_key, epoch):
         return _loop.shuffled_batches(jax.random.fold_in(data_key, epoch), num_data, batch_size)
@@ -1970,7 +2083,9 @@ def _sample(
     )
     _, carry = steps_until(end, False)((t, light._replace(**kept)))
     s = carry.state
-    return carry._replace(state=_Arrays(s.params, s.opt_state, s.count)), None
+    return carry._replace(
+        state=_Arrays(s.params, s.opt_state, s.count, s.preconditioner, s.prior_precision)
+    ), None
 
 
 def _check_positive_int(name: str, value: Any, minimum: int, meaning: str) -> int:
@@ -2144,7 +2259,10 @@ def run(
     default). ``settings`` then holds ``method="baoab"``, the step, the step fraction, the
     friction, λ_max, the largest M B / T and the preconditioner. Its ``auto`` options are
     ``max_steps``, ``step_fraction``, ``noise_fraction``, ``hessian_examples``,
-    ``max_retries`` and ``swap_invariant``.
+    ``max_retries``, ``swap_invariant`` and ``carry_preconditioner``: with a move, True makes
+    every chain carry the preconditioner (:func:`init`'s ``preconditioner=``), so that an
+    exchanged unit takes its own multipliers, and its momentum, to its new place (False by
+    default).
 
     ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
     loop: calling again with the same function objects and settings reuses it, whatever the
@@ -2503,6 +2621,7 @@ _BAOAB_OPTIONS = (
     "step_fraction",
     "noise_fraction",
     "swap_invariant",
+    "carry_preconditioner",
 )
 
 
@@ -2522,9 +2641,13 @@ def _check_auto_options(auto: Any, baoab: bool = False) -> None:
     for name in ("max_step", "noise_fraction", "target_ess"):
         if name in auto:
             _check.number(f"auto['{name}']", auto[name], lo=0.0, lo_open=True)
-    if "swap_invariant" in auto and not isinstance(auto["swap_invariant"], bool):
-        raise TypeError(
-            f"auto['swap_invariant'] must be True or False, got {auto['swap_invariant']!r}."
+    for name in ("swap_invariant", "carry_preconditioner"):
+        if name in auto and not isinstance(auto[name], bool):
+            raise TypeError(f"auto['{name}'] must be True or False, got {auto[name]!r}.")
+    if auto.get("swap_invariant") and auto.get("carry_preconditioner"):
+        raise ValueError(
+            "auto['swap_invariant'] and auto['carry_preconditioner'] are two answers to one "
+            "question (which multipliers an exchanged unit steps with); choose one, not both."
         )
     if "step_fraction" in auto:
         _check.number("auto['step_fraction']", auto["step_fraction"], lo=0.0, lo_open=True)
@@ -2821,6 +2944,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     max_retries = int(options.get("max_retries", 3))
     examples = options.get("hessian_examples")
     invariant = bool(options.get("swap_invariant", False))
+    carry = bool(options.get("carry_preconditioner", False)) and kw["move"] is not None
     base = jax.random.fold_in(chain_keys[0], 1_000_033)
 
     transform = kw.pop("transform")
@@ -2841,11 +2965,14 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
             curvature,
         )
 
+    fixed = None  # the prior precision, which a carried preconditioner leaves in place
+
     def derive(positions, curvature):
         # the preconditioner from the curvature, and the largest λ_max over the positions
+        nonlocal fixed
         precond = given.get("preconditioner")
         if precond is None:
-            prec = _proper_precision(one_params, log_prior, curvature)
+            prec = fixed = _proper_precision(one_params, log_prior, curvature)
             precond = jax.tree.map(lambda f, p: temperature / (num_data * f + p), curvature, prec)
             if invariant:
                 precond = _swap_invariant(precond, kw["move"])
@@ -2904,13 +3031,15 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
                 learning_rate=step,
                 batch_size=batch_size,
                 params_per_chain=params_per_chain,
-                precond=precond,  # enters the compiled loop as data
+                # enters the compiled loop as data
+                precond=(precond, fixed) if carry else precond,
                 gnoise=None,
                 floor=floor,
                 num_burnin=burnin,
                 num_samples=samples,
                 thin=thin,
                 transform=transform,
+                carry=carry,
                 **kw,
             )
             break

@@ -540,6 +540,10 @@ def baoab(
             per-update ``key=`` too); None gives ``jax.random.key(0)``.
         preconditioner: a tree like the params of positive multipliers M (or None for M = 1),
             e.g. the diagonal Laplace variance (``bn.laplace.posterior(...).variance``).
+            ``update`` takes a per-update ``preconditioner=`` too, which replaces it for that
+            update: the momentum p is N(0, T) at equilibrium whatever M is, so every update
+            keeps the target whichever M it takes, as long as M does not depend on θ itself
+            (it may follow the order of exchanged units, :func:`bayesnoise.sampling.init`).
         seed: alias of ``key``.
 
     Returns:
@@ -597,15 +601,18 @@ def baoab(
         del params
         _check_state(state, BAOABState, "baoab update")
         _check.same_tree("updates", updates, state.momentum, "the state's params")
-        if preconditioner is not None:
-            _check_updates(updates, preconditioner, "the preconditioner")
+        given = extra.get("preconditioner", preconditioner)
+        if given is not preconditioner:  # this update's own multipliers
+            _check_preconditioner(given, updates)
+        elif given is not None:
+            _check_updates(updates, given, "the preconditioner")
         h = jnp.asarray(learning_rate)
         kick = jnp.where(state.count == 0, 0.5 * h, h)
         c = jnp.exp(-friction * h)
         spread = jnp.sqrt(temperature * (1.0 - c * c))
         new_key, sub = _step_key(state.key, extra.get("key"))
         noise = _normal_like(sub, updates)
-        m_tree = _multipliers(preconditioner, updates)
+        m_tree = _multipliers(given, updates)
 
         def one(g, p, z, m):
             s = jnp.sqrt(m)

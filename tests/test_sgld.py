@@ -151,3 +151,26 @@ def test_baoab_update_is_the_merged_kick_drift_ou_drift_of_its_docstring():
     _, state = opt.update({"w": jnp.zeros(4000)}, state, key=jax.random.key(5))
     sd = float(np.std(np.asarray(state.momentum["w"])))
     assert abs(sd / np.sqrt(2.0 * (1 - np.exp(-2 * gamma * h))) - 1.0) < 0.05
+
+
+def test_baoab_takes_a_preconditioner_for_one_update():
+    # update(..., preconditioner=M2) steps as a transform built with M2, by hand at T = 0,
+    # and the next update without it goes back to the transform's own M
+    h, gamma = 0.2, 0.7
+    m, m2 = np.array([4.0, 1.0]), np.array([0.25, 9.0])
+    opt = baoab(h, friction=gamma, temperature=0.0, preconditioner={"w": jnp.asarray(m)})
+    g = np.array([1.0, -2.0])
+    state = opt.init({"w": jnp.zeros(2)})
+    c, p = np.exp(-gamma * h), np.zeros(2)
+    for kick, mult, extra in ((h / 2, m2, {"preconditioner": {"w": jnp.asarray(m2)}}),
+                              (h, m, {})):  # fmt: skip
+        s = np.sqrt(mult)
+        p = p - kick * s * g
+        p_new = c * p
+        u, state = opt.update({"w": jnp.asarray(g)}, state, **extra)
+        np.testing.assert_allclose(u["w"], s * (h / 2) * (p + p_new), rtol=1e-5)
+        p = p_new
+    with pytest.raises(ValueError, match="structure of the params"):
+        opt.update({"w": jnp.asarray(g)}, state, preconditioner={"v": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"finite and > 0, got minimum -1\.0"):
+        opt.update({"w": jnp.asarray(g)}, state, preconditioner={"w": -jnp.ones(2)})

@@ -161,6 +161,7 @@ def test_a_step_with_the_move_takes_the_gradient_at_the_moved_state(transform):
     key = jax.random.key(7)
     grads = jax.grad(state.kernel.potential)(state.params, batch)
     moved, g = sampling._moved(key, state, grads)
+    moved = moved.params
     want, _, _ = move(jax.random.fold_in(key, sampling._MOVE_SALT), state.params, log_prior)
     for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -229,6 +230,23 @@ def test_bad_moves_are_clear_errors():
         run(auto={"swap_invariant": "yes"})
     assert "auto['swap_invariant'] must be True or False, got 'yes'" in str(err.value)
     with pytest.raises(TypeError) as err:
+        run(transform=bn.baoab, auto={"carry_preconditioner": 1})
+    assert "auto['carry_preconditioner'] must be True or False, got 1" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        run(transform=bn.baoab, auto={"carry_preconditioner": True, "swap_invariant": True})
+    assert "choose one, not both" in str(err.value)
+    start = functools.partial(sampling.init, params, _log_likelihood, lambda p: jnp.zeros(()), 40)
+    ones = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(ValueError) as err:
+        start(transform=bn.sgld(1e-3), preconditioner=ones)
+    assert "needs a bn.baoab transform" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        start(transform=bn.baoab(1e-3), preconditioner={"w": jnp.ones(3)})
+    assert "structure of the params" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        start(transform=bn.baoab(1e-3), preconditioner=jax.tree.map(lambda a: a * jnp.nan, ones))
+    assert "must be finite and > 0, got minimum nan" in str(err.value)
+    with pytest.raises(TypeError) as err:
         sampling.init(
             params,
             _log_likelihood,
@@ -295,7 +313,7 @@ def test_the_move_follows_bn_baoab_inside_a_chain_of_transforms():
     state, _ = sampling.step(jax.random.key(6), state, (X, Y))
     grads = jax.grad(state.kernel.potential)(state.params, (X, Y))
     moved, g = sampling._moved(jax.random.key(7), state, grads)
-    at_new = jax.grad(state.kernel.potential)(moved, (X, Y))
+    at_new = jax.grad(state.kernel.potential)(moved.params, (X, Y))
     half = jax.tree.map(lambda a, b: 0.5 * (a + b), grads, at_new)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(half)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
@@ -438,3 +456,110 @@ def test_the_automatic_settings_take_the_invariant_preconditioner_when_asked():
     m = sgld.settings["preconditioner"]
     for a, b in zip(leaves(m), leaves(move.invariant(m))):
         np.testing.assert_array_equal(a, b)
+
+
+def _carrying(params, h, own, log_likelihood=_log_likelihood, step=1e-3, fixed=None):
+    log_prior = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    move = sampling.unit_swaps(params, max_pairs=3)
+    state = sampling.init(
+        params,
+        log_likelihood,
+        log_prior,
+        len(X),
+        transform=bn.baoab(step, preconditioner=own),
+        move=move,
+        preconditioner=own,
+        prior_precision=fixed,
+    )
+    return state, move, log_prior
+
+
+def test_a_carried_preconditioner_moves_with_the_units():
+    """An exchange moves the carried multipliers, the momentum and the old gradient's half kick
+    exactly as it moves the units' weights (numpy's exchange of the same pairs), and the step
+    hands the moved multipliers to bn.baoab: the update is the one of a transform built with
+    them."""
+    params = _params()
+    h = _hierarchy(params, (1.0, 1.0, 1.0, 1.0, 1.0, 1.0))  # every exchange accepted
+    keys = iter(jax.random.split(jax.random.key(12), 16))
+    own = jax.tree.map(lambda a: jnp.exp(jax.random.normal(next(keys), a.shape)), params)
+    state, move, log_prior = _carrying(params, h, own)
+    batch = (X, Y)
+    state, _ = sampling.step(jax.random.key(6), state, batch)  # a momentum that is not zero
+    key = jax.random.key(7)
+    grads = jax.grad(state.kernel.potential)(state.params, batch)
+    moved, g = sampling._moved(key, state, grads)
+    _, sources, accepted = move(
+        jax.random.fold_in(key, sampling._MOVE_SALT), state.params, log_prior
+    )
+    assert int(np.sum(accepted)) > 0
+    momentum = state.opt_state.momentum
+
+    def exchanged(tree):  # numpy: unit i after the move is unit sources[layer][i] before it
+        leaves, treedef, index = sampling._leaf_index(tree)
+        leaves = [np.asarray(a) for a in leaves]
+        for layer, src in zip(move.layers, sources):
+            for path, axis in layer:
+                leaves[index[path]] = np.take(leaves[index[path]], np.asarray(src), axis=axis)
+        return jax.tree.unflatten(treedef, leaves)
+
+    for got, want in (
+        (moved.preconditioner, exchanged(state.preconditioner)),
+        (moved.opt_state.momentum, exchanged(momentum)),
+        (moved.params, exchanged(state.params)),
+    ):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    at_new = jax.grad(state.kernel.potential)(moved.params, batch)
+    half = jax.tree.map(lambda a, b: 0.5 * (a + b), exchanged(grads), at_new)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(half)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+    # the step: bn.baoab built with the moved multipliers, from the moved momentum
+    new, _ = sampling.step(key, state, batch)
+    tx = bn.baoab(1e-3, preconditioner=moved.preconditioner)
+    updates, _ = tx.update(g, moved.opt_state, moved.params, key=key)
+    want = optax.apply_updates(moved.params, updates)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(new.preconditioner), jax.tree.leaves(moved.preconditioner)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_baoab_carrying_its_preconditioner_through_exchanges_keeps_the_target():
+    """With no data the posterior is the GSM prior, whose hidden units have unequal outgoing
+    scales: BAOAB with the exchanges and multipliers M = T / (c + P) whose own part c differs
+    from weight to weight and travels with the units (P, the prior precision, stays in place)
+    gives every outgoing row its own prior variance (a Gaussian target: BAOAB's positions are
+    exact at any stable step, here h sqrt(λ_max) <= 1 in every arrangement). Exchanges happen,
+    and the multipliers end up moved and still of that form."""
+    params = _params()
+    h = _hierarchy(params)
+    keys = iter(jax.random.split(jax.random.key(13), 16))
+    var = bn.gsm.prior_variance(params, h)
+    prec = jax.tree.map(lambda v, a: jnp.broadcast_to(1.0 / v, a.shape), var, params)
+    own = jax.tree.map(lambda q: q * jnp.exp(2.0 * jax.random.normal(next(keys), q.shape)), prec)
+    m0 = jax.tree.map(lambda c, q: 1.0 / (c + q), own, prec)
+    no_data = lambda p, x, y: jnp.zeros(x.shape[0])
+    state, move, _ = _carrying(params, h, m0, no_data, step=1.0, fixed=prec)
+    steps, chains = 3000, 64
+
+    def chain(key):
+        def body(s, k):
+            s, _ = sampling.step(k, s, (X, Y))
+            return s, s.params["params"]["Dense_1"]["kernel"]
+
+        s, rows = jax.lax.scan(body, state, jax.random.split(key, steps))
+        return rows[steps // 4 :], s.preconditioner
+
+    rows, carried = jax.jit(jax.vmap(chain))(jax.random.split(jax.random.key(14), chains))
+    got = np.asarray(jnp.mean(jnp.square(rows), axis=(0, 1, 3)))  # per outgoing row
+    want = np.asarray(var["params"]["Dense_1"]["kernel"])[:, 0]
+    np.testing.assert_allclose(got / want, 1.0, atol=0.1)
+    # the multipliers went with the units: each weight's own part is one of the start's, moved
+    start = np.asarray(m0["params"]["Dense_1"]["kernel"])
+    end = np.asarray(carried["params"]["Dense_1"]["kernel"])
+    assert np.mean(~np.isclose(end, start[None], rtol=1e-5)) > 0.5
+    q = np.asarray(prec["params"]["Dense_1"]["kernel"])
+    c0 = np.sort((1.0 / start - q).ravel())
+    for c in 1.0 / end - q[None]:  # per chain: a rearrangement of the start's own parts
+        np.testing.assert_allclose(np.sort(c.ravel()), c0, rtol=1e-3, atol=1e-4)
