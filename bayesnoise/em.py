@@ -583,9 +583,9 @@ def e_step(
     hierarchy: exchanges of hidden units whose outgoing rows EM kept, accepted by the prior.
     The moments then average each hidden weight over the units that take its place (see
     :class:`bayesnoise.sampling.UnitSwaps`; ``auto={"swap_invariant": True}`` gives the
-    exchanged units a preconditioner the exchanges leave unchanged, and
-    ``auto={"carry_preconditioner": True}`` with ``transform=bn.baoab`` lets each exchanged
-    unit take its own multipliers and momentum with it).
+    exchanged units a preconditioner the exchanges leave unchanged; with ``transform=bn.baoab``
+    each exchanged unit takes its own multipliers and momentum with it by default,
+    ``auto={"carry_preconditioner": False}`` to keep them in their places).
 
     With ``class_shifts=True`` (for a classifier whose last dense layer gives a softmax's
     logits), every step is also preceded by an exact draw of each of that layer's rows (and its

@@ -442,9 +442,10 @@ class UnitSwaps:
     predictions' R-hat and ESS (``result.predictive_rhat``) beside them. With
     ``auto={"swap_invariant": True}`` the automatic settings of :func:`run` pass their
     preconditioner through :meth:`invariant`, so that a step sized for the state before an
-    exchange stays stable after it. With ``auto={"carry_preconditioner": True}`` (bn.baoab)
-    every chain carries its preconditioner instead, and an exchanged unit takes its own
-    multipliers and momentum to its new place (:func:`init`'s ``preconditioner=``).
+    exchange stays stable after it. By default the automatic settings of :func:`bayesnoise.baoab`
+    let every chain carry its preconditioner instead (``auto={"carry_preconditioner": False}``
+    switches it off), and an exchanged unit takes its own multipliers and momentum to its new
+    place (:func:`init`'s ``preconditioner=``).
 
     Attributes:
         layers: per hidden layer, ``((leaf path, unit axis), ...)``: every leaf that holds the
@@ -2259,10 +2260,12 @@ def run(
     default). ``settings`` then holds ``method="baoab"``, the step, the step fraction, the
     friction, λ_max, the largest M B / T and the preconditioner. Its ``auto`` options are
     ``max_steps``, ``step_fraction``, ``noise_fraction``, ``hessian_examples``,
-    ``max_retries``, ``swap_invariant`` and ``carry_preconditioner``: with a move, True makes
-    every chain carry the preconditioner (:func:`init`'s ``preconditioner=``), so that an
-    exchanged unit takes its own multipliers, and its momentum, to its new place (False by
-    default).
+    ``max_retries``, ``swap_invariant`` and ``carry_preconditioner``: with a move, every chain
+    carries the preconditioner (:func:`init`'s ``preconditioner=`` and ``prior_precision=``),
+    so that an exchanged unit takes its own multipliers, and its momentum, to its new place
+    (True by default, False with ``swap_invariant``; on MNIST's EM posterior it turned a run
+    that diverged within 900 steps into one whose 71 traced weights all converged in 40,000,
+    README, "Centring the biases").
 
     ``log_likelihood``, ``log_prior`` and the transform are static arguments of the compiled
     loop: calling again with the same function objects and settings reuses it, whatever the
@@ -2944,7 +2947,8 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
     max_retries = int(options.get("max_retries", 3))
     examples = options.get("hessian_examples")
     invariant = bool(options.get("swap_invariant", False))
-    carry = bool(options.get("carry_preconditioner", False)) and kw["move"] is not None
+    # with a move, each unit takes its own multipliers along unless the invariant ones are asked
+    carry = bool(options.get("carry_preconditioner", not invariant)) and kw["move"] is not None
     base = jax.random.fold_in(chain_keys[0], 1_000_033)
 
     transform = kw.pop("transform")
@@ -3087,6 +3091,7 @@ def _run_baoab_auto(chain_keys, params, one_params, data, *, options, **kw):
         "num_samples": samples,
         "thin": thin,
         "curvature_max": lam,
+        "carry_preconditioner": carry,
         "preconditioner": precond,
     }
     return result, info

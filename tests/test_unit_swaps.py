@@ -563,3 +563,31 @@ def test_baoab_carrying_its_preconditioner_through_exchanges_keeps_the_target():
     c0 = np.sort((1.0 / start - q).ravel())
     for c in 1.0 / end - q[None]:  # per chain: a rearrangement of the start's own parts
         np.testing.assert_allclose(np.sort(c.ravel()), c0, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow  # four short sampling runs with automatic settings: `make test-slow`
+def test_baoab_automatic_settings_carry_the_preconditioner_with_a_move_by_default():
+    """By default BAOAB's automatic settings with a move let the chains carry the
+    preconditioner: the same chains as when asked for, others than with the multipliers kept
+    in place; without a move, or with the invariant preconditioner, nothing is carried."""
+    params = _params()
+    h = _hierarchy(params, (0.3, 0.5, 1.0, 1.5, 2.0, 3.0))
+    log_prior = jax.tree_util.Partial(bn.gsm.full_log_prior, hierarchy=h)
+    move = sampling.unit_swaps(params, hierarchy=h)
+
+    def run(move=move, **auto):
+        return sampling.run(
+            jax.random.key(11), params, _log_likelihood, log_prior, (X, Y), transform=bn.baoab,
+            num_chains=2, num_traced=4, move=move, auto={"max_steps": 60, **auto},
+        )  # fmt: skip
+
+    default, asked, kept = run(), run(carry_preconditioner=True), run(carry_preconditioner=False)
+    assert default.settings["carry_preconditioner"] and not kept.settings["carry_preconditioner"]
+    for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(asked.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(
+        not np.allclose(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(kept.params))
+    )
+    assert not run(move=None).settings["carry_preconditioner"]
+    assert not run(swap_invariant=True).settings["carry_preconditioner"]
