@@ -1232,7 +1232,8 @@ def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[SamplerS
     carried = state.preconditioner is not None
     precond, old, fixed = state.preconditioner, grads, state.prior_precision
     temperature = kernel.temperature
-    momenta = [x.momentum for x in _baoab_states(state.opt_state)]
+    inner = _baoab_states(state.opt_state)  # also inside optax.chain or inject_hyperparams
+    momenta = [x.momentum for x in inner]
     for i, move in enumerate(_move_list(kernel.move)):
         # the first move keeps the key it had alone
         k = move_key if i == 0 else jax.random.fold_in(move_key, i)
@@ -1257,8 +1258,8 @@ def _moved(key: jax.Array, state: SamplerState, grads: PyTree) -> tuple[SamplerS
                 )
     new = jax.tree.map(jnp.subtract, likelihood_part, grad_prior(params))
     opt_state = state.opt_state
-    if momenta:  # bn.baoab's state, also inside optax.chain or optax.inject_hyperparams
-        first = _baoab_states(opt_state)[0].count == 0  # no closing half kick is pending yet
+    if inner:  # bn.baoab's merged kicks
+        first = inner[0].count == 0  # no closing half kick is pending yet
         new = jax.tree.map(lambda a, b: jnp.where(first, b, 0.5 * (a + b)), old, new)
         if carried:
             it = iter(momenta)
