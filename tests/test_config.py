@@ -53,7 +53,15 @@ def test_shipped_config_contents():
     assert digits.prune.moments == "laplace" and sampler.run_settings()["unit_swaps"]
     assert mnist.model.hidden_sizes == (400, 400) and mnist.train.epochs == 20
     assert mnist.sgld.auto and mnist.sgld.run_settings()["learning_rate"] is None
-    assert mnist.sgld.max_steps == 3000 and len(mnist.prune.fraction_grid()) == 100
+    assert len(mnist.prune.fraction_grid()) == 100 and mnist.em.enabled
+    # EM's posterior by BAOAB with the exact moves and the sheared output biases; the reference
+    # network's chains shorter
+    settings, reference = mnist.sgld.run_settings(), mnist.sgld.run_settings(reference=True)
+    assert (settings["auto"], reference["auto"]) == ({"max_steps": 40_000}, {"max_steps": 4000})
+    assert (mnist.sgld.method, mnist.sgld.batch_size) == ("baoab", 1900)
+    assert settings["unit_swaps"] and settings["class_shifts"]
+    assert settings["centring"] == "output" and reference["centring"] == "output"
+    assert digits.sgld.run_settings(reference=True) == sampler.run_settings()
     expected = {"Dense_0/": bnoise.Bernoulli(0.8), "": bnoise.Bernoulli(0.5)}
     assert bconfig.build_noise(mnist) == expected
     msd = load_config(DIGITS.parent / "msd.yaml")
@@ -168,6 +176,12 @@ def test_wrong_types_name_the_key_value_and_allowed(source, key, words):
             ["0.5 with method sgld", "null, or a number > 0 with method baoab"],
         ),
         ({"sgld": {"method": "baoab", "friction": 0}}, "sgld.friction", ["got 0", "> 0"]),
+        (
+            {"sgld": {"step_size": 1e-5, "reference_max_steps": 500}},
+            "sgld.reference_max_steps",
+            ["500 with step_size 1e-05", "null, or a number >= 100 with step_size auto"],
+        ),
+        ({"sgld": {"reference_max_steps": 50}}, "sgld.reference_max_steps", ["50", ">= 100"]),
         ({"sgld": {"temperature": 0.0}}, "sgld.temperature", ["got 0", "temperature > 0"]),
         ({"prune": {"fractions": [0.2, 1.5]}}, "prune.fractions", ["1.5", "[0, 1]"]),
         ({"prune": {"fractions": [0.5, 0.2]}}, "prune.fractions", ["strictly increasing"]),

@@ -329,6 +329,16 @@ def test_the_sampling_stage_runs_kinetic_langevin_with_method_baoab():
     assert d["learning_rate"] == pytest.approx(h, rel=1e-6)
     assert d["prior_recovery"]["inputs"] == 4 and np.isfinite(d["rhat_max"])
     assert "preconditioner" not in d
+    # the noise-free network's chains take sgld.reference_max_steps
+    cfg = config.load_config(CONFIG, small + ["sgld.max_steps=400", "sgld.reference_max_steps=200"])
+    task.cfg = cfg
+    post = stages._sgld(task, task.init(jax.random.key(0)), jax.random.key(1), False, False)
+    assert post["diagnostics"]["num_burnin"] == 40
+    ref = stages._sgld(
+        task, task.init(jax.random.key(0)), jax.random.key(1), False, False, reference=True
+    )
+    d = ref["diagnostics"]
+    assert d["num_burnin"] == 20 and d["num_steps"] <= 200
 
 
 @pytest.mark.slow  # a sampling stage (9 s): `make test-slow`

@@ -439,7 +439,8 @@ class SGLDConfig(_Section):
 
     ``step_size``: auto lets :func:`bayesnoise.sampling.auto_settings` choose a preconditioner,
     a stable step, burn-in, thinning and samples, in at most ``max_steps`` steps per chain (the
-    ones given win); a number is the constant step η = ε / 2 of :func:`bayesnoise.sgld`; null
+    ones given win; ``reference_max_steps`` for the noise-free network's chains, which only the
+    mean-against-std plot reads); a number is the constant step η = ε / 2 of :func:`bayesnoise.sgld`; null
     takes ``polynomial``. Without auto, ``burnin``, ``samples``, ``thin`` default to 1000, 500, 4.
     ``method: baoab`` samples by kinetic Langevin (:func:`bayesnoise.baoab`); with auto, the
     preconditioner is the diagonal Laplace variance at the start and h = 0.5 / sqrt(λ_max)
@@ -477,6 +478,9 @@ class SGLDConfig(_Section):
     # null: the whole training set, the default with method baoab (64 otherwise)
     batch_size: int | None = Field(64, ge=1)
     max_steps: int = Field(20_000, ge=100)
+    # with step_size auto, the noise-free network's chains (the stage sgld_reference, which only
+    # the mean-against-std plot reads); null: max_steps
+    reference_max_steps: int | None = Field(None, ge=100)
     friction: _Float | None = Field(None, gt=0)  # baoab's γ; null: 1
     # before every step, exact exchanges of hidden units accepted by the prior (an MLP's only;
     # bn.sampling.unit_swaps)
@@ -518,6 +522,9 @@ class SGLDConfig(_Section):
         if self.friction is not None and self.method != "baoab":
             got = f"{self.friction} with method {self.method}"
             raise _bad("friction", got, "null, or a number > 0 with method baoab")
+        if self.reference_max_steps is not None and not self.auto:
+            got = f"{self.reference_max_steps} with step_size {self.step_size!r}"
+            raise _bad("reference_max_steps", got, "null, or a number >= 100 with step_size auto")
         if self.auto and self.temperature == 0:
             raise _bad("temperature", "0 with step_size: auto", f"a temperature > 0, or {fixed}")
         return self
@@ -546,10 +553,14 @@ class SGLDConfig(_Section):
 
         return polynomial_schedule(self.polynomial.a, self.polynomial.b, self.polynomial.gamma)
 
-    def run_settings(self) -> dict:
+    def run_settings(self, reference: bool = False) -> dict:
         """Keyword arguments of :func:`bayesnoise.em.e_step` for this section (those of
-        :func:`bayesnoise.sampling.run`, ``unit_swaps``, ``class_shifts`` and ``centring``)."""
+        :func:`bayesnoise.sampling.run`, ``unit_swaps``, ``class_shifts`` and ``centring``);
+        ``reference``: for the noise-free network's chains (``reference_max_steps``)."""
         burnin, samples, thin = self._lengths()
+        max_steps = self.max_steps
+        if reference and self.reference_max_steps is not None:
+            max_steps = self.reference_max_steps
         return {
             "learning_rate": self.learning_rate(),
             "temperature": self.temperature,
@@ -560,7 +571,7 @@ class SGLDConfig(_Section):
             "num_chains": self.chains,
             "rhat_threshold": self.rhat_threshold,
             "ess_threshold": self.ess_threshold,
-            "auto": {"max_steps": self.max_steps} if self.auto else None,
+            "auto": {"max_steps": max_steps} if self.auto else None,
             **({"unit_swaps": True} if self.unit_swaps else {}),
             **({"class_shifts": True} if self.class_shifts else {}),
             **({"centring": self.centring} if self.centring else {}),

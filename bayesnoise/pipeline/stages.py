@@ -331,15 +331,16 @@ def _prior_recovery(task: _Task, mean, variance, h) -> dict | None:
     return None
 
 
-def _sgld(task: _Task, params, key, progress: bool, use_em: bool, checkpoint=None):
+def _sgld(task: _Task, params, key, progress: bool, use_em: bool, checkpoint=None, reference=False):
     """The posterior stage (EM, then the chains); ``checkpoint``: a folder where the chains
-    save their state as they go, so that a stopped run goes on from there."""
+    save their state as they go, so that a stopped run goes on from there; ``reference``: the
+    noise-free network's chains (``sgld.reference_max_steps``)."""
     sc, ec = task.cfg.sgld, task.cfg.em
     transform = {"sgld": sgld, "psgld": psgld, "baoab": baoab}[sc.method]
     if sc.friction is not None:  # baoab only (the config says so)
         transform = functools.partial(transform, friction=sc.friction)
     hyperprior = bconfig.build_hyperprior(ec) if use_em else None
-    settings = sc.run_settings()
+    settings = sc.run_settings(reference=reference)
 
     def report(record: dict) -> None:
         _log.info(
@@ -962,7 +963,7 @@ def _run(
     ref_post = sampled(
         "sgld_reference",
         lambda folder: _sgld(
-            task, reference["params"], jax.random.fold_in(key, 4), progress, False, folder
+            task, reference["params"], jax.random.fold_in(key, 4), progress, False, folder, True
         ),
     )
     _check_converged(cfg, post)
