@@ -27,6 +27,7 @@ def test_configs_are_shipped():
         "mnist_sparsevd",
         "mnist_sparsevd_400",
         "mnist_learned_rows",
+        "mnist_pruning",
     }
 
 
@@ -62,6 +63,10 @@ def test_shipped_config_contents():
     assert settings["unit_swaps"] and settings["class_shifts"]
     assert settings["centring"] == "output" and reference["centring"] == "output"
     assert digits.sgld.run_settings(reference=True) == sampler.run_settings()
+    # the pruning study: the trained network under λ = 1, short chains
+    study = load_config(DIGITS.parent / "mnist_pruning.yaml")
+    assert not study.em.enabled and study.sgld.method == "sgld" and study.sgld.max_steps == 3000
+    assert study.prune == mnist.prune and study.train == mnist.train
     expected = {"Dense_0/": bnoise.Bernoulli(0.8), "": bnoise.Bernoulli(0.5)}
     assert bconfig.build_noise(mnist) == expected
     msd = load_config(DIGITS.parent / "msd.yaml")
