@@ -92,6 +92,15 @@ def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(tmp_path, ca
     assert ckpt.load("train") == {"stage": "train"} and ckpt.load("sgld") == {"stage": "sgld"}
     assert ckpt.load("prune") is None
     assert "[prune] checkpoint was made under another config" in logged(caplog_info)
+    # a field only the noise-free network's chains read reruns only them
+    for stage in ("sgld", "sgld_reference"):
+        ckpt.save(stage, {"stage": stage})
+    ckpt = Checkpoints(
+        tmp_path,
+        config_dict("prune.num_fractions=4", "sgld.reference_max_steps=500"),
+        resume=True,
+    )
+    assert ckpt.load("sgld") == {"stage": "sgld"} and ckpt.load("sgld_reference") is None
 
 
 @pytest.mark.parametrize(

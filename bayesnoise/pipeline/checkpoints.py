@@ -36,11 +36,22 @@ _DEPENDS = {
 }
 
 
-def _setting(cfg: dict, key: str) -> Any:
-    """A config section ("prune") or one field of it ("em.sigma0") of a config dict."""
+# fields of a section that only one stage reads: the other stages that depend on the whole
+# section ignore them (a longer run of the noise-free network's chains keeps the posterior)
+_ONLY = {"sgld.reference_max_steps": "sgld_reference"}
+
+
+def _setting(cfg: dict, key: str, stage: str | None = None) -> Any:
+    """A config section ("prune") or one field of it ("em.sigma0") of a config dict, as
+    ``stage`` reads it (without the section's fields that only another stage reads)."""
     section, _, field = key.partition(".")
     value = cfg.get(section)
-    return value.get(field) if field and isinstance(value, dict) else value
+    if not isinstance(value, dict):
+        return value
+    if field:
+        return value.get(field)
+    others = {f.partition(".")[2] for f, s in _ONLY.items() if f.startswith(f"{section}.")}
+    return {k: v for k, v in value.items() if k not in others or _ONLY[f"{section}.{k}"] == stage}
 
 
 class Checkpoints:
@@ -73,7 +84,7 @@ class Checkpoints:
         if not (isinstance(saved, dict) and "value" in saved):
             _log.warning("[%s] %s is not a stage checkpoint: running it again", stage, path)
             return None
-        if self._as_now(saved.get("config")) != self._relevant(stage):
+        if self._as_now(saved.get("config"), stage) != self._relevant(stage):
             _log.info("[%s] checkpoint was made under another config: running it again", stage)
             return None
         _log.info("[%s] resumed from %s", stage, path)
@@ -82,9 +93,9 @@ class Checkpoints:
         return saved["value"]
 
     def _relevant(self, stage: str) -> dict:
-        return {key: _setting(self.cfg, key) for key in _DEPENDS[stage]}
+        return {key: _setting(self.cfg, key, stage) for key in _DEPENDS[stage]}
 
-    def _as_now(self, saved: Any) -> dict | None:
+    def _as_now(self, saved: Any, stage: str) -> dict | None:
         """A saved stage's settings read by today's config schema: fields added since it was
         saved take their defaults, so a checkpoint stays valid when only those are new."""
         if not isinstance(saved, dict):
@@ -100,7 +111,7 @@ class Checkpoints:
             full = bconfig.load_config(merged).to_dict()
         except (bconfig.ConfigError, TypeError):
             return None
-        return {key: _setting(full, key) for key in saved}
+        return {key: _setting(full, key, stage) for key in saved}
 
     def save(self, stage: str, value: Any, seconds: float | None = None) -> None:
         saved = {"config": self._relevant(stage), "value": value}
